@@ -1,0 +1,59 @@
+# handgrad's commands. The two quick-start targets install everything they need
+# first (a virtual environment in .venv, torch and torchvision from the package
+# index, handgrad built with its C++ and CUDA kernels):
+#
+#   make bench        benchmark every op against native PyTorch
+#   make test         run the test suite
+#
+# Other targets: install, cmake-test (C++ library + ctest), gpu-check (CUDA
+# tests and GPU benchmarks on a machine with a GPU), clean.
+# Build switches pass through the environment: HANDGRAD_CUDA=auto|1|0,
+# TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+
+SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.h') \
+	setup.py pyproject.toml tools/build_env.py
+TORCH_STAMP := $(VENV)/.torch-installed
+BUILD_STAMP := $(VENV)/.handgrad-built
+
+.PHONY: bench test install cmake-test gpu-check clean
+
+bench: $(BUILD_STAMP)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests $(TEST_ARGS)
+
+install: $(BUILD_STAMP)
+
+# torch and torchvision come from the package index (its newest torch is a CUDA
+# build; torchvision does not work with the CPU-only wheel). PIP_FIND_LINKS is
+# cleared so that no local CPU wheel is picked instead.
+$(TORCH_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	PIP_FIND_LINKS= $(PY) -m pip install torch torchvision
+	$(PY) -m pip install ninja setuptools wheel pytest expecttest numpy tqdm matplotlib
+	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| torchvision', torchvision.__version__)"
+	touch $@
+
+$(BUILD_STAMP): $(TORCH_STAMP) $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -m handgrad info
+	touch $@
+
+cmake-test: $(BUILD_STAMP)
+	cmake -S . -B cmake-build $$($(PY) tools/build_env.py cmake-args)
+	cmake --build cmake-build -j $(MAX_JOBS)
+	ctest --test-dir cmake-build --output-on-failure
+
+gpu-check: $(BUILD_STAMP)
+	HANDGRAD_REQUIRE_GPU=1 $(PY) -m pytest tests -k cuda $(TEST_ARGS)
+	$(PY) benchmarks/run.py --device cuda $(BENCH_ARGS)
+
+clean:
+	rm -rf build cmake-build python/handgrad/*.so *.egg-info python/*.egg-info

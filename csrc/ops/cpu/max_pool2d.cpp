@@ -1,0 +1,294 @@
+// max_pool2d, CPU kernels.
+//
+// Algorithm: every output takes the maximum over its (dilated, padded)
+// window; the flat position h*W + w of the winner inside its input plane is
+// stored as the index (int64, the convention of torch's max_pool2d).
+// Gradient: y = x[argmax], so dL/dx[i] = sum of dL/dy over the outputs whose
+// argmax is i, and zero elsewhere. Saved for backward: the indices only.
+//
+// NCHW: threads split the N*C planes. A plane is pooled with a generic
+// window loop, or, for the ubiquitous 2x2 / stride-2 window, with a
+// branch-free loop the compiler vectorizes. Backward zeroes one plane and
+// scatters into it while it is still in cache (one pass over grad_input).
+// channels_last: threads split output pixels; the inner loop runs over the
+// contiguous channels, so it vectorizes. Results are deterministic: each
+// plane (or image) is owned by one thread and visited in a fixed order.
+//
+// Speed against native (benchmarks/bench_max_pool2d.py, 2 threads, float32,
+// forward+backward): see the table in the README's benchmark section.
+#include "ops/max_pool2d.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace handgrad {
+namespace max_pool2d {
+namespace {
+
+// Work per parallel task should be large enough to amortize the thread handoff.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+template <typename T>
+void pool_plane_generic(const T* in, T* out, int64_t* idx, const Geometry& g,
+                        const std::vector<int64_t>& w_begin, const std::vector<int64_t>& w_end) {
+  const int64_t W = g.w.in_size, OW = g.w.out_size;
+  const int64_t dh = g.h.dilation, dw = g.w.dilation;
+  for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+    int64_t h0, h1;
+    window_taps(g.h, oh, h0, h1);
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t w0 = w_begin[ow], w1 = w_end[ow];
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t best_at = h0 * W + w0;
+      for (int64_t h = h0; h < h1; h += dh) {
+        for (int64_t w = w0; w < w1; w += dw) {
+          const T v = in[h * W + w];
+          if (replaces_max(v, best)) {
+            best = v;
+            best_at = h * W + w;
+          }
+        }
+      }
+      out[oh * OW + ow] = best;
+      idx[oh * OW + ow] = best_at;
+    }
+  }
+}
+
+// 2x2 window, stride 2, no padding or dilation, every window complete.
+template <typename T>
+void pool_plane_2x2(const T* in, T* out, int64_t* idx, const Geometry& g) {
+  const int64_t W = g.w.in_size, OW = g.w.out_size;
+  for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+    const T* top = in + 2 * oh * W;
+    const T* bottom = top + W;
+    T* o = out + oh * OW;
+    int64_t* oi = idx + oh * OW;
+    const int64_t row = 2 * oh * W;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const T a = top[2 * ow], b = top[2 * ow + 1], c = bottom[2 * ow], d = bottom[2 * ow + 1];
+      // Same scan order as the generic loop: a, b, c, d.
+      T best = a;
+      int64_t at = 0;
+      const bool take_b = replaces_max(b, best);
+      best = take_b ? b : best;
+      at = take_b ? 1 : at;
+      const bool take_c = replaces_max(c, best);
+      best = take_c ? c : best;
+      at = take_c ? W : at;
+      const bool take_d = replaces_max(d, best);
+      best = take_d ? d : best;
+      at = take_d ? W + 1 : at;
+      o[ow] = best;
+      oi[ow] = row + 2 * ow + at;
+    }
+  }
+}
+
+bool is_plain_2x2(const Geometry& g) {
+  auto plain = [](const Axis& a) {
+    return a.kernel == 2 && a.stride == 2 && a.pad == 0 && a.dilation == 1 &&
+           2 * a.out_size <= a.in_size;
+  };
+  return plain(g.h) && plain(g.w);
+}
+
+template <typename T>
+void forward_nchw(const T* in, T* out, int64_t* idx, const Geometry& g) {
+  const int64_t in_plane = g.h.in_size * g.w.in_size;
+  const int64_t out_plane = g.h.out_size * g.w.out_size;
+  std::vector<int64_t> w_begin(g.w.out_size), w_end(g.w.out_size);
+  for (int64_t ow = 0; ow < g.w.out_size; ++ow) window_taps(g.w, ow, w_begin[ow], w_end[ow]);
+  const bool fast = is_plain_2x2(g);
+  const int64_t work = out_plane * g.h.kernel * g.w.kernel;
+  at::parallel_for(0, g.batch * g.channels, grain_for(work), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (fast) {
+        pool_plane_2x2(in + p * in_plane, out + p * out_plane, idx + p * out_plane, g);
+      } else {
+        pool_plane_generic(in + p * in_plane, out + p * out_plane, idx + p * out_plane, g,
+                           w_begin, w_end);
+      }
+    }
+  });
+}
+
+// The running maximum of a block of channels. The winner's position is kept
+// as a 32-bit integer next to 32-bit floats so that compare and select have
+// the same vector width (mixing float masks with int64 selects defeats the
+// vectorizer); it is widened to int64 when the pixel is done.
+template <typename T, typename Pos>
+void pool_pixel_nhwc(const T* image, T* out, int64_t* idx, Pos* at, int64_t C, int64_t W,
+                     int64_t h0, int64_t h1, int64_t dh, int64_t w0, int64_t w1, int64_t dw) {
+  bool first = true;
+  for (int64_t h = h0; h < h1; h += dh) {
+    for (int64_t w = w0; w < w1; w += dw) {
+      const T* v = image + (h * W + w) * C;
+      const Pos here = static_cast<Pos>(h * W + w);
+      if (first) {
+        // Starting from the first tap equals starting from -inf with its index.
+        for (int64_t c = 0; c < C; ++c) {
+          out[c] = v[c];
+          at[c] = here;
+        }
+        first = false;
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const bool take = replaces_max(v[c], out[c]);
+        out[c] = take ? v[c] : out[c];
+        at[c] = take ? here : at[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) idx[c] = at[c];
+}
+
+template <typename T, typename Pos>
+void forward_nhwc(const T* in, T* out, int64_t* idx, const Geometry& g) {
+  const int64_t C = g.channels, H = g.h.in_size, W = g.w.in_size;
+  const int64_t OH = g.h.out_size, OW = g.w.out_size;
+  const int64_t work = C * g.h.kernel * g.w.kernel;
+  at::parallel_for(0, g.batch * OH * OW, grain_for(work), [&](int64_t begin, int64_t end) {
+    std::vector<Pos> at(C);
+    for (int64_t pix = begin; pix < end; ++pix) {
+      const int64_t n = pix / (OH * OW);
+      const int64_t oh = (pix / OW) % OH, ow = pix % OW;
+      int64_t h0, h1, w0, w1;
+      window_taps(g.h, oh, h0, h1);
+      window_taps(g.w, ow, w0, w1);
+      pool_pixel_nhwc(in + n * H * W * C, out + pix * C, idx + pix * C, at.data(), C, W, h0, h1,
+                      g.h.dilation, w0, w1, g.w.dilation);
+    }
+  });
+}
+
+void forward_kernel(const at::Tensor& input, at::Tensor& output, at::Tensor& indices,
+                    const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::max_pool2d", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx = indices.mutable_data_ptr<int64_t>();
+    if (g.channels_last) {
+      if (g.h.in_size * g.w.in_size <= std::numeric_limits<int32_t>::max()) {
+        forward_nhwc<scalar_t, int32_t>(in, out, idx, g);
+      } else {
+        forward_nhwc<scalar_t, int64_t>(in, out, idx, g);
+      }
+    } else {
+      forward_nchw(in, out, idx, g);
+    }
+  });
+}
+
+[[noreturn]] void index_out_of_range(int64_t index, int64_t plane) {
+  TORCH_CHECK(false, "handgrad::max_pool2d_backward: index ", index,
+              " is out of range for an input plane of ", plane, " elements");
+}
+
+template <typename T>
+void backward_nchw(const T* grad_out, const int64_t* idx, T* grad_in, const Geometry& g) {
+  const int64_t in_plane = g.h.in_size * g.w.in_size;
+  const int64_t out_plane = g.h.out_size * g.w.out_size;
+  std::atomic<int64_t> bad_index{-1};
+  at::parallel_for(0, g.batch * g.channels, grain_for(in_plane), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      T* gi = grad_in + p * in_plane;
+      const T* go = grad_out + p * out_plane;
+      const int64_t* ix = idx + p * out_plane;
+      std::fill(gi, gi + in_plane, T(0));
+      for (int64_t o = 0; o < out_plane; ++o) {
+        const int64_t i = ix[o];
+        if (i < 0 || i >= in_plane) {
+          bad_index.store(i);
+          return;
+        }
+        gi[i] += go[o];
+      }
+    }
+  });
+  if (bad_index.load() != -1) index_out_of_range(bad_index.load(), in_plane);
+}
+
+// channels_last: a task owns one image and a block of channels, so no two
+// tasks ever add into the same grad_input element.
+template <typename T>
+void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geometry& g) {
+  const int64_t C = g.channels;
+  const int64_t in_plane = g.h.in_size * g.w.in_size;
+  const int64_t out_plane = g.h.out_size * g.w.out_size;
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  std::atomic<int64_t> bad_index{-1};
+  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks;
+      const int64_t c0 = (task % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
+      T* gi = grad_in + n * in_plane * C;
+      const T* go = grad_out + n * out_plane * C;
+      const int64_t* ix = idx + n * out_plane * C;
+      for (int64_t pos = 0; pos < in_plane; ++pos) std::fill(gi + pos * C + c0, gi + pos * C + c1, T(0));
+      for (int64_t o = 0; o < out_plane; ++o) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i = ix[o * C + c];
+          if (i < 0 || i >= in_plane) {
+            bad_index.store(i);
+            return;
+          }
+          gi[i * C + c] += go[o * C + c];
+        }
+      }
+    }
+  });
+  if (bad_index.load() != -1) index_out_of_range(bad_index.load(), in_plane);
+}
+
+void backward_kernel(const at::Tensor& grad_output, const at::Tensor& indices,
+                     at::Tensor& grad_input, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
+                                  "handgrad::max_pool2d_backward", [&] {
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* idx = indices.const_data_ptr<int64_t>();
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    if (g.channels_last) {
+      backward_nhwc(go, idx, gi, g);
+    } else {
+      backward_nchw(go, idx, gi, g);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input,
+                                                  at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, bool ceil_mode) {
+  return forward(input, kernel_size, stride, padding, dilation, ceil_mode, &forward_kernel);
+}
+
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
+                                   at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation) {
+  return backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation,
+                  &backward_kernel);
+}
+
+}  // namespace
+}  // namespace max_pool2d
+}  // namespace handgrad
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("max_pool2d", &handgrad::max_pool2d::max_pool2d_cpu);
+  m.impl("max_pool2d_backward", &handgrad::max_pool2d::max_pool2d_backward_cpu);
+}

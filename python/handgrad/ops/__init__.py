@@ -1,0 +1,10 @@
+"""handgrad's operators, with the signatures of torch.nn.functional.
+
+Each op has one module here holding its fake (meta) kernel for torch.compile,
+its autograd registration (which calls the op's own backward kernel) and its
+public function. Adding an op adds one line to this list.
+"""
+
+from .max_pool2d import max_pool2d
+
+__all__ = ["max_pool2d"]
