@@ -13,7 +13,8 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.handgrad.*)
 from . import nn, ops
 from ._info import info
+from .patch import patch, unpatch
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["info", "nn", "ops", "__version__"]
+__all__ = ["info", "nn", "ops", "patch", "unpatch", "__version__"]

@@ -1,0 +1,157 @@
+"""A GAN on MNIST (``mnist_gan``).
+
+Discriminator: a CNN (conv 1->32 k3 p1, LeakyReLU, max-pool 2; conv 32->64
+k3 p1, LeakyReLU, max-pool 2; linear 3136 -> 2) classifying real (class 1)
+against fake (class 0) with cross-entropy. Generator: z ~ N(0, I) (64-D) ->
+linear -> 64x7x7, ReLU; nearest upsampling x2, conv 64->32, ReLU; nearest
+upsampling x2, conv 32->1, tanh, giving images in [-1, 1] like the data.
+
+Minimax training: the discriminator minimizes CE(D(x), real) + CE(D(G(z)),
+fake); the generator uses the non-saturating loss CE(D(G(z)), real), i.e.
+maximizes log D(G(z)), whose gradient does not vanish while D rejects its
+samples. --d-steps k takes k discriminator steps per generator step. Adam,
+lr 2e-4, betas (0.5, 0.999). Reported per epoch: both losses and the mean
+D(x) and D(G(z)) (the discriminator's probability of "real").
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..training.recipe import Recipe
+
+NOISE_DIM = 64
+REAL, FAKE = 1, 0
+
+
+class Discriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.LeakyReLU(0.2), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.LeakyReLU(0.2), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Generator(nn.Module):
+    def __init__(self, noise_dim=NOISE_DIM):
+        super().__init__()
+        self.noise_dim = noise_dim
+        self.project = nn.Sequential(nn.Linear(noise_dim, 64 * 7 * 7), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(32, 1, 3, padding=1), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(self.project(z).view(-1, 64, 7, 7))
+
+
+class GAN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = Generator()
+        self.discriminator = Discriminator()
+
+    def sample(self, n, generator=None):
+        return self.generator(torch.randn(n, self.generator.noise_dim, generator=generator))
+
+
+def _prob_real(logits):
+    return logits.softmax(1)[:, REAL].mean()
+
+
+class GANRecipe(Recipe):
+    name = "mnist_gan"
+    dataset = "mnist"
+    description = "GAN with a CNN discriminator and an upsampling-conv generator on MNIST"
+    epochs = 10
+    batch_size = 128
+    lr = 2e-4
+    d_steps = 1
+
+    def configured(self, config):
+        import copy
+
+        recipe = copy.copy(self)
+        recipe.d_steps = config.d_steps
+        return recipe
+
+    def build(self):
+        return GAN()
+
+    def optimizers(self, model, lr):
+        betas = (0.5, 0.999)
+        return {"generator": torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas),
+                "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=lr,
+                                                  betas=betas)}
+
+    def prepare(self, images, labels, train, generator):
+        return images.float().div_(127.5).sub_(1), labels
+
+    @staticmethod
+    def _targets(n, label):
+        return torch.full((n,), label, dtype=torch.long)
+
+    def train_batch(self, model, losses, optimizers, x, y, step=0):
+        ce = losses["cross_entropy"]
+        n = len(x)
+        d, g = model.discriminator, model.generator
+        fake = model.sample(n)
+        real_logits = d(x)
+        fake_logits = d(fake.detach())
+        d_loss = ce(real_logits, self._targets(n, REAL)) + ce(fake_logits, self._targets(n, FAKE))
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["discriminator"].step()
+        out = {"d_loss": d_loss.item(), "D_x": _prob_real(real_logits).item(),
+               "D_G_z": _prob_real(fake_logits).item()}
+        # A generator step after every d_steps discriminator steps of the epoch.
+        if (step + 1) % self.d_steps == 0:
+            g_loss = ce(d(g(torch.randn(n, g.noise_dim))), self._targets(n, REAL))
+            optimizers["generator"].zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizers["generator"].step()
+            out["g_loss"] = g_loss.item()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model, losses, data, prepare):
+        ce = losses["cross_entropy"]
+        generator = torch.Generator().manual_seed(0)
+        sums = {"d_loss": 0.0, "g_loss": 0.0, "D_x": 0.0, "D_G_z": 0.0}
+        n_total = 0
+        for images, labels in data.batches(self.eval_batch_size):
+            x, _ = prepare(images, labels)
+            n = len(x)
+            real_logits = model.discriminator(x)
+            fake_logits = model.discriminator(model.sample(n, generator))
+            sums["d_loss"] += (ce(real_logits, self._targets(n, REAL))
+                               + ce(fake_logits, self._targets(n, FAKE))).item() * n
+            sums["g_loss"] += ce(fake_logits, self._targets(n, REAL)).item() * n
+            sums["D_x"] += _prob_real(real_logits).item() * n
+            sums["D_G_z"] += _prob_real(fake_logits).item() * n
+            n_total += n
+        return {"test_" + k: v / n_total for k, v in sums.items()}, {}
+
+    def curve_keys(self, history):
+        return ("train_d_loss", "train_g_loss")
+
+    @torch.no_grad()
+    def plots(self, model, losses, history, extras, out_dir, test_data, prepare):
+        from ..training import plots
+
+        epoch = history[-1]["epoch"] if history else 0
+        samples = model.sample(64, torch.Generator().manual_seed(0))  # the same z every epoch
+        name = "gan_samples_epoch_%02d.png" % epoch
+        plots.image_grid(samples, out_dir, name, "mnist_gan: samples after epoch %d" % epoch,
+                         value_range=(-1, 1))
+        files = [name]
+        files.append(plots.metric_curves(history, ("train_D_x", "train_D_G_z"), out_dir,
+                                         "gan_d_outputs.png", "Mean D(x) and D(G(z))",
+                                         ylabel="probability of 'real'"))
+        files.append(plots.metric_curves(history, ("train_d_loss", "train_g_loss"), out_dir,
+                                         "gan_losses.png", "Discriminator and generator losses"))
+        return files

@@ -1,0 +1,1 @@
+"""Training infrastructure: data, recipes, the loop, checkpoints and plots."""

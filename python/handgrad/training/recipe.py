@@ -1,0 +1,129 @@
+"""What the trainer needs to know about a model: the Recipe interface.
+
+A recipe builds its model from plain torch.nn layers; the trainer makes it
+run on handgrad's ops with handgrad.patch (``--backend handgrad``) or leaves
+it native (``--backend native``), so both backends train the very same
+architecture and the same weights load into either.
+"""
+
+import torch
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def normalize(images, mean, std):
+    """uint8 (N, C, H, W) -> float32 in [0, 1], then (x - mean) / std per channel."""
+    x = images.float().div_(255)
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def random_crop_flip(x, generator, padding=4):
+    """The standard CIFAR augmentation on a batch: pad with zeros, take a random
+    crop of the original size, and flip horizontally with probability 1/2."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1, 1)
+    idx_c = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    return padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+class Recipe:
+    """Base class. Subclasses set the class attributes and implement build()."""
+
+    name = ""
+    dataset = "mnist"  # "mnist" or "cifar10"
+    description = ""
+    epochs = 1
+    batch_size = 64
+    lr = 1e-3
+    eval_batch_size = 1000
+
+    def configured(self, config):
+        """The recipe adjusted to run options (e.g. --noise); default: unchanged."""
+        return self
+
+    def build(self):
+        """The model, made of torch.nn layers."""
+        raise NotImplementedError
+
+    def losses(self):
+        """Loss modules (patched along with the model); default: cross-entropy."""
+        return {"cross_entropy": torch.nn.CrossEntropyLoss()}
+
+    def optimizers(self, model, lr):
+        return {"model": torch.optim.Adam(model.parameters(), lr=lr)}
+
+    def prepare(self, images, labels, train, generator):
+        """uint8 images -> model inputs (normalization, augmentation)."""
+        raise NotImplementedError
+
+    def train_batch(self, model, losses, optimizers, x, y, step=0):
+        """One optimization step (`step`: the batch's index in the epoch); returns
+        a dict of floats (the first is the loss shown in the progress bar and the
+        running-loss curve; a key may be missing from some batches)."""
+        raise NotImplementedError
+
+    def evaluate(self, model, losses, data, prepare):
+        """Test-set metrics: a dict of floats, plus a dict of extra results
+        (arrays for the plots) that are not logged per epoch."""
+        raise NotImplementedError
+
+    def curve_keys(self, history):
+        """The per-epoch quantities drawn in loss_curves.png."""
+        return ("train_loss", "test_loss")
+
+    def plots(self, model, losses, history, extras, out_dir, test_data, prepare):
+        """Writes the recipe's own pictures; returns their file names."""
+        return []
+
+
+class ClassifierRecipe(Recipe):
+    """Images -> class logits, trained with cross-entropy."""
+
+    mean, std = MNIST_MEAN, MNIST_STD
+    augment = False
+
+    def prepare(self, images, labels, train, generator):
+        x = normalize(images, self.mean, self.std)
+        if train and self.augment:
+            x = random_crop_flip(x, generator)
+        return x, labels
+
+    def train_batch(self, model, losses, optimizers, x, y, step=0):
+        loss = losses["cross_entropy"](model(x), y)
+        optimizer = optimizers["model"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def evaluate(self, model, losses, data, prepare):
+        total_loss, correct = 0.0, 0
+        classes = len(data.classes)
+        confusion = torch.zeros(classes, classes, dtype=torch.long)
+        for images, labels in data.batches(self.eval_batch_size):
+            x, y = prepare(images, labels)
+            logits = model(x)
+            total_loss += losses["cross_entropy"](logits, y).item() * len(y)
+            predicted = logits.argmax(1)
+            correct += (predicted == y).sum().item()
+            confusion += torch.bincount(y * classes + predicted,
+                                        minlength=classes * classes).view(classes, classes)
+        n = len(data)
+        return ({"test_loss": total_loss / n, "test_accuracy": correct / n},
+                {"confusion_matrix": confusion.tolist()})
+
+    def plots(self, model, losses, history, extras, out_dir, test_data, prepare):
+        from . import plots
+
+        return [plots.confusion_matrix(extras["confusion_matrix"], test_data.classes, out_dir)]

@@ -1,0 +1,235 @@
+"""The training loop behind ``handgrad train``.
+
+Reproducibility: every source of randomness is seeded from --seed (torch's
+global generator for initialization and dropout, one generator for the data
+order, one for augmentation and noise) and saved in the checkpoint after
+every epoch. ``--resume`` restores all of it, so a run that is interrupted at
+any point -- even killed -- and resumed replays the unfinished epoch exactly
+and ends with the same metrics as an uninterrupted run (CPU, same --threads).
+"""
+
+import dataclasses
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import models
+from . import checkpoint, data, plots
+
+# Fault injection for the tests of --resume: after this many training batches
+# the process kills itself with SIGKILL, as a crash or an OOM kill would.
+CRASH_AFTER_BATCHES_ENV = "HANDGRAD_CRASH_AFTER_BATCHES"
+RUNNING_POINTS_PER_EPOCH = 50
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str
+    data_root: str = "data"
+    epochs: int = None
+    batch_size: int = None
+    lr: float = None
+    backend: str = "handgrad"
+    out: str = None
+    seed: int = 0
+    resume: bool = False
+    threads: int = None
+    download: bool = False
+    limit: int = None  # use only the first N training images (quick runs)
+    noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
+    d_steps: int = 1  # GAN: discriminator steps per generator step
+    progress: bool = True
+
+    def resolved(self, recipe):
+        """The config with the recipe's defaults filled in."""
+        c = dataclasses.replace(self)
+        c.epochs = c.epochs or recipe.epochs
+        c.batch_size = c.batch_size or recipe.batch_size
+        c.lr = c.lr or recipe.lr
+        variant = "-noise%g" % c.noise if c.noise else ""
+        c.out = c.out or os.path.join("runs", "%s%s-%s" % (recipe.name, variant, c.backend))
+        return c
+
+    def identity(self):
+        """What must match between a checkpoint and the run resuming it."""
+        return {k: getattr(self, k) for k in ("model", "batch_size", "lr", "seed", "limit",
+                                              "noise", "d_steps")}
+
+
+def _subset(dataset, limit):
+    if not limit or limit >= len(dataset):
+        return dataset
+    return data.ImageData(dataset.images[:limit], dataset.labels[:limit], dataset.classes,
+                          dataset.source + "[:%d]" % limit)
+
+
+def _seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class Run:
+    """One training run: model, optimizers, data, generators and history."""
+
+    def __init__(self, config, log=print):
+        self.recipe = models.recipe(config.model).configured(config)
+        self.config = config.resolved(self.recipe)
+        self.log = log
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        _seed_everything(c.seed)
+        self.train_data = _subset(data.load(self.recipe.dataset, c.data_root, True, c.download),
+                                  c.limit)
+        self.test_data = data.load(self.recipe.dataset, c.data_root, False, c.download)
+        self.model = models.apply_backend(self.recipe.build(), c.backend)
+        self.losses = {k: models.apply_backend(v, c.backend) for k, v in self.recipe.losses().items()}
+        self.optimizers = self.recipe.optimizers(self.model, c.lr)
+        self.generators = {"shuffle": torch.Generator().manual_seed(c.seed + 1),
+                           "augment": torch.Generator().manual_seed(c.seed + 2)}
+        self.epoch = 0
+        self.history = []
+        self.running = []
+        self.extras = {}
+        os.makedirs(c.out, exist_ok=True)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self):
+        return {
+            "config": self.config.identity(),
+            "backend": self.config.backend,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "rng": checkpoint.rng_state(self.generators),
+            "history": self.history,
+            "running": self.running,
+            "extras": self.extras,
+        }
+
+    def resume(self):
+        saved = checkpoint.load_checkpoint(self.config.out)
+        if saved is None:
+            self.log("no checkpoint in %s; starting from epoch 1" % self.config.out)
+            return
+        mismatched = {k: (v, saved["config"].get(k)) for k, v in self.config.identity().items()
+                      if saved["config"].get(k) != v}
+        if mismatched:
+            raise ValueError("the checkpoint in %s was made with different settings: %s"
+                             % (self.config.out, ", ".join("%s=%r (now %r)" % (k, old, new)
+                                                           for k, (new, old) in mismatched.items())))
+        self.model.load_state_dict(saved["model"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(saved["optimizers"][k])
+        checkpoint.restore_rng_state(saved["rng"], self.generators)
+        self.epoch = saved["epoch"]
+        self.history = saved["history"]
+        self.running = saved["running"]
+        self.extras = saved.get("extras", {})
+        self.log("resumed from %s after epoch %d" % (self.config.out, self.epoch))
+
+    # -- one epoch --------------------------------------------------------------------------
+    def _prepare(self, train):
+        generator = self.generators["augment"]
+        return lambda images, labels: self.recipe.prepare(images, labels, train, generator)
+
+    def train_epoch(self, crash_after):
+        c = self.config
+        self.model.train()
+        prepare = self._prepare(train=True)
+        n = len(self.train_data)
+        batches = (n + c.batch_size - 1) // c.batch_size
+        every = max(1, batches // RUNNING_POINTS_PER_EPOCH)
+        totals, counts, window, seen = {}, {}, [], 0
+        bar = tqdm(total=n, unit="img", desc="epoch %d/%d" % (self.epoch + 1, c.epochs),
+                   disable=not c.progress, leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for b, (images, labels) in enumerate(self.train_data.batches(c.batch_size,
+                                                                       self.generators["shuffle"])):
+            x, y = prepare(images, labels)
+            out = self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
+            main = next(iter(out.values()))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v * len(labels)
+                counts[k] = counts.get(k, 0) + len(labels)
+            window.append(main)
+            if (b + 1) % every == 0 or b + 1 == batches:
+                self.running.append({"epoch": self.epoch + (b + 1) / batches,
+                                     "loss": sum(window) / len(window)})
+                window = []
+            seen += len(labels)
+            bar.update(len(labels))
+            bar.set_postfix(loss="%.4f" % main,
+                            img_s="%.0f" % (seen / max(1e-9, time.perf_counter() - start)))
+            if crash_after is not None:
+                crash_after -= 1
+                if crash_after == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        seconds = time.perf_counter() - start
+        bar.close()
+        metrics = {"train_" + k: v / counts[k] for k, v in totals.items()}
+        metrics.update(epoch_seconds=seconds, images_per_second=seen / seconds)
+        return metrics, crash_after
+
+    def evaluate(self):
+        self.model.eval()
+        start = time.perf_counter()
+        metrics, extras = self.recipe.evaluate(self.model, self.losses, self.test_data,
+                                               self._prepare(train=False))
+        metrics["eval_seconds"] = time.perf_counter() - start
+        return metrics, extras
+
+    def write_outputs(self):
+        c = self.config
+        out = c.out
+        summary = {
+            "model": c.model, "backend": c.backend, "epochs_done": self.epoch, "epochs": c.epochs,
+            "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed,
+            "threads": torch.get_num_threads(), "train_data": self.train_data.source,
+            "test_data": self.test_data.source, "history": self.history,
+            "running_loss": self.running,
+        }
+        summary.update({k: v for k, v in self.extras.items() if k in ("confusion_matrix",)})
+        checkpoint.save_metrics(out, summary)
+        files = [plots.loss_curves(self.history, self.running, out,
+                                   keys=self.recipe.curve_keys(self.history),
+                                   title="%s (%s)" % (c.model, c.backend))]
+        files += self.recipe.plots(self.model, self.losses, self.history, self.extras, out,
+                                   self.test_data, self._prepare(train=False))
+        return files
+
+    def fit(self):
+        c = self.config
+        if c.resume:
+            self.resume()
+        crash_after = os.environ.get(CRASH_AFTER_BATCHES_ENV)
+        crash_after = int(crash_after) if crash_after else None
+        self.log("%s on %s: %d training / %d test images, backend %s, %d threads, output %s"
+                 % (c.model, self.recipe.dataset, len(self.train_data), len(self.test_data),
+                    c.backend, torch.get_num_threads(), c.out))
+        while self.epoch < c.epochs:
+            train_metrics, crash_after = self.train_epoch(crash_after)
+            test_metrics, self.extras = self.evaluate()
+            self.epoch += 1
+            record = {"epoch": self.epoch, **train_metrics, **test_metrics}
+            self.history.append(record)
+            self.log(format_epoch(record, c.epochs))
+            checkpoint.save_checkpoint(c.out, self.state())
+            self.write_outputs()
+        return self.history
+
+
+def format_epoch(record, epochs):
+    parts = ["epoch %d/%d" % (record["epoch"], epochs)]
+    for k, v in record.items():
+        if k in ("epoch", "epoch_seconds", "images_per_second", "eval_seconds"):
+            continue
+        parts.append(("%s %.2f%%" % (k, 100 * v)) if "accuracy" in k else "%s %.4f" % (k, v))
+    parts.append("%.1f s (%.0f img/s)" % (record["epoch_seconds"], record["images_per_second"]))
+    return "  ".join(parts)

@@ -1,0 +1,104 @@
+"""`handgrad train` end to end on tiny synthetic data, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from synthetic_data import write_cifar10_tree, write_mnist
+
+QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress"]
+
+
+def train(*args, env=None, expect=0):
+    proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if expect is not None:
+        assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    write_mnist(root, train=192, test=64)
+    write_cifar10_tree(root, train=96, test=40)
+    return root
+
+
+def learning_curve(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    keep = ("epoch", "train_loss", "test_loss", "test_accuracy")
+    return metrics, [{k: h[k] for k in keep} for h in metrics["history"]]
+
+
+def test_train_writes_metrics_checkpoint_and_plots(data_root, tmp_path):
+    out = str(tmp_path / "run")
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", out, *QUICK)
+    assert "epoch 3/3" in proc.stdout and "test_accuracy" in proc.stdout
+    metrics, curve = learning_curve(out)
+    assert metrics["backend"] == "handgrad" and metrics["epochs_done"] == 3
+    assert len(curve) == 3 and curve[-1]["train_loss"] < curve[0]["train_loss"]
+    assert len(metrics["running_loss"]) >= 3
+    assert len(metrics["confusion_matrix"]) == 10
+    for picture in ("loss_curves.png", "confusion_matrix.png", "first_layer_filters.png"):
+        path = os.path.join(out, picture)
+        assert os.path.getsize(path) > 1000, picture
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    assert not [f for f in os.listdir(out) if f.startswith(".")], "temporary files left behind"
+
+
+def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path):
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    train("mnist_cnn", "--data-root", data_root, "--out", whole, *QUICK)
+    # 192 images at batch 32 = 6 batches per epoch: die in the middle of epoch 2.
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, *QUICK,
+                 env={"HANDGRAD_CRASH_AFTER_BATCHES": "9"}, expect=None)
+    assert proc.returncode == -9, proc.stderr
+    _, partial = learning_curve(broken)
+    assert len(partial) == 1
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, "--resume", *QUICK)
+    assert "resumed" in proc.stdout
+    assert learning_curve(broken)[1] == learning_curve(whole)[1]
+
+
+def test_resume_with_different_settings_is_refused(data_root, tmp_path):
+    out = str(tmp_path / "run")
+    train("mnist_cnn", "--data-root", data_root, "--out", out, "--epochs", "1", "--batch-size",
+          "64", "--no-progress")
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "2",
+                 "--batch-size", "32", "--no-progress", expect=2)
+    assert "batch_size=64 (now 32)" in proc.stderr
+
+
+def test_cifar_image_folder_and_native_backend(data_root, tmp_path):
+    out = str(tmp_path / "lenet")
+    proc = train("lenet5", "--data-root", data_root, "--out", out, "--backend", "native",
+                 "--epochs", "1", "--no-progress")
+    metrics, curve = learning_curve(out)
+    assert metrics["backend"] == "native" and "ImageFolder" in metrics["train_data"]
+    assert len(curve) == 1 and "epoch 1/1" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resnet"], "unknown model 'resnet'; valid models: cifar_cnn, lenet5"),
+    (["mnist_cnn", "--epochs", "0"], "--epochs must be positive"),
+    (["mnist_cnn", "--batch-size", "-3"], "--batch-size must be positive"),
+    (["mnist_cnn", "--data-root", "/no/such/folder"], "data root /no/such/folder does not exist"),
+    (["mnist_cnn", "--epochs", "many"], "invalid int value"),
+])
+def test_bad_arguments_give_a_one_line_error(args, message):
+    proc = train(*args, expect=2)
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_missing_data_names_the_searched_path(tmp_path):
+    proc = train("mnist_cnn", "--data-root", str(tmp_path), expect=2)
+    assert os.path.join(str(tmp_path), "MNIST", "raw") in proc.stderr
+    assert "--data-root" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
