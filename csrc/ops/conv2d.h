@@ -84,11 +84,11 @@ struct Geometry {
   Axis h;
   Axis w;
 
-  int64_t in_per_group() const { return in_channels / groups; }
-  int64_t out_per_group() const { return out_channels / groups; }
-  int64_t taps() const { return h.kernel * w.kernel; }
+  HG_HOST_DEVICE int64_t in_per_group() const { return in_channels / groups; }
+  HG_HOST_DEVICE int64_t out_per_group() const { return out_channels / groups; }
+  HG_HOST_DEVICE int64_t taps() const { return h.kernel * w.kernel; }
   // Length of one row of the weight matrix: (input channel of the group, kh, kw).
-  int64_t patch() const { return in_per_group() * taps(); }
+  HG_HOST_DEVICE int64_t patch() const { return in_per_group() * taps(); }
 };
 
 // Backend kernels. Activations are 4-D (batch first) with any strides; the

@@ -44,7 +44,16 @@ constexpr int kRowBlock = 4;     // output channels per register block
 constexpr int kVectorBlock = 3;  // vectors of pixels per register block
 constexpr int kTapBlock = 3;     // taps per register block of the weight gradient
 
+// Multiply-adds a parallel task should at least hold: below that, handing
+// work to another thread costs more than it saves (and on a busy machine a
+// descheduled helper thread stalls the whole call).
+constexpr int64_t kMinTaskMacs = 1 << 21;
+
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+int64_t images_per_task(int64_t macs_per_image) {
+  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_image));
+}
 
 // Zero-padded planes split into stride phases, each phase `rows` x `cols`.
 struct Planes {
@@ -247,7 +256,8 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t group_planes = g.in_per_group() * p.phase_h * p.phase_w * p.plane();
   const int64_t buf_size = p.size() + length;
   const int64_t K = g.patch(), cout = g.out_per_group();
-  at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, g.batch, images_per_task(g.out_channels * K * length),
+                   [&](int64_t n0, int64_t n1) {
     std::vector<T> buf(buf_size), wide(cout * length);
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(x, n, g.h.in_size, g.w.in_size, p, place, buf.data(), buf_size);
@@ -292,7 +302,8 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const std::vector<int64_t> off = tap_offsets(p, cout, g.h, g.w, g.h.dilation, g.w.dilation);
   const int64_t length = wide_length<T>(g.h.in_size, p);
   const int64_t buf_size = p.size() + length;
-  at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, g.batch, images_per_task(g.in_channels * K * length),
+                   [&](int64_t n0, int64_t n1) {
     std::vector<T> buf(buf_size), wide(cin * length);
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(go, n, g.h.out_size, g.w.out_size, p, place, buf.data(), buf_size);
@@ -320,7 +331,8 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t weights = g.out_channels * K;
   // Fixed chunks of images, each summed by one task, then added in order.
   constexpr int64_t kChunks = 8;
-  const int64_t chunks = std::min<int64_t>(kChunks, g.batch);
+  const int64_t chunks = std::min<int64_t>(
+      {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(weights * length))});
   std::vector<T> partial(chunks * weights, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> buf(buf_size), wide(g.out_channels * length, T(0));

@@ -22,12 +22,15 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/addmm.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace handgrad {
 namespace conv2d {
@@ -37,8 +40,11 @@ namespace {
 
 // Columns of one chunk: enough for the matrix product to run at speed, and a
 // column matrix small enough to stay in the last-level cache.
-constexpr int64_t kTargetColumns = 2048;
-constexpr int64_t kMaxColumnBytes = 6 << 20;
+constexpr int64_t kTargetColumns = 256;
+constexpr int64_t kMaxColumnBytes = 4 << 20;
+// The weight gradient is summed in this many fixed slots (then added in
+// order), so it does not depend on the number of threads.
+constexpr int64_t kWeightSlots = 4;
 
 int64_t chunk_images(const Geometry& g, int64_t element_bytes) {
   const int64_t pixels = std::max<int64_t>(1, g.h.out_size * g.w.out_size);
@@ -61,8 +67,8 @@ void im2col(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry
   const int64_t OW = g.w.out_size, OH = g.h.out_size;
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
   const int64_t cols = chunk.columns();
-  at::parallel_for(0, g.patch(), grain_for(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  {
+    for (int64_t r = 0; r < g.patch(); ++r) {
       const int64_t c = group * g.in_per_group() + r / (KH * KW);
       const int64_t kh = (r / KW) % KH, kw = r % KW;
       int64_t ow0, ow1;
@@ -80,7 +86,7 @@ void im2col(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry
           std::fill(dst, dst + ow0, T(0));
           const T* row = src + ih * x.sh + iw0 * x.sw;
           if (g.w.stride == 1 && x.sw == 1) {
-            std::memcpy(dst + ow0, row, (ow1 - ow0) * sizeof(T));
+            for (int64_t ow = ow0; ow < ow1; ++ow) dst[ow] = row[ow - ow0];
           } else {
             const int64_t step = g.w.stride * x.sw;
             for (int64_t ow = ow0; ow < ow1; ++ow) dst[ow] = row[(ow - ow0) * step];
@@ -89,7 +95,7 @@ void im2col(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry
         }
       }
     }
-  });
+  }
 }
 
 // The adjoint of im2col: adds dcol back onto the input positions it was read
@@ -101,9 +107,8 @@ void col2im(const T* dcol, const Chunk& chunk, int64_t group, const Geometry& g,
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
   const int64_t cin = g.in_per_group();
   const int64_t cols = chunk.columns();
-  at::parallel_for(0, chunk.images * cin, grain_for(g.taps() * chunk.pixels),
-                   [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+  {
+    for (int64_t t = 0; t < chunk.images * cin; ++t) {
       const int64_t i = t / cin, ci = t % cin;
       T* plane = dx.plane(chunk.first_image + i, group * cin + ci);
       for (int64_t h = 0; h < g.h.in_size; ++h) {
@@ -131,7 +136,7 @@ void col2im(const T* dcol, const Chunk& chunk, int64_t group, const Geometry& g,
         }
       }
     }
-  });
+  }
 }
 
 // dst[co][i * pixels + p] = grad_output(image, group channel co, p)
@@ -140,8 +145,8 @@ void gather_channels(const View4<T>& src, const Chunk& chunk, int64_t first_chan
                      int64_t channels, const Geometry& g, T* dst) {
   const int64_t OW = g.w.out_size, OH = g.h.out_size;
   const int64_t cols = chunk.columns();
-  at::parallel_for(0, channels * chunk.images, grain_for(chunk.pixels), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+  {
+    for (int64_t t = 0; t < channels * chunk.images; ++t) {
       const int64_t co = t / chunk.images, i = t % chunk.images;
       const T* plane = src.plane(chunk.first_image + i, first_channel + co);
       T* d = dst + co * cols + i * chunk.pixels;
@@ -153,7 +158,7 @@ void gather_channels(const View4<T>& src, const Chunk& chunk, int64_t first_chan
         }
       }
     }
-  });
+  }
 }
 
 // output(image, first_channel + co, p) = tmp[co][i * pixels + p] + bias
@@ -162,8 +167,8 @@ void scatter_channels(const T* tmp, const T* bias, const Chunk& chunk, int64_t f
                       int64_t channels, const Geometry& g, const View4<T>& dst) {
   const int64_t OW = g.w.out_size, OH = g.h.out_size;
   const int64_t cols = chunk.columns();
-  at::parallel_for(0, channels * chunk.images, grain_for(chunk.pixels), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+  {
+    for (int64_t t = 0; t < channels * chunk.images; ++t) {
       const int64_t co = t / chunk.images, i = t % chunk.images;
       T* plane = dst.plane(chunk.first_image + i, first_channel + co);
       const T* s = tmp + co * cols + i * chunk.pixels;
@@ -176,26 +181,24 @@ void scatter_channels(const T* tmp, const T* bias, const Chunk& chunk, int64_t f
         }
       }
     }
-  });
-}
-
-template <typename F>
-void for_each_chunk(const Geometry& g, int64_t element_bytes, F&& body) {
-  const int64_t per_chunk = chunk_images(g, element_bytes);
-  const int64_t pixels = g.h.out_size * g.w.out_size;
-  for (int64_t n0 = 0; n0 < g.batch; n0 += per_chunk) {
-    body(Chunk{n0, std::min(per_chunk, g.batch - n0), pixels});
   }
 }
 
-// Scratch matrices reused by every chunk (allocated once for the largest).
+int64_t chunk_count(const Geometry& g, int64_t per_chunk) {
+  return (g.batch + per_chunk - 1) / per_chunk;
+}
+
+Chunk chunk_at(const Geometry& g, int64_t per_chunk, int64_t index) {
+  const int64_t first = index * per_chunk;
+  return Chunk{first, std::min(per_chunk, g.batch - first), g.h.out_size * g.w.out_size};
+}
+
+// Scratch matrices of one task, reused by its chunks (sized for the largest).
 struct Scratch {
   at::Tensor storage;
   int64_t rows;
-  Scratch(int64_t rows, const Geometry& g, int64_t element_bytes, const at::TensorOptions& options)
-      : storage(at::empty({rows * chunk_images(g, element_bytes) * g.h.out_size * g.w.out_size},
-                          options)),
-        rows(rows) {}
+  Scratch(int64_t rows, int64_t max_columns, const at::TensorOptions& options)
+      : storage(at::empty({rows * max_columns}, options)), rows(rows) {}
   at::Tensor matrix(const Chunk& chunk) const {
     return storage.narrow(0, 0, rows * chunk.columns()).view({rows, chunk.columns()});
   }
@@ -207,6 +210,20 @@ at::Tensor group_rows(const at::Tensor& weight, const Geometry& g, int64_t group
       .narrow(0, group * g.out_per_group(), g.out_per_group());
 }
 
+// Threads split the chunks; each runs its matrix products on its own (BLAS
+// does not start threads inside a parallel region), which keeps the cores
+// busy through the im2col/col2im steps too and synchronizes once per call.
+template <typename F>
+void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
+  at::parallel_for(0, chunk_count(g, per_chunk), 1, [&](int64_t c0, int64_t c1) {
+    // The products are plain tensor math inside this op's kernel: keep
+    // autograd out of them (the guard is per thread) even when the op's
+    // arguments require grad.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    body(c0, c1);
+  });
+}
+
 }  // namespace
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -215,15 +232,20 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     const View4<scalar_t> x = view_of<scalar_t>(input);
     const View4<scalar_t> y = view_of<scalar_t>(output);
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const Scratch col(g.patch(), g, sizeof(scalar_t), input.options());
-    const Scratch prod(g.out_per_group(), g, sizeof(scalar_t), input.options());
-    for_each_chunk(g, sizeof(scalar_t), [&](const Chunk& chunk) {
-      at::Tensor c = col.matrix(chunk), p = prod.matrix(chunk);
-      for (int64_t group = 0; group < g.groups; ++group) {
-        im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
-        at::mm_out(p, group_rows(weight, g, group), c);
-        scatter_channels(p.const_data_ptr<scalar_t>(), b, chunk, group * g.out_per_group(),
-                         g.out_per_group(), g, y);
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
+      const Scratch col(g.patch(), max_cols, input.options());
+      const Scratch prod(g.out_per_group(), max_cols, input.options());
+      for (int64_t index = c0; index < c1; ++index) {
+        const Chunk chunk = chunk_at(g, per_chunk, index);
+        at::Tensor c = col.matrix(chunk), p = prod.matrix(chunk);
+        for (int64_t group = 0; group < g.groups; ++group) {
+          im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
+          at::mm_out(p, group_rows(weight, g, group), c);
+          scatter_channels(p.const_data_ptr<scalar_t>(), b, chunk, group * g.out_per_group(),
+                           g.out_per_group(), g, y);
+        }
       }
     });
   });
@@ -234,15 +256,20 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (gemm)", [&] {
     const View4<scalar_t> go = view_of<scalar_t>(grad_output);
     const View4<scalar_t> dx = view_of<scalar_t>(grad_input);
-    const Scratch goc(g.out_per_group(), g, sizeof(scalar_t), grad_output.options());
-    const Scratch dcol(g.patch(), g, sizeof(scalar_t), grad_output.options());
-    for_each_chunk(g, sizeof(scalar_t), [&](const Chunk& chunk) {
-      at::Tensor o = goc.matrix(chunk), d = dcol.matrix(chunk);
-      for (int64_t group = 0; group < g.groups; ++group) {
-        gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
-                        o.mutable_data_ptr<scalar_t>());
-        at::mm_out(d, group_rows(weight, g, group).t(), o);
-        col2im(d.const_data_ptr<scalar_t>(), chunk, group, g, dx);
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
+      const Scratch goc(g.out_per_group(), max_cols, grad_output.options());
+      const Scratch dcol(g.patch(), max_cols, grad_output.options());
+      for (int64_t index = c0; index < c1; ++index) {
+        const Chunk chunk = chunk_at(g, per_chunk, index);
+        at::Tensor o = goc.matrix(chunk), d = dcol.matrix(chunk);
+        for (int64_t group = 0; group < g.groups; ++group) {
+          gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
+                          o.mutable_data_ptr<scalar_t>());
+          at::mm_out(d, group_rows(weight, g, group).t(), o);
+          col2im(d.const_data_ptr<scalar_t>(), chunk, group, g, dx);
+        }
       }
     });
   });
@@ -253,18 +280,33 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (gemm)", [&] {
     const View4<scalar_t> go = view_of<scalar_t>(grad_output);
     const View4<scalar_t> x = view_of<scalar_t>(input);
-    const Scratch col(g.patch(), g, sizeof(scalar_t), input.options());
-    const Scratch goc(g.out_per_group(), g, sizeof(scalar_t), input.options());
-    grad_weight.zero_();
-    for_each_chunk(g, sizeof(scalar_t), [&](const Chunk& chunk) {
-      at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
-      for (int64_t group = 0; group < g.groups; ++group) {
-        im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
-        gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
-                        o.mutable_data_ptr<scalar_t>());
-        group_rows(grad_weight, g, group).addmm_(o, c.t());
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    const int64_t chunks = chunk_count(g, per_chunk);
+    const int64_t slots = std::min(kWeightSlots, chunks);
+    // Slot s sums chunks s, s + slots, ... in order; slot 0 is grad_weight itself.
+    std::vector<at::Tensor> partial(slots);
+    partial[0] = grad_weight;
+    for (int64_t s = 1; s < slots; ++s) partial[s] = at::empty_like(grad_weight);
+    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Scratch col(g.patch(), max_cols, input.options());
+      const Scratch goc(g.out_per_group(), max_cols, input.options());
+      for (int64_t s = s0; s < s1; ++s) {
+        partial[s].zero_();
+        for (int64_t index = s; index < chunks; index += slots) {
+          const Chunk chunk = chunk_at(g, per_chunk, index);
+          at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
+          for (int64_t group = 0; group < g.groups; ++group) {
+            im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
+            gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
+                            o.mutable_data_ptr<scalar_t>());
+            group_rows(partial[s], g, group).addmm_(o, c.t());
+          }
+        }
       }
     });
+    for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
   });
 }
 
