@@ -61,78 +61,114 @@ struct Chunk {
   int64_t columns() const { return images * pixels; }
 };
 
-// col[r][i * pixels + oh * OW + ow] for patch row r = (ci, kh, kw) of group `group`.
+// The images of a chunk, one group's channels, zero padded:
+// [image][channel][padded_h][padded_w]. im2col and col2im work on it, so
+// their inner loops are plain copies/adds without bounds checks.
+struct PaddedImages {
+  int64_t channels, rows, cols;
+  explicit PaddedImages(const Geometry& g)
+      : channels(g.in_per_group()),
+        rows(g.h.in_size + g.h.pad_begin + g.h.pad_end),
+        cols(g.w.in_size + g.w.pad_begin + g.w.pad_end) {}
+  int64_t plane() const { return rows * cols; }
+  int64_t size(int64_t images) const { return images * channels * plane(); }
+};
+
 template <typename T>
-void im2col(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry& g, T* col) {
-  const int64_t OW = g.w.out_size, OH = g.h.out_size;
-  const int64_t KH = g.h.kernel, KW = g.w.kernel;
-  const int64_t cols = chunk.columns();
-  {
-    for (int64_t r = 0; r < g.patch(); ++r) {
-      const int64_t c = group * g.in_per_group() + r / (KH * KW);
-      const int64_t kh = (r / KW) % KH, kw = r % KW;
-      int64_t ow0, ow1;
-      positions_inside(g.w, kw, ow0, ow1);
-      const int64_t iw0 = input_pos(g.w, ow0, kw);
-      for (int64_t i = 0; i < chunk.images; ++i) {
-        const T* src = x.plane(chunk.first_image + i, c);
-        T* dst = col + r * cols + i * chunk.pixels;
-        for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
-          const int64_t ih = input_pos(g.h, oh, kh);
-          if (!inside(ih, g.h.in_size) || ow0 >= ow1) {
-            std::fill(dst, dst + OW, T(0));
-            continue;
-          }
-          std::fill(dst, dst + ow0, T(0));
-          const T* row = src + ih * x.sh + iw0 * x.sw;
-          if (g.w.stride == 1 && x.sw == 1) {
-            for (int64_t ow = ow0; ow < ow1; ++ow) dst[ow] = row[ow - ow0];
-          } else {
-            const int64_t step = g.w.stride * x.sw;
-            for (int64_t ow = ow0; ow < ow1; ++ow) dst[ow] = row[(ow - ow0) * step];
-          }
-          std::fill(dst + ow1, dst + OW, T(0));
+void copy_run(T* dst, const T* src, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) S::store(dst + i, S::load(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+template <typename T>
+void add_run(T* dst, const T* src, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) {
+    S::store(dst + i, S::add(S::load(dst + i), S::load(src + i)));
+  }
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+template <typename T>
+void pad_images(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry& g,
+                const PaddedImages& p, T* pad) {
+  std::fill(pad, pad + p.size(chunk.images), T(0));
+  for (int64_t i = 0; i < chunk.images; ++i) {
+    for (int64_t ci = 0; ci < p.channels; ++ci) {
+      const T* src = x.plane(chunk.first_image + i, group * p.channels + ci);
+      T* dst = pad + (i * p.channels + ci) * p.plane() + g.h.pad_begin * p.cols + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        if (x.sw == 1) {
+          copy_run(dst + h * p.cols, src + h * x.sh, g.w.in_size);
+        } else {
+          for (int64_t w = 0; w < g.w.in_size; ++w) dst[h * p.cols + w] = src[h * x.sh + w * x.sw];
         }
       }
     }
   }
 }
 
-// The adjoint of im2col: adds dcol back onto the input positions it was read
-// from. One task per (image, channel) plane, which it zeroes first.
+// col[r][i * pixels + oh * OW + ow] for patch row r = (ci, kh, kw): the padded
+// value at (oh * stride + kh * dilation, ow * stride + kw * dilation).
 template <typename T>
-void col2im(const T* dcol, const Chunk& chunk, int64_t group, const Geometry& g,
-            const View4<T>& dx) {
+void im2col(const T* pad, const PaddedImages& p, const Chunk& chunk, const Geometry& g, T* col) {
   const int64_t OW = g.w.out_size, OH = g.h.out_size;
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
-  const int64_t cin = g.in_per_group();
-  const int64_t cols = chunk.columns();
-  {
-    for (int64_t t = 0; t < chunk.images * cin; ++t) {
-      const int64_t i = t / cin, ci = t % cin;
-      T* plane = dx.plane(chunk.first_image + i, group * cin + ci);
-      for (int64_t h = 0; h < g.h.in_size; ++h) {
-        for (int64_t w = 0; w < g.w.in_size; ++w) plane[h * dx.sh + w * dx.sw] = T(0);
+  const int64_t cols = chunk.columns(), sw = g.w.stride;
+  for (int64_t r = 0; r < g.patch(); ++r) {
+    const int64_t ci = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
+    for (int64_t i = 0; i < chunk.images; ++i) {
+      const T* src = pad + (i * p.channels + ci) * p.plane() + kh * g.h.dilation * p.cols +
+                     kw * g.w.dilation;
+      T* dst = col + r * cols + i * chunk.pixels;
+      for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
+        const T* row = src + oh * g.h.stride * p.cols;
+        if (sw == 1) {
+          copy_run(dst, row, OW);
+        } else {
+          for (int64_t ow = 0; ow < OW; ++ow) dst[ow] = row[ow * sw];
+        }
       }
+    }
+  }
+}
+
+// The adjoint of im2col: adds every dcol entry back onto the padded position
+// it was read from, then stores the inside of the padded planes into dx.
+template <typename T>
+void col2im(const T* dcol, const PaddedImages& p, const Chunk& chunk, int64_t group,
+            const Geometry& g, T* pad, const View4<T>& dx) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t KH = g.h.kernel, KW = g.w.kernel;
+  const int64_t cols = chunk.columns(), sw = g.w.stride;
+  std::fill(pad, pad + p.size(chunk.images), T(0));
+  for (int64_t i = 0; i < chunk.images; ++i) {
+    for (int64_t ci = 0; ci < p.channels; ++ci) {
+      T* plane = pad + (i * p.channels + ci) * p.plane();
       for (int64_t kh = 0; kh < KH; ++kh) {
         for (int64_t kw = 0; kw < KW; ++kw) {
           const T* src = dcol + ((ci * KH + kh) * KW + kw) * cols + i * chunk.pixels;
-          int64_t ow0, ow1;
-          positions_inside(g.w, kw, ow0, ow1);
-          if (ow0 >= ow1) continue;
-          const int64_t iw0 = input_pos(g.w, ow0, kw);
-          const int64_t step = g.w.stride * dx.sw;
+          T* dst = plane + kh * g.h.dilation * p.cols + kw * g.w.dilation;
           for (int64_t oh = 0; oh < OH; ++oh) {
-            const int64_t ih = input_pos(g.h, oh, kh);
-            if (!inside(ih, g.h.in_size)) continue;
-            T* row = plane + ih * dx.sh + iw0 * dx.sw;
-            const T* s = src + oh * OW;
-            if (step == 1) {
-              for (int64_t ow = ow0; ow < ow1; ++ow) row[ow - ow0] += s[ow];
+            T* row = dst + oh * g.h.stride * p.cols;
+            if (sw == 1) {
+              add_run(row, src + oh * OW, OW);
             } else {
-              for (int64_t ow = ow0; ow < ow1; ++ow) row[(ow - ow0) * step] += s[ow];
+              for (int64_t ow = 0; ow < OW; ++ow) row[ow * sw] += src[oh * OW + ow];
             }
           }
+        }
+      }
+      T* out = dx.plane(chunk.first_image + i, group * p.channels + ci);
+      const T* inner = plane + g.h.pad_begin * p.cols + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        if (dx.sw == 1) {
+          copy_run(out + h * dx.sh, inner + h * p.cols, g.w.in_size);
+        } else {
+          for (int64_t w = 0; w < g.w.in_size; ++w) out[h * dx.sh + w * dx.sw] = inner[h * p.cols + w];
         }
       }
     }
@@ -224,6 +260,17 @@ void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
   });
 }
 
+// The (channels, pixels) matrix of one image's channels [first, first +
+// channels) as a view of t, when its planes are dense and adjacent (NCHW);
+// otherwise undefined, and the caller copies through a scratch matrix.
+at::Tensor channel_matrix(const at::Tensor& t, const Chunk& chunk, int64_t first,
+                          int64_t channels) {
+  const int64_t pixels = t.size(2) * t.size(3);
+  const bool dense = t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == pixels;
+  if (chunk.images != 1 || !dense) return at::Tensor();
+  return t.select(0, chunk.first_image).narrow(0, first, channels).view({channels, pixels});
+}
+
 }  // namespace
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -237,14 +284,26 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
       const Scratch col(g.patch(), max_cols, input.options());
       const Scratch prod(g.out_per_group(), max_cols, input.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t index = c0; index < c1; ++index) {
         const Chunk chunk = chunk_at(g, per_chunk, index);
         at::Tensor c = col.matrix(chunk), p = prod.matrix(chunk);
         for (int64_t group = 0; group < g.groups; ++group) {
-          im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
-          at::mm_out(p, group_rows(weight, g, group), c);
-          scatter_channels(p.const_data_ptr<scalar_t>(), b, chunk, group * g.out_per_group(),
-                           g.out_per_group(), g, y);
+          pad_images(x, chunk, group, g, padded, pad.data());
+          im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+          const int64_t first = group * g.out_per_group();
+          at::Tensor out = channel_matrix(output, chunk, first, g.out_per_group());
+          if (!out.defined()) {
+            at::mm_out(p, group_rows(weight, g, group), c);
+            scatter_channels(p.const_data_ptr<scalar_t>(), b, chunk, first, g.out_per_group(), g,
+                             y);
+          } else if (bias.defined()) {
+            at::addmm_out(out, bias.narrow(0, first, g.out_per_group()).view({-1, 1}),
+                          group_rows(weight, g, group), c);
+          } else {
+            at::mm_out(out, group_rows(weight, g, group), c);
+          }
         }
       }
     });
@@ -256,19 +315,30 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (gemm)", [&] {
     const View4<scalar_t> go = view_of<scalar_t>(grad_output);
     const View4<scalar_t> dx = view_of<scalar_t>(grad_input);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // W^T per group, (patch, out_per_group): BLAS runs the product faster
+    // untransposed.
+    const at::Tensor weight_t =
+        weight.view({g.groups, g.out_per_group(), g.patch()}).transpose(1, 2).contiguous();
     const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
     const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
     parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
       const Scratch goc(g.out_per_group(), max_cols, grad_output.options());
       const Scratch dcol(g.patch(), max_cols, grad_output.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t index = c0; index < c1; ++index) {
         const Chunk chunk = chunk_at(g, per_chunk, index);
         at::Tensor o = goc.matrix(chunk), d = dcol.matrix(chunk);
         for (int64_t group = 0; group < g.groups; ++group) {
-          gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
-                          o.mutable_data_ptr<scalar_t>());
-          at::mm_out(d, group_rows(weight, g, group).t(), o);
-          col2im(d.const_data_ptr<scalar_t>(), chunk, group, g, dx);
+          const int64_t first = group * g.out_per_group();
+          at::Tensor go_m = channel_matrix(grad_output, chunk, first, g.out_per_group());
+          if (!go_m.defined()) {
+            gather_channels(go, chunk, first, g.out_per_group(), g, o.mutable_data_ptr<scalar_t>());
+            go_m = o;
+          }
+          at::mm_out(d, weight_t[group], go_m);
+          col2im(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, pad.data(), dx);
         }
       }
     });
@@ -292,16 +362,24 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Scratch col(g.patch(), max_cols, input.options());
       const Scratch goc(g.out_per_group(), max_cols, input.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t s = s0; s < s1; ++s) {
         partial[s].zero_();
         for (int64_t index = s; index < chunks; index += slots) {
           const Chunk chunk = chunk_at(g, per_chunk, index);
           at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
           for (int64_t group = 0; group < g.groups; ++group) {
-            im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
-            gather_channels(go, chunk, group * g.out_per_group(), g.out_per_group(), g,
-                            o.mutable_data_ptr<scalar_t>());
-            group_rows(partial[s], g, group).addmm_(o, c.t());
+            pad_images(x, chunk, group, g, padded, pad.data());
+            im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+            const int64_t first = group * g.out_per_group();
+            at::Tensor go_m = channel_matrix(grad_output, chunk, first, g.out_per_group());
+            if (!go_m.defined()) {
+              gather_channels(go, chunk, first, g.out_per_group(), g,
+                              o.mutable_data_ptr<scalar_t>());
+              go_m = o;
+            }
+            group_rows(partial[s], g, group).addmm_(go_m, c.t());
           }
         }
       }
