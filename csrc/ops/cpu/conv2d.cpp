@@ -4,8 +4,10 @@
 //  * direct (cpu/conv2d_direct.cpp): AVX2 register-blocked correlations over
 //    zero-padded, stride-phase-split image planes; for small channel counts
 //    (LeNet/MNIST-style layers), where a matrix product is too thin for BLAS.
+//  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3) with at::bmm; for 3x3,
+//    stride-1 layers with >= 128 channels in and out.
 //  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks + at::mm;
-//    for large channel counts.
+//    other large-channel layers.
 // Gradients: forward y = W * x + b (correlation); dx = full correlation of dy
 // with the flipped kernel; dW = correlation of x with dy; db = sum of dy over
 // batch and pixels (below). Saved for backward: input and weight only.
@@ -30,7 +32,9 @@ bool use_gemm(int64_t rows, int64_t depth) { return rows >= 32 && depth >= 64; }
 
 void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& output, const Geometry& g) {
-  if (use_gemm(g.out_per_group(), g.patch())) {
+  if (winograd::applies(g)) {
+    winograd::forward(input, weight, bias, output, g);
+  } else if (use_gemm(g.out_per_group(), g.patch())) {
     gemm::forward(input, weight, bias, output, g);
   } else {
     direct::forward(input, weight, bias, output, g);
@@ -39,7 +43,9 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
 
 void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Geometry& g) {
-  if (use_gemm(g.in_per_group(), g.out_per_group() * g.taps())) {
+  if (winograd::applies(g)) {
+    winograd::grad_input(grad_output, weight, grad_input, g);
+  } else if (use_gemm(g.in_per_group(), g.out_per_group() * g.taps())) {
     gemm::grad_input(grad_output, weight, grad_input, g);
   } else {
     direct::grad_input(grad_output, weight, grad_input, g);
@@ -48,7 +54,9 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
 
 void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Geometry& g) {
-  if (use_gemm(g.out_per_group(), g.patch())) {
+  if (winograd::applies(g)) {
+    winograd::grad_weight(grad_output, input, grad_weight, g);
+  } else if (use_gemm(g.out_per_group(), g.patch())) {
     gemm::grad_weight(grad_output, input, grad_weight, g);
   } else {
     direct::grad_weight(grad_output, input, grad_weight, g);
