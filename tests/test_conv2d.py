@@ -35,6 +35,9 @@ CONFIGS = [
     ((2, 64, 5, 5), (48, 64, 3, 3), 3, 4, 1, 1, True),
     ((1, 32, 4, 4), (40, 32, 3, 3), 1, "same", 1, 1, True),
     ((9, 16, 4, 4), (64, 16, 2, 2), 1, 0, 1, 1, True),                 # several images per chunk
+    # 3x3, stride 1, >= 128 channels: the Winograd F(2x2, 3x3) path on the CPU
+    ((2, 128, 5, 4), (128, 128, 3, 3), 1, 1, 1, 1, True),              # odd sizes: partial tiles
+    ((3, 128, 4, 6), (160, 128, 3, 3), 1, (2, 0), 1, 1, False),        # uneven padding
 ]
 
 
@@ -84,7 +87,7 @@ def test_channels_last_weight_gives_channels_last_output(device):
 def test_gradcheck(device, cfg):
     inputs = make_inputs(cfg, torch.float64, device)
     # A numerical Jacobian costs two forward passes per element; the large
-    # channel counts are checked by test_gradcheck_matrix_product_path.
+    # channel counts are checked by test_gradcheck_large_channel_paths.
     if max(t.numel() for t in inputs) > 1500:
         pytest.skip("covered by the native comparison; too large for a numerical Jacobian")
     assert torch.autograd.gradcheck(conv_fn(handgrad.ops.conv2d, cfg), tuple(inputs))
@@ -94,8 +97,9 @@ def test_gradcheck(device, cfg):
     ((2, 16, 4, 4), (32, 16, 2, 2), 1, 1, 1, 1, True),  # the smallest im2col + matrix-product cases
     ((1, 32, 3, 3), (32, 32, 2, 2), 2, 1, (2, 1), 1, False),
     ((2, 64, 3, 3), (64, 32, 1, 2), 1, (0, 1), 1, 2, True),
+    ((1, 128, 3, 4), (128, 128, 3, 3), 1, 1, 1, 1, True),  # Winograd F(2x2, 3x3)
 ], ids=str)
-def test_gradcheck_matrix_product_path(device, cfg):
+def test_gradcheck_large_channel_paths(device, cfg):
     # Thousands of weights: fast mode checks random projections of the
     # Jacobian (vector-Jacobian products against finite differences) instead
     # of every column.
