@@ -19,6 +19,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace handgrad {
@@ -30,12 +32,31 @@ namespace {
 // to fill BLAS's register tiles; below that the direct kernels do.
 bool use_gemm(int64_t rows, int64_t depth) { return rows >= 32 && depth >= 64; }
 
+// The matrix-product paths copy rows of pixels; for other layouts
+// (channels_last, strided views) they run on NCHW copies, which costs one
+// transpose each way instead of strided gathers inside the hot loops.
+bool rows_dense(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
+
+at::Tensor nchw(const at::Tensor& t) { return rows_dense(t) ? t : t.contiguous(); }
+
+template <typename F>
+void into(at::Tensor& result, F&& compute) {
+  if (rows_dense(result)) {
+    compute(result);
+    return;
+  }
+  at::Tensor dense = at::empty(result.sizes(), result.options());
+  compute(dense);
+  result.copy_(dense);
+}
+
 void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                     at::Tensor& output, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    winograd::forward(input, weight, bias, output, g);
+    into(output, [&](at::Tensor& y) { winograd::forward(nchw(input), weight, bias, y, g); });
   } else if (use_gemm(g.out_per_group(), g.patch())) {
-    gemm::forward(input, weight, bias, output, g);
+    into(output, [&](at::Tensor& y) { gemm::forward(nchw(input), weight, bias, y, g); });
   } else {
     direct::forward(input, weight, bias, output, g);
   }
@@ -43,10 +64,12 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
 
 void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    winograd::grad_input(grad_output, weight, grad_input, g);
+    into(grad_input,
+         [&](at::Tensor& dx) { winograd::grad_input(nchw(grad_output), weight, dx, g); });
   } else if (use_gemm(g.in_per_group(), g.out_per_group() * g.taps())) {
-    gemm::grad_input(grad_output, weight, grad_input, g);
+    into(grad_input, [&](at::Tensor& dx) { gemm::grad_input(nchw(grad_output), weight, dx, g); });
   } else {
     direct::grad_input(grad_output, weight, grad_input, g);
   }
@@ -54,10 +77,11 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
 
 void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                         at::Tensor& grad_weight, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    winograd::grad_weight(grad_output, input, grad_weight, g);
+    winograd::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
   } else if (use_gemm(g.out_per_group(), g.patch())) {
-    gemm::grad_weight(grad_output, input, grad_weight, g);
+    gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
   } else {
     direct::grad_weight(grad_output, input, grad_weight, g);
   }

@@ -1,19 +1,22 @@
 // conv2d CPU, the matrix-product algorithm (large channel counts).
 //
 // Algorithm: im2col / col2im in chunks of images, with at::mm (BLAS) for the
-// three matrix products -- the only place at::mm is used in conv2d. For a
+// three matrix products (at::mm / at::addmm, here and at::bmm in
+// cpu/conv2d_winograd.cpp are the only BLAS calls of conv2d). For a
 // chunk of images and a group, the column matrix col[(ci, kh, kw)][(image,
 // oh, ow)] holds the input value every tap of every output pixel reads (zero
 // in the padding); it is rebuilt per chunk (a few MB, cache-resident) instead
 // of being kept for backward, so nothing but the input and weight is saved.
 //   forward      out[co][pixel] = W[co][(ci,kh,kw)] . col                (+ bias)
-//   grad_weight  dW[co][(ci,kh,kw)] += dOut[co][pixel] . col^T           (chunks in order)
+//   grad_weight  dW[co][(ci,kh,kw)] += dOut[co][pixel] . col^T
 //   grad_input   dcol = W^T . dOut, then col2im adds every dcol entry back
 //                onto the input position it was read from
 // Gradients: out = W col is linear in W and col, so dW = dOut col^T and
 // dcol = W^T dOut; col2im is the adjoint of the gather im2col did.
-// Deterministic: chunks are visited in order, col2im gives each input plane
-// to one task, and the BLAS products are deterministic for a fixed thread count.
+// Threads split the chunks (each product runs single-threaded inside the
+// parallel region). Deterministic: the weight gradient sums chunks in 4 fixed
+// slots, each in order, then adds the slots in order; col2im gives each input
+// plane to one chunk.
 // Activations are read and written through their strides (NCHW, channels_last
 // or any view) without copies.
 //

@@ -14,7 +14,7 @@
 //   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
 //   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
 // Batch chunks run in parallel (each product single-threaded); the weight
-// gradient sums chunks in fixed slots, then in order (deterministic). Nothing
+// gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
 #include "ops/cpu/conv2d_cpu.h"
 
@@ -38,7 +38,7 @@ namespace {
 constexpr int kPoints = 16;                       // 4x4 transform domain
 constexpr int64_t kMaxChunkFloats = 3 << 19;      // V and M of one chunk (~6 MB of float)
 constexpr int64_t kMaxTiles = 256;
-constexpr int64_t kWeightSlots = 4;
+constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
 // channels on one side) cost more than the 2.25x saved in the products; at
 // (128,64,16,16)->128 im2col + at::mm measured faster, at (128,256,4,4)->512
