@@ -36,7 +36,7 @@ namespace winograd {
 namespace {
 
 constexpr int kPoints = 16;                       // 4x4 transform domain
-constexpr int64_t kMaxChunkFloats = 3 << 19;      // V and M of one chunk (~6 MB of float)
+constexpr int64_t kMaxChunkFloats = 3 << 18;      // V and M of one chunk (~3 MB of float)
 constexpr int64_t kMaxTiles = 256;
 constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
