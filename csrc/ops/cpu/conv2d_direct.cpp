@@ -24,7 +24,8 @@
 // images; grad_weight sums fixed chunks of images in order, so results do not
 // depend on the thread count and are deterministic.
 //
-// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op.
+// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op
+// (benchmarks/bench_conv2d.py).
 #include "ops/cpu/conv2d_cpu.h"
 
 #include <ATen/Dispatch.h>

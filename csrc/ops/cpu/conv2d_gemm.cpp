@@ -20,7 +20,8 @@
 // Activations are read and written through their strides (NCHW, channels_last
 // or any view) without copies.
 //
-// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op.
+// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op
+// (benchmarks/bench_conv2d.py).
 #include "ops/cpu/conv2d_cpu.h"
 
 #include <ATen/Dispatch.h>

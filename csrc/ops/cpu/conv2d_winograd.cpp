@@ -16,6 +16,8 @@
 // Batch chunks run in parallel (each product single-threaded); the weight
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
+// Speed (benchmarks/bench_conv2d.py --threads 2): (128,256,4,4)->512 k3 p1
+// forward+backward 1.11x native (im2col + at::mm measured 0.97x there).
 #include "ops/cpu/conv2d_cpu.h"
 
 #include <ATen/Dispatch.h>
