@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <unordered_map>
 
 namespace handgrad {
 namespace memory {
@@ -20,31 +21,58 @@ void raise_peak(int64_t value) {
   }
 }
 
-// The storage allocated while tracking, plus the original allocation that
-// owns it; freeing one subtracts its size, whenever that happens.
-struct TrackedBlock {
-  c10::DataPtr inner;
-  int64_t bytes;
-};
+// Sizes of the blocks allocated while tracking, by address. The wrapper's
+// DataPtrs keep the address as their context (as the default CPU allocator
+// does), so Allocator::raw_allocate / raw_deallocate -- which oneDNN-backed
+// native ops use -- work through the wrapper too.
+std::mutex g_blocks_mutex;
+std::unordered_map<void*, int64_t>& tracked_blocks() {
+  static auto* blocks = new std::unordered_map<void*, int64_t>();
+  return *blocks;
+}
+c10::DeleterFnPtr g_base_deleter = nullptr;
 
-void free_tracked(void* context) {
-  auto* block = static_cast<TrackedBlock*>(context);
-  g_current.fetch_sub(block->bytes);
-  delete block;
+void free_tracked(void* ptr) {
+  {
+    std::lock_guard<std::mutex> lock(g_blocks_mutex);
+    auto& blocks = tracked_blocks();
+    const auto it = blocks.find(ptr);
+    if (it != blocks.end()) {
+      g_current.fetch_sub(it->second);
+      blocks.erase(it);
+    }
+  }
+  g_base_deleter(ptr);
 }
 
 class TrackingAllocator final : public c10::Allocator {
  public:
-  explicit TrackingAllocator(c10::Allocator* base) : base_(base) {}
+  explicit TrackingAllocator(c10::Allocator* base) : base_(base) {
+    g_base_deleter = base->raw_deleter();
+  }
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr inner = base_->allocate(n);
-    if (!g_enabled.load(std::memory_order_relaxed)) return inner;
+    // Only blocks whose context is their address (and whose deleter is the
+    // base's raw deleter) can be re-wrapped; others pass through untracked.
+    if (!g_enabled.load(std::memory_order_relaxed) || g_base_deleter == nullptr ||
+        inner.get() != inner.get_context() || inner.get_deleter() != g_base_deleter) {
+      return inner;
+    }
     void* data = inner.get();
     const c10::Device device = inner.device();
-    auto* block = new TrackedBlock{std::move(inner), static_cast<int64_t>(n)};
-    raise_peak(g_current.fetch_add(block->bytes) + block->bytes);
-    return {data, block, &free_tracked, device};
+    inner.release_context();
+    {
+      std::lock_guard<std::mutex> lock(g_blocks_mutex);
+      tracked_blocks()[data] = static_cast<int64_t>(n);
+    }
+    raise_peak(g_current.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n));
+    return {data, data, &free_tracked, device};
+  }
+
+  // Frees both tracked blocks and blocks the base allocated while tracking was off.
+  c10::DeleterFnPtr raw_deleter() const override {
+    return g_base_deleter ? &free_tracked : nullptr;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {

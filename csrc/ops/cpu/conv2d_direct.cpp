@@ -1,0 +1,392 @@
+// conv2d CPU, the direct algorithm (small channel counts).
+//
+// Algorithm: one image at a time, its planes are copied, zero padded, into a
+// scratch buffer split into stride phases: phase (ph, pw) of a plane holds
+// the padded positions (q * stride_h + ph, r * stride_w + pw). In that layout
+// every tap (ci, kh, kw) of every output pixel (oh, ow) reads element
+//   offset[tap] + oh * cols + ow
+// of the buffer, for any stride, dilation or padding. Computing the outputs
+// on "wide" rows of `cols` pixels (the extra ones are dropped) turns the
+// convolution into correlations of long contiguous vectors:
+//   forward      y[co][j] = b[co] + sum_tap W[co][tap] * buf[offset[tap] + j]
+// computed by a register-blocked AVX2 kernel (4 output channels x 3 vectors
+// of pixels). The gradients use the same machinery:
+//   grad_input   dx is the full correlation of dOut with the flipped kernel:
+//                dx[ci][ih][iw] = sum_(co,kh,kw) W[co][ci][kh][kw] *
+//                dOut[co][(ih + pad - kh*dil) / stride][...] (where it divides),
+//                i.e. the forward kernel run on dOut (zeros inserted between
+//                rows/columns when strided, padded by dil*(k-1) - pad) with
+//                weights W'[ci][(co, k-1-kh, k-1-kw)].
+//   grad_weight  dW[co][tap] = sum_n sum_j dOut_wide[co][j] * buf[offset[tap] + j]
+//                (dOut on wide rows, zero in the dropped columns): a register-
+//                blocked reduction (4 channels x 3 taps of vector accumulators).
+// Nothing is saved for backward but the input and weight. Parallel over
+// images; grad_weight sums fixed chunks of images in order, so results do not
+// depend on the thread count and are deterministic.
+//
+// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op
+// (benchmarks/bench_conv2d.py).
+#include "ops/cpu/conv2d_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace handgrad {
+namespace conv2d {
+namespace cpu {
+namespace direct {
+namespace {
+
+constexpr int kRowBlock = 4;     // output channels per register block
+constexpr int kVectorBlock = 3;  // vectors of pixels per register block
+constexpr int kTapBlock = 3;     // taps per register block of the weight gradient
+
+// Multiply-adds a parallel task should at least hold: below that, handing
+// work to another thread costs more than it saves (and on a busy machine a
+// descheduled helper thread stalls the whole call).
+constexpr int64_t kMinTaskMacs = 1 << 21;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+int64_t images_per_task(int64_t macs_per_image) {
+  return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_image));
+}
+
+// Zero-padded planes split into stride phases, each phase `rows` x `cols`.
+struct Planes {
+  int64_t channels;
+  int64_t phase_h, phase_w;
+  int64_t rows, cols;
+
+  int64_t plane() const { return rows * cols; }
+  int64_t size() const { return channels * phase_h * phase_w * plane(); }
+  // Where tap (c, kh, kw) with dilation (dh, dw) starts reading.
+  int64_t offset(int64_t c, int64_t kh, int64_t kw, int64_t dh, int64_t dw) const {
+    const int64_t sh = kh * dh, sw = kw * dw;
+    return ((c * phase_h + sh % phase_h) * phase_w + sw % phase_w) * plane() +
+           (sh / phase_h) * cols + sw / phase_w;
+  }
+};
+
+// How a stack of source planes (C, H, W) is placed into Planes: source row h
+// goes to padded row h * upsample_h + pad_h (a negative pad crops), and
+// likewise for columns; everything else is zero.
+struct Placement {
+  int64_t upsample_h, upsample_w;
+  int64_t pad_h, pad_w;
+};
+
+template <typename T>
+void fill_planes(const View4<T>& src, int64_t n, int64_t src_h, int64_t src_w,
+                 const Planes& p, const Placement& at, T* buf, int64_t buf_size) {
+  std::fill(buf, buf + buf_size, T(0));
+  const int64_t padded_rows = p.rows * p.phase_h, padded_cols = p.cols * p.phase_w;
+  // Source columns [w0, w1) land inside the buffer.
+  int64_t w0 = 0, w1 = src_w;
+  while (w0 < w1 && w0 * at.upsample_w + at.pad_w < 0) ++w0;
+  while (w1 > w0 && (w1 - 1) * at.upsample_w + at.pad_w >= padded_cols) --w1;
+  const bool contiguous = at.upsample_w == 1 && p.phase_w == 1 && src.sw == 1;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const T* plane = src.plane(n, c);
+    for (int64_t h = 0; h < src_h; ++h) {
+      const int64_t r = h * at.upsample_h + at.pad_h;
+      if (r < 0 || r >= padded_rows) continue;
+      const T* row = plane + h * src.sh;
+      T* dst = buf + (c * p.phase_h + r % p.phase_h) * p.phase_w * p.plane() +
+               (r / p.phase_h) * p.cols;
+      if (contiguous) {
+        std::memcpy(dst + w0 + at.pad_w, row + w0, (w1 - w0) * sizeof(T));
+        continue;
+      }
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t t = w * at.upsample_w + at.pad_w;
+        dst[(t % p.phase_w) * p.plane() + t / p.phase_w] = row[w * src.sw];
+      }
+    }
+  }
+}
+
+// out[c][j] = init[c] + sum_k w[c * ldw + k] * buf[off[k] + j] for CB rows,
+// j in [0, length); length is a multiple of JV vectors.
+template <typename T, int CB, int JV>
+void correlate_rows(const T* buf, const int64_t* off, int64_t K, const T* w, int64_t ldw,
+                    const T* init, T* out, int64_t ldo, int64_t length) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t step = JV * S::kLanes;
+  for (int64_t j0 = 0; j0 < length; j0 += step) {
+    V acc[CB][JV];
+    for (int c = 0; c < CB; ++c) {
+      const V start = S::set1(init ? init[c] : T(0));
+      for (int v = 0; v < JV; ++v) acc[c][v] = start;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T* s = buf + off[k] + j0;
+      V x[JV];
+      for (int v = 0; v < JV; ++v) x[v] = S::load(s + v * S::kLanes);
+      for (int c = 0; c < CB; ++c) {
+        const V b = S::set1(w[c * ldw + k]);
+        for (int v = 0; v < JV; ++v) acc[c][v] = S::fma(b, x[v], acc[c][v]);
+      }
+    }
+    for (int c = 0; c < CB; ++c) {
+      for (int v = 0; v < JV; ++v) S::store(out + c * ldo + j0 + v * S::kLanes, acc[c][v]);
+    }
+  }
+}
+
+template <typename T>
+void correlate(const T* buf, const int64_t* off, int64_t K, const T* w, int64_t rows,
+               const T* init, T* out, int64_t length) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    correlate_rows<T, kRowBlock, kVectorBlock>(buf, off, K, w + r * K, K, init ? init + r : nullptr,
+                                               out + r * length, length, length);
+  }
+  for (; r < rows; ++r) {
+    correlate_rows<T, 1, kVectorBlock>(buf, off, K, w + r * K, K, init ? init + r : nullptr,
+                                       out + r * length, length, length);
+  }
+}
+
+// acc[c][t] += sum_j g[c * ldg + j] * buf[off[t] + j] for CB rows, KB taps.
+template <typename T, int CB, int KB>
+void reduce_block(const T* g, int64_t ldg, const T* buf, const int64_t* off, int64_t length,
+                  T* dw, int64_t lddw) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  V acc[CB][KB];
+  for (int c = 0; c < CB; ++c) {
+    for (int t = 0; t < KB; ++t) acc[c][t] = S::zero();
+  }
+  for (int64_t j = 0; j < length; j += S::kLanes) {
+    V x[KB];
+    for (int t = 0; t < KB; ++t) x[t] = S::load(buf + off[t] + j);
+    for (int c = 0; c < CB; ++c) {
+      const V gv = S::load(g + c * ldg + j);
+      for (int t = 0; t < KB; ++t) acc[c][t] = S::fma(gv, x[t], acc[c][t]);
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    for (int t = 0; t < KB; ++t) dw[c * lddw + t] += S::sum(acc[c][t]);
+  }
+}
+
+template <typename T, int CB>
+void reduce_rows(const T* g, int64_t ldg, const T* buf, const int64_t* off, int64_t K,
+                 int64_t length, T* dw, int64_t lddw) {
+  int64_t k = 0;
+  for (; k + kTapBlock <= K; k += kTapBlock) {
+    reduce_block<T, CB, kTapBlock>(g, ldg, buf, off + k, length, dw + k, lddw);
+  }
+  for (; k < K; ++k) reduce_block<T, CB, 1>(g, ldg, buf, off + k, length, dw + k, lddw);
+}
+
+// dw[c][k] += sum_j g[c][j] * buf[off[k] + j]
+template <typename T>
+void reduce(const T* g, int64_t rows, const T* buf, const int64_t* off, int64_t K, int64_t length,
+            T* dw) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    reduce_rows<T, kRowBlock>(g + r * length, length, buf, off, K, length, dw + r * K, K);
+  }
+  for (; r < rows; ++r) reduce_rows<T, 1>(g + r * length, length, buf, off, K, length, dw + r * K, K);
+}
+
+// The planes the forward pass and the weight gradient read: the input, zero
+// padded, split into stride phases.
+Planes input_planes(const Geometry& g) {
+  const int64_t padded_h = g.h.in_size + g.h.pad_begin + g.h.pad_end;
+  const int64_t padded_w = g.w.in_size + g.w.pad_begin + g.w.pad_end;
+  return Planes{g.in_channels, g.h.stride, g.w.stride, (padded_h + g.h.stride - 1) / g.h.stride,
+                (padded_w + g.w.stride - 1) / g.w.stride};
+}
+
+// offsets[group-local tap (ci, kh, kw)] within one group's planes
+std::vector<int64_t> tap_offsets(const Planes& p, int64_t channels, const Axis& h, const Axis& w,
+                                 int64_t dh, int64_t dw) {
+  std::vector<int64_t> off;
+  off.reserve(channels * h.kernel * w.kernel);
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t kh = 0; kh < h.kernel; ++kh) {
+      for (int64_t kw = 0; kw < w.kernel; ++kw) off.push_back(p.offset(c, kh, kw, dh, dw));
+    }
+  }
+  return off;
+}
+
+// Wide rows of `rows` x p.cols pixels, padded to whole register blocks.
+template <typename T>
+int64_t wide_length(int64_t rows, const Planes& p) {
+  return round_up(rows * p.cols, kVectorBlock * Simd<T>::kLanes);
+}
+
+template <typename T>
+void store_wide(const T* wide, int64_t channels, int64_t length, int64_t cols, const View4<T>& dst,
+                int64_t n, int64_t first_channel, int64_t rows, int64_t width) {
+  for (int64_t c = 0; c < channels; ++c) {
+    T* plane = dst.plane(n, first_channel + c);
+    const T* src = wide + c * length;
+    for (int64_t h = 0; h < rows; ++h) {
+      T* row = plane + h * dst.sh;
+      const T* s = src + h * cols;
+      if (dst.sw == 1) {
+        std::memcpy(row, s, width * sizeof(T));
+      } else {
+        for (int64_t w = 0; w < width; ++w) row[w * dst.sw] = s[w];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                  at::Tensor& output, const Geometry& g) {
+  const View4<T> x = view_of<T>(input), y = view_of<T>(output);
+  const T* w = weight.const_data_ptr<T>();
+  const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  const Planes p = input_planes(g);
+  const Placement place{1, 1, g.h.pad_begin, g.w.pad_begin};
+  const std::vector<int64_t> off =
+      tap_offsets(p, g.in_per_group(), g.h, g.w, g.h.dilation, g.w.dilation);
+  const int64_t length = wide_length<T>(g.h.out_size, p);
+  const int64_t group_planes = g.in_per_group() * p.phase_h * p.phase_w * p.plane();
+  const int64_t buf_size = p.size() + length;
+  const int64_t K = g.patch(), cout = g.out_per_group();
+  at::parallel_for(0, g.batch, images_per_task(g.out_channels * K * length),
+                   [&](int64_t n0, int64_t n1) {
+    std::vector<T> buf(buf_size), wide(cout * length);
+    for (int64_t n = n0; n < n1; ++n) {
+      fill_planes(x, n, g.h.in_size, g.w.in_size, p, place, buf.data(), buf_size);
+      for (int64_t group = 0; group < g.groups; ++group) {
+        correlate(buf.data() + group * group_planes, off.data(), K, w + group * cout * K, cout,
+                  b ? b + group * cout : nullptr, wide.data(), length);
+        store_wide(wide.data(), cout, length, p.cols, y, n, group * cout, g.h.out_size,
+                   g.w.out_size);
+      }
+    }
+  });
+}
+
+template <typename T>
+void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
+                     at::Tensor& grad_input, const Geometry& g) {
+  const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
+  const int64_t KH = g.h.kernel, KW = g.w.kernel;
+  const int64_t cin = g.in_per_group(), cout = g.out_per_group();
+  const int64_t K = cout * KH * KW;
+  // W'[group][ci][(co, kh', kw')] = W[group * cout + co][ci][KH-1-kh'][KW-1-kw']
+  std::vector<T> flipped(g.groups * cin * K);
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      for (int64_t co = 0; co < cout; ++co) {
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            flipped[((grp * cin + ci) * cout + co) * KH * KW + kh * KW + kw] =
+                w[(((grp * cout + co) * cin + ci) * KH + (KH - 1 - kh)) * KW + (KW - 1 - kw)];
+          }
+        }
+      }
+    }
+  }
+  // dOut with stride-1 zeros between entries, padded so that the stride-1
+  // correlation with the flipped kernel yields every input position.
+  const Planes p{g.out_channels, 1, 1, g.h.in_size + g.h.dilation * (KH - 1),
+                 g.w.in_size + g.w.dilation * (KW - 1)};
+  const Placement place{g.h.stride, g.w.stride, g.h.dilation * (KH - 1) - g.h.pad_begin,
+                        g.w.dilation * (KW - 1) - g.w.pad_begin};
+  const std::vector<int64_t> off = tap_offsets(p, cout, g.h, g.w, g.h.dilation, g.w.dilation);
+  const int64_t length = wide_length<T>(g.h.in_size, p);
+  const int64_t buf_size = p.size() + length;
+  at::parallel_for(0, g.batch, images_per_task(g.in_channels * K * length),
+                   [&](int64_t n0, int64_t n1) {
+    std::vector<T> buf(buf_size), wide(cin * length);
+    for (int64_t n = n0; n < n1; ++n) {
+      fill_planes(go, n, g.h.out_size, g.w.out_size, p, place, buf.data(), buf_size);
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        correlate(buf.data() + grp * cout * p.plane(), off.data(), K, flipped.data() + grp * cin * K,
+                  cin, static_cast<const T*>(nullptr), wide.data(), length);
+        store_wide(wide.data(), cin, length, p.cols, dx, n, grp * cin, g.h.in_size, g.w.in_size);
+      }
+    }
+  });
+}
+
+template <typename T>
+void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
+                      at::Tensor& grad_weight, const Geometry& g) {
+  const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
+  const Planes p = input_planes(g);
+  const Placement place{1, 1, g.h.pad_begin, g.w.pad_begin};
+  const std::vector<int64_t> off =
+      tap_offsets(p, g.in_per_group(), g.h, g.w, g.h.dilation, g.w.dilation);
+  const int64_t length = wide_length<T>(g.h.out_size, p);
+  const int64_t group_planes = g.in_per_group() * p.phase_h * p.phase_w * p.plane();
+  const int64_t buf_size = p.size() + length;
+  const int64_t K = g.patch(), cout = g.out_per_group();
+  const int64_t weights = g.out_channels * K;
+  // Fixed chunks of images, each summed by one task, then added in order.
+  constexpr int64_t kChunks = 8;
+  const int64_t chunks = std::min<int64_t>(
+      {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(weights * length))});
+  std::vector<T> partial(chunks * weights, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> buf(buf_size), wide(g.out_channels * length, T(0));
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      T* dw = partial.data() + chunk * weights;
+      for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {
+        fill_planes(x, n, g.h.in_size, g.w.in_size, p, place, buf.data(), buf_size);
+        // dOut on wide rows; the dropped columns and the tail stay zero.
+        for (int64_t c = 0; c < g.out_channels; ++c) {
+          const T* plane = go.plane(n, c);
+          T* dst = wide.data() + c * length;
+          for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+            for (int64_t ow = 0; ow < g.w.out_size; ++ow) {
+              dst[oh * p.cols + ow] = plane[oh * go.sh + ow * go.sw];
+            }
+          }
+        }
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          reduce(wide.data() + grp * cout * length, cout, buf.data() + grp * group_planes,
+                 off.data(), K, length, dw + grp * cout * K);
+        }
+      }
+    }
+  });
+  T* out = grad_weight.mutable_data_ptr<T>();
+  std::copy(partial.begin(), partial.begin() + weights, out);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const T* src = partial.data() + chunk * weights;
+    for (int64_t i = 0; i < weights; ++i) out[i] += src[i];
+  }
+}
+
+}  // namespace
+
+void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+             at::Tensor& output, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (direct)",
+                             [&] { forward_impl<scalar_t>(input, weight, bias, output, g); });
+}
+
+void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+                const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (direct)",
+                             [&] { grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+}
+
+void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+                 const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (direct)",
+                             [&] { grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g); });
+}
+
+}  // namespace direct
+}  // namespace cpu
+}  // namespace conv2d
+}  // namespace handgrad

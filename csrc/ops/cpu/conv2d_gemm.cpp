@@ -1,0 +1,398 @@
+// conv2d CPU, the matrix-product algorithm (large channel counts).
+//
+// Algorithm: im2col / col2im in chunks of images, with at::mm (BLAS) for the
+// three matrix products (at::mm / at::addmm, here and at::bmm in
+// cpu/conv2d_winograd.cpp are the only BLAS calls of conv2d). For a
+// chunk of images and a group, the column matrix col[(ci, kh, kw)][(image,
+// oh, ow)] holds the input value every tap of every output pixel reads (zero
+// in the padding); it is rebuilt per chunk (a few MB, cache-resident) instead
+// of being kept for backward, so nothing but the input and weight is saved.
+//   forward      out[co][pixel] = W[co][(ci,kh,kw)] . col                (+ bias)
+//   grad_weight  dW[co][(ci,kh,kw)] += dOut[co][pixel] . col^T
+//   grad_input   dcol = W^T . dOut, then col2im adds every dcol entry back
+//                onto the input position it was read from
+// Gradients: out = W col is linear in W and col, so dW = dOut col^T and
+// dcol = W^T dOut; col2im is the adjoint of the gather im2col did.
+// Threads split the chunks (each product runs single-threaded inside the
+// parallel region). Deterministic: the weight gradient sums chunks in 4 fixed
+// slots, each in order, then adds the slots in order; col2im gives each input
+// plane to one chunk.
+// Activations are read and written through their strides (NCHW, channels_last
+// or any view) without copies.
+//
+// Speed: see cpu/conv2d.cpp for the measured numbers of the whole op
+// (benchmarks/bench_conv2d.py).
+#include "ops/cpu/conv2d_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/addmm.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace handgrad {
+namespace conv2d {
+namespace cpu {
+namespace gemm {
+namespace {
+
+// Columns of one chunk: enough for the matrix product to run at speed, and a
+// column matrix small enough to stay in the last-level cache.
+constexpr int64_t kTargetColumns = 256;
+constexpr int64_t kMaxColumnBytes = 4 << 20;
+// The weight gradient is summed in this many fixed slots (then added in
+// order), so it does not depend on the number of threads.
+constexpr int64_t kWeightSlots = 4;
+
+int64_t chunk_images(const Geometry& g, int64_t element_bytes) {
+  const int64_t pixels = std::max<int64_t>(1, g.h.out_size * g.w.out_size);
+  const int64_t by_columns = std::max<int64_t>(1, kTargetColumns / pixels);
+  const int64_t by_bytes =
+      std::max<int64_t>(1, kMaxColumnBytes / std::max<int64_t>(1, g.patch() * pixels * element_bytes));
+  return std::max<int64_t>(1, std::min({g.batch, by_columns, by_bytes}));
+}
+
+struct Chunk {
+  int64_t first_image;
+  int64_t images;
+  int64_t pixels;  // per image
+  int64_t columns() const { return images * pixels; }
+};
+
+// The images of a chunk, one group's channels, zero padded:
+// [image][channel][padded_h][padded_w]. im2col and col2im work on it, so
+// their inner loops are plain copies/adds without bounds checks.
+struct PaddedImages {
+  int64_t channels, rows, cols;
+  explicit PaddedImages(const Geometry& g)
+      : channels(g.in_per_group()),
+        rows(g.h.in_size + g.h.pad_begin + g.h.pad_end),
+        cols(g.w.in_size + g.w.pad_begin + g.w.pad_end) {}
+  int64_t plane() const { return rows * cols; }
+  int64_t size(int64_t images) const { return images * channels * plane(); }
+};
+
+template <typename T>
+void copy_run(T* dst, const T* src, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) S::store(dst + i, S::load(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+template <typename T>
+void add_run(T* dst, const T* src, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) {
+    S::store(dst + i, S::add(S::load(dst + i), S::load(src + i)));
+  }
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+template <typename T>
+void pad_images(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry& g,
+                const PaddedImages& p, T* pad) {
+  std::fill(pad, pad + p.size(chunk.images), T(0));
+  for (int64_t i = 0; i < chunk.images; ++i) {
+    for (int64_t ci = 0; ci < p.channels; ++ci) {
+      const T* src = x.plane(chunk.first_image + i, group * p.channels + ci);
+      T* dst = pad + (i * p.channels + ci) * p.plane() + g.h.pad_begin * p.cols + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        if (x.sw == 1) {
+          copy_run(dst + h * p.cols, src + h * x.sh, g.w.in_size);
+        } else {
+          for (int64_t w = 0; w < g.w.in_size; ++w) dst[h * p.cols + w] = src[h * x.sh + w * x.sw];
+        }
+      }
+    }
+  }
+}
+
+// col[r][i * pixels + oh * OW + ow] for patch row r = (ci, kh, kw): the padded
+// value at (oh * stride + kh * dilation, ow * stride + kw * dilation).
+template <typename T>
+void im2col(const T* pad, const PaddedImages& p, const Chunk& chunk, const Geometry& g, T* col) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t KH = g.h.kernel, KW = g.w.kernel;
+  const int64_t cols = chunk.columns(), sw = g.w.stride;
+  for (int64_t r = 0; r < g.patch(); ++r) {
+    const int64_t ci = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
+    for (int64_t i = 0; i < chunk.images; ++i) {
+      const T* src = pad + (i * p.channels + ci) * p.plane() + kh * g.h.dilation * p.cols +
+                     kw * g.w.dilation;
+      T* dst = col + r * cols + i * chunk.pixels;
+      for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
+        const T* row = src + oh * g.h.stride * p.cols;
+        if (sw == 1) {
+          copy_run(dst, row, OW);
+        } else {
+          for (int64_t ow = 0; ow < OW; ++ow) dst[ow] = row[ow * sw];
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: adds every dcol entry back onto the padded position
+// it was read from, then stores the inside of the padded planes into dx.
+template <typename T>
+void col2im(const T* dcol, const PaddedImages& p, const Chunk& chunk, int64_t group,
+            const Geometry& g, T* pad, const View4<T>& dx) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t KH = g.h.kernel, KW = g.w.kernel;
+  const int64_t cols = chunk.columns(), sw = g.w.stride;
+  std::fill(pad, pad + p.size(chunk.images), T(0));
+  for (int64_t i = 0; i < chunk.images; ++i) {
+    for (int64_t ci = 0; ci < p.channels; ++ci) {
+      T* plane = pad + (i * p.channels + ci) * p.plane();
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const T* src = dcol + ((ci * KH + kh) * KW + kw) * cols + i * chunk.pixels;
+          T* dst = plane + kh * g.h.dilation * p.cols + kw * g.w.dilation;
+          for (int64_t oh = 0; oh < OH; ++oh) {
+            T* row = dst + oh * g.h.stride * p.cols;
+            if (sw == 1) {
+              add_run(row, src + oh * OW, OW);
+            } else {
+              for (int64_t ow = 0; ow < OW; ++ow) row[ow * sw] += src[oh * OW + ow];
+            }
+          }
+        }
+      }
+      T* out = dx.plane(chunk.first_image + i, group * p.channels + ci);
+      const T* inner = plane + g.h.pad_begin * p.cols + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        if (dx.sw == 1) {
+          copy_run(out + h * dx.sh, inner + h * p.cols, g.w.in_size);
+        } else {
+          for (int64_t w = 0; w < g.w.in_size; ++w) out[h * dx.sh + w * dx.sw] = inner[h * p.cols + w];
+        }
+      }
+    }
+  }
+}
+
+// dst[co][i * pixels + p] = grad_output(image, group channel co, p)
+template <typename T>
+void gather_channels(const View4<T>& src, const Chunk& chunk, int64_t first_channel,
+                     int64_t channels, const Geometry& g, T* dst) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t cols = chunk.columns();
+  {
+    for (int64_t t = 0; t < channels * chunk.images; ++t) {
+      const int64_t co = t / chunk.images, i = t % chunk.images;
+      const T* plane = src.plane(chunk.first_image + i, first_channel + co);
+      T* d = dst + co * cols + i * chunk.pixels;
+      if (src.sw == 1 && src.sh == OW) {
+        std::memcpy(d, plane, chunk.pixels * sizeof(T));
+      } else {
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t ow = 0; ow < OW; ++ow) d[oh * OW + ow] = plane[oh * src.sh + ow * src.sw];
+        }
+      }
+    }
+  }
+}
+
+// output(image, first_channel + co, p) = tmp[co][i * pixels + p] + bias
+template <typename T>
+void scatter_channels(const T* tmp, const T* bias, const Chunk& chunk, int64_t first_channel,
+                      int64_t channels, const Geometry& g, const View4<T>& dst) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t cols = chunk.columns();
+  {
+    for (int64_t t = 0; t < channels * chunk.images; ++t) {
+      const int64_t co = t / chunk.images, i = t % chunk.images;
+      T* plane = dst.plane(chunk.first_image + i, first_channel + co);
+      const T* s = tmp + co * cols + i * chunk.pixels;
+      const T b = bias ? bias[first_channel + co] : T(0);
+      if (dst.sw == 1 && dst.sh == OW) {
+        for (int64_t p = 0; p < chunk.pixels; ++p) plane[p] = s[p] + b;
+      } else {
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t ow = 0; ow < OW; ++ow) plane[oh * dst.sh + ow * dst.sw] = s[oh * OW + ow] + b;
+        }
+      }
+    }
+  }
+}
+
+int64_t chunk_count(const Geometry& g, int64_t per_chunk) {
+  return (g.batch + per_chunk - 1) / per_chunk;
+}
+
+Chunk chunk_at(const Geometry& g, int64_t per_chunk, int64_t index) {
+  const int64_t first = index * per_chunk;
+  return Chunk{first, std::min(per_chunk, g.batch - first), g.h.out_size * g.w.out_size};
+}
+
+// Scratch matrices of one task, reused by its chunks (sized for the largest).
+struct Scratch {
+  at::Tensor storage;
+  int64_t rows;
+  Scratch(int64_t rows, int64_t max_columns, const at::TensorOptions& options)
+      : storage(at::empty({rows * max_columns}, options)), rows(rows) {}
+  at::Tensor matrix(const Chunk& chunk) const {
+    return storage.narrow(0, 0, rows * chunk.columns()).view({rows, chunk.columns()});
+  }
+};
+
+// The rows of group `group` of a (out_channels, patch) weight matrix.
+at::Tensor group_rows(const at::Tensor& weight, const Geometry& g, int64_t group) {
+  return weight.view({g.out_channels, g.patch()})
+      .narrow(0, group * g.out_per_group(), g.out_per_group());
+}
+
+// Threads split the chunks; each runs its matrix products on its own (BLAS
+// does not start threads inside a parallel region), which keeps the cores
+// busy through the im2col/col2im steps too and synchronizes once per call.
+template <typename F>
+void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
+  at::parallel_for(0, chunk_count(g, per_chunk), 1, [&](int64_t c0, int64_t c1) {
+    // The products are plain tensor math inside this op's kernel: keep
+    // autograd out of them (the guard is per thread) even when the op's
+    // arguments require grad.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    body(c0, c1);
+  });
+}
+
+// The (channels, pixels) matrix of one image's channels [first, first +
+// channels) as a view of t, when its planes are dense and adjacent (NCHW);
+// otherwise undefined, and the caller copies through a scratch matrix.
+at::Tensor channel_matrix(const at::Tensor& t, const Chunk& chunk, int64_t first,
+                          int64_t channels) {
+  const int64_t pixels = t.size(2) * t.size(3);
+  const bool dense = t.stride(3) == 1 && t.stride(2) == t.size(3) && t.stride(1) == pixels;
+  if (chunk.images != 1 || !dense) return at::Tensor();
+  return t.select(0, chunk.first_image).narrow(0, first, channels).view({channels, pixels});
+}
+
+}  // namespace
+
+void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+             at::Tensor& output, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (gemm)", [&] {
+    const View4<scalar_t> x = view_of<scalar_t>(input);
+    const View4<scalar_t> y = view_of<scalar_t>(output);
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
+      const Scratch col(g.patch(), max_cols, input.options());
+      const Scratch prod(g.out_per_group(), max_cols, input.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
+      for (int64_t index = c0; index < c1; ++index) {
+        const Chunk chunk = chunk_at(g, per_chunk, index);
+        at::Tensor c = col.matrix(chunk), p = prod.matrix(chunk);
+        for (int64_t group = 0; group < g.groups; ++group) {
+          pad_images(x, chunk, group, g, padded, pad.data());
+          im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+          const int64_t first = group * g.out_per_group();
+          at::Tensor out = channel_matrix(output, chunk, first, g.out_per_group());
+          if (!out.defined()) {
+            at::mm_out(p, group_rows(weight, g, group), c);
+            scatter_channels(p.const_data_ptr<scalar_t>(), b, chunk, first, g.out_per_group(), g,
+                             y);
+          } else if (bias.defined()) {
+            at::addmm_out(out, bias.narrow(0, first, g.out_per_group()).view({-1, 1}),
+                          group_rows(weight, g, group), c);
+          } else {
+            at::mm_out(out, group_rows(weight, g, group), c);
+          }
+        }
+      }
+    });
+  });
+}
+
+void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+                const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (gemm)", [&] {
+    const View4<scalar_t> go = view_of<scalar_t>(grad_output);
+    const View4<scalar_t> dx = view_of<scalar_t>(grad_input);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // W^T per group, (patch, out_per_group): BLAS runs the product faster
+    // untransposed.
+    const at::Tensor weight_t =
+        weight.view({g.groups, g.out_per_group(), g.patch()}).transpose(1, 2).contiguous();
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
+      const Scratch goc(g.out_per_group(), max_cols, grad_output.options());
+      const Scratch dcol(g.patch(), max_cols, grad_output.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
+      for (int64_t index = c0; index < c1; ++index) {
+        const Chunk chunk = chunk_at(g, per_chunk, index);
+        at::Tensor o = goc.matrix(chunk), d = dcol.matrix(chunk);
+        for (int64_t group = 0; group < g.groups; ++group) {
+          const int64_t first = group * g.out_per_group();
+          at::Tensor go_m = channel_matrix(grad_output, chunk, first, g.out_per_group());
+          if (!go_m.defined()) {
+            gather_channels(go, chunk, first, g.out_per_group(), g, o.mutable_data_ptr<scalar_t>());
+            go_m = o;
+          }
+          at::mm_out(d, weight_t[group], go_m);
+          col2im(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, pad.data(), dx);
+        }
+      }
+    });
+  });
+}
+
+void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+                 const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (gemm)", [&] {
+    const View4<scalar_t> go = view_of<scalar_t>(grad_output);
+    const View4<scalar_t> x = view_of<scalar_t>(input);
+    const int64_t per_chunk = chunk_images(g, sizeof(scalar_t));
+    const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
+    const int64_t chunks = chunk_count(g, per_chunk);
+    const int64_t slots = std::min(kWeightSlots, chunks);
+    // Slot s sums chunks s, s + slots, ... in order; slot 0 is grad_weight itself.
+    std::vector<at::Tensor> partial(slots);
+    partial[0] = grad_weight;
+    for (int64_t s = 1; s < slots; ++s) partial[s] = at::empty_like(grad_weight);
+    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Scratch col(g.patch(), max_cols, input.options());
+      const Scratch goc(g.out_per_group(), max_cols, input.options());
+      const PaddedImages padded(g);
+      std::vector<scalar_t> pad(padded.size(per_chunk));
+      for (int64_t s = s0; s < s1; ++s) {
+        partial[s].zero_();
+        for (int64_t index = s; index < chunks; index += slots) {
+          const Chunk chunk = chunk_at(g, per_chunk, index);
+          at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
+          for (int64_t group = 0; group < g.groups; ++group) {
+            pad_images(x, chunk, group, g, padded, pad.data());
+            im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+            const int64_t first = group * g.out_per_group();
+            at::Tensor go_m = channel_matrix(grad_output, chunk, first, g.out_per_group());
+            if (!go_m.defined()) {
+              gather_channels(go, chunk, first, g.out_per_group(), g,
+                              o.mutable_data_ptr<scalar_t>());
+              go_m = o;
+            }
+            group_rows(partial[s], g, group).addmm_(go_m, c.t());
+          }
+        }
+      }
+    });
+    for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
+  });
+}
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace conv2d
+}  // namespace handgrad

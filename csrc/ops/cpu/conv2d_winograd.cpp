@@ -1,0 +1,385 @@
+// conv2d CPU, Winograd F(2x2, 3x3) (3x3 kernels, stride 1, no dilation, one
+// group, large channel counts).
+//
+// Algorithm: the output is cut into 2x2 tiles; tile t reads a 4x4 patch d_t
+// of the zero-padded input. With the transforms
+//   V = B^T d B (input), U = G g G^T (weight), y = A^T M A (output),
+// the tile is y_t = A^T [U (.) V_t] A, so per point xi of the 4x4 transform
+// domain the convolution becomes one matrix product over channels:
+//   M[xi][co][t] = sum_ci U[xi][co][ci] V[xi][ci][t]
+// -- 16 products (at::bmm, the only BLAS call here) doing 2.25x fewer
+// multiply-adds than im2col's one. The transforms use only 0, +-1, +-1/2,
+// so float32 rounding stays close to the direct sum's.
+// Gradients: the map is linear, so backward runs its adjoint exactly:
+//   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
+//   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
+// Batch chunks run in parallel (each product single-threaded); the weight
+// gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
+// is saved for backward but the input and weight.
+// Speed (benchmarks/bench_conv2d.py --threads 2): (128,256,4,4)->512 k3 p1
+// forward+backward 1.11x native (im2col + at::mm measured 0.97x there).
+#include "ops/cpu/conv2d_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace handgrad {
+namespace conv2d {
+namespace cpu {
+namespace winograd {
+namespace {
+
+constexpr int kPoints = 16;                       // 4x4 transform domain
+constexpr int64_t kMaxChunkFloats = 3 << 18;      // V and M of one chunk (~3 MB of float)
+constexpr int64_t kMaxTiles = 256;
+constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
+// Below this many channels the transforms (memory-bound, proportional to the
+// channels on one side) cost more than the 2.25x saved in the products; at
+// (128,64,16,16)->128 im2col + at::mm measured faster, at (128,256,4,4)->512
+// Winograd did (benchmarks/bench_conv2d.py).
+constexpr int64_t kMinChannels = 128;
+
+// The 1-D transforms and their adjoints (applied to rows, then columns).
+template <typename T>
+void input_1d(const T* d, int64_t s, T* v, int64_t vs) {  // B^T d
+  const T d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s];
+  v[0] = d0 - d2;
+  v[vs] = d1 + d2;
+  v[2 * vs] = d2 - d1;
+  v[3 * vs] = d1 - d3;
+}
+template <typename T>
+void input_adjoint_1d(const T* v, int64_t vs, T* d, int64_t s) {  // B v
+  const T v0 = v[0], v1 = v[vs], v2 = v[2 * vs], v3 = v[3 * vs];
+  d[0] = v0;
+  d[s] = v1 - v2 + v3;
+  d[2 * s] = v1 + v2 - v0;
+  d[3 * s] = -v3;
+}
+template <typename T>
+void weight_1d(const T* g, int64_t s, T* u, int64_t us) {  // G g
+  const T g0 = g[0], g1 = g[s], g2 = g[2 * s];
+  u[0] = g0;
+  u[us] = T(0.5) * (g0 + g1 + g2);
+  u[2 * us] = T(0.5) * (g0 - g1 + g2);
+  u[3 * us] = g2;
+}
+template <typename T>
+void weight_adjoint_1d(const T* u, int64_t us, T* g, int64_t s) {  // G^T u
+  const T u0 = u[0], u1 = u[us], u2 = u[2 * us], u3 = u[3 * us];
+  g[0] = u0 + T(0.5) * (u1 + u2);
+  g[s] = T(0.5) * (u1 - u2);
+  g[2 * s] = T(0.5) * (u1 + u2) + u3;
+}
+template <typename T>
+void output_1d(const T* m, int64_t ms, T* y, int64_t s) {  // A^T m
+  const T m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms];
+  y[0] = m0 + m1 + m2;
+  y[s] = m1 - m2 - m3;
+}
+template <typename T>
+void output_adjoint_1d(const T* y, int64_t s, T* m, int64_t ms) {  // A y
+  const T y0 = y[0], y1 = y[s];
+  m[0] = y0;
+  m[ms] = y0 + y1;
+  m[2 * ms] = y0 - y1;
+  m[3 * ms] = -y1;
+}
+
+struct Tiling {
+  int64_t rows, cols;            // tiles per image
+  int64_t padded_h, padded_w;    // zero-padded input covering every tile's patch
+  int64_t per_image() const { return rows * cols; }
+};
+
+Tiling tiling_of(const Geometry& g) {
+  const int64_t rows = (g.h.out_size + 1) / 2, cols = (g.w.out_size + 1) / 2;
+  return Tiling{rows, cols, 2 * rows + 2, 2 * cols + 2};
+}
+
+int64_t images_per_chunk(const Geometry& g, const Tiling& t) {
+  const int64_t by_bytes = kMaxChunkFloats / (kPoints * (g.in_channels + g.out_channels));
+  const int64_t tiles = std::max<int64_t>(1, std::min(kMaxTiles, by_bytes));
+  return std::max<int64_t>(1, std::min(g.batch, tiles / t.per_image()));
+}
+
+// U[xi][co][ci] = (G W[co][ci] G^T)[xi]
+template <typename T>
+at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g) {
+  const int64_t C = g.in_channels, K = g.out_channels;
+  at::Tensor u = at::empty({kPoints, K, C}, weight.options());
+  const T* w = weight.const_data_ptr<T>();
+  T* out = u.mutable_data_ptr<T>();
+  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T rows[4 * 3], full[kPoints];
+      for (int c = 0; c < 3; ++c) weight_1d(w + p * 9 + c, 3, rows + c, 3);  // columns of g
+      for (int r = 0; r < 4; ++r) weight_1d(rows + r * 3, 1, full + r * 4, 1);
+      for (int xi = 0; xi < kPoints; ++xi) out[xi * K * C + p] = full[xi];
+    }
+  });
+  return u;
+}
+
+// Zero-padded planes of one image: [channel][padded_h][padded_w].
+template <typename T>
+void pad_image(const View4<T>& x, int64_t n, const Geometry& g, const Tiling& t, T* pad) {
+  const int64_t plane = t.padded_h * t.padded_w;
+  std::fill(pad, pad + g.in_channels * plane, T(0));
+  const int64_t rows = std::min(g.h.in_size, t.padded_h - g.h.pad_begin);
+  const int64_t cols = std::min(g.w.in_size, t.padded_w - g.w.pad_begin);
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    const T* src = x.plane(n, c);
+    T* dst = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+    for (int64_t h = 0; h < rows; ++h) {
+      for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
+    }
+  }
+}
+
+// V[xi][c][tile] for the chunk's tiles (tile = image * per_image + th * cols + tw).
+template <typename T>
+void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geometry& g,
+                     const Tiling& t, T* pad, T* v, int64_t tiles) {
+  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
+  for (int64_t i = 0; i < images; ++i) {
+    pad_image(x, first + i, g, t, pad);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t th = 0; th < t.rows; ++th) {
+        for (int64_t tw = 0; tw < t.cols; ++tw) {
+          const T* d = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
+          T rows[kPoints], full[kPoints];
+          for (int col = 0; col < 4; ++col) input_1d(d + col, t.padded_w, rows + col, 4);
+          for (int r = 0; r < 4; ++r) input_1d(rows + r * 4, 1, full + r * 4, 1);
+          const int64_t tile = i * t.per_image() + th * t.cols + tw;
+          for (int xi = 0; xi < kPoints; ++xi) v[(xi * C + c) * tiles + tile] = full[xi];
+        }
+      }
+    }
+  }
+}
+
+// dM[xi][co][tile] = (A dY_tile A^T)[xi]; dY is zero past the output's edge.
+template <typename T>
+void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, const Geometry& g,
+                           const Tiling& t, T* dm, int64_t tiles) {
+  const int64_t K = g.out_channels;
+  for (int64_t i = 0; i < images; ++i) {
+    for (int64_t co = 0; co < K; ++co) {
+      const T* plane = go.plane(first + i, co);
+      for (int64_t th = 0; th < t.rows; ++th) {
+        for (int64_t tw = 0; tw < t.cols; ++tw) {
+          T y[4];
+          for (int r = 0; r < 2; ++r) {
+            for (int c = 0; c < 2; ++c) {
+              const int64_t oh = 2 * th + r, ow = 2 * tw + c;
+              y[r * 2 + c] = (oh < g.h.out_size && ow < g.w.out_size)
+                                 ? plane[oh * go.sh + ow * go.sw] : T(0);
+            }
+          }
+          T rows[2 * 4], full[kPoints];
+          for (int c = 0; c < 2; ++c) output_adjoint_1d(y + c, 2, rows + c, 2);  // 4 x 2
+          for (int r = 0; r < 4; ++r) output_adjoint_1d(rows + r * 2, 1, full + r * 4, 1);
+          const int64_t tile = i * t.per_image() + th * t.cols + tw;
+          for (int xi = 0; xi < kPoints; ++xi) dm[(xi * K + co) * tiles + tile] = full[xi];
+        }
+      }
+    }
+  }
+}
+
+// output tiles y = A^T M A (+ bias), clipped to the output.
+template <typename T>
+void store_output(const T* m, const T* bias, int64_t first, int64_t images, const Geometry& g,
+                  const Tiling& t, int64_t tiles, const View4<T>& y) {
+  const int64_t K = g.out_channels;
+  for (int64_t i = 0; i < images; ++i) {
+    for (int64_t co = 0; co < K; ++co) {
+      T* plane = y.plane(first + i, co);
+      const T b = bias ? bias[co] : T(0);
+      for (int64_t th = 0; th < t.rows; ++th) {
+        for (int64_t tw = 0; tw < t.cols; ++tw) {
+          const int64_t tile = i * t.per_image() + th * t.cols + tw;
+          T full[kPoints], rows[2 * 4], out[4];
+          for (int xi = 0; xi < kPoints; ++xi) full[xi] = m[(xi * K + co) * tiles + tile];
+          for (int c = 0; c < 4; ++c) output_1d(full + c, 4, rows + c, 4);  // 2 x 4
+          for (int r = 0; r < 2; ++r) output_1d(rows + r * 4, 1, out + r * 2, 1);
+          for (int r = 0; r < 2; ++r) {
+            for (int c = 0; c < 2; ++c) {
+              const int64_t oh = 2 * th + r, ow = 2 * tw + c;
+              if (oh < g.h.out_size && ow < g.w.out_size) {
+                plane[oh * y.sh + ow * y.sw] = out[r * 2 + c] + b;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// dx = sum over tiles of B dV B^T placed at the tile's patch, cropped to the input.
+template <typename T>
+void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry& g,
+                      const Tiling& t, int64_t tiles, T* pad, const View4<T>& dx) {
+  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
+  for (int64_t i = 0; i < images; ++i) {
+    std::fill(pad, pad + C * plane, T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t th = 0; th < t.rows; ++th) {
+        for (int64_t tw = 0; tw < t.cols; ++tw) {
+          const int64_t tile = i * t.per_image() + th * t.cols + tw;
+          T full[kPoints], rows[kPoints], d[kPoints];
+          for (int xi = 0; xi < kPoints; ++xi) full[xi] = dv[(xi * C + c) * tiles + tile];
+          for (int col = 0; col < 4; ++col) input_adjoint_1d(full + col, 4, rows + col, 4);
+          for (int r = 0; r < 4; ++r) input_adjoint_1d(rows + r * 4, 1, d + r * 4, 1);
+          T* patch = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
+          for (int r = 0; r < 4; ++r) {
+            for (int col = 0; col < 4; ++col) patch[r * t.padded_w + col] += d[r * 4 + col];
+          }
+        }
+      }
+      T* out = dx.plane(first + i, c);
+      const T* inner = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        for (int64_t w = 0; w < g.w.in_size; ++w) {
+          // Input positions past the tiles' reach get no gradient (they are
+          // read by no output either).
+          const bool covered = h + g.h.pad_begin < t.padded_h && w + g.w.pad_begin < t.padded_w;
+          out[h * dx.sh + w * dx.sw] = covered ? inner[h * t.padded_w + w] : T(0);
+        }
+      }
+    }
+  }
+}
+
+template <typename F>
+void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
+  const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t first = c * per_chunk;
+      body(first, std::min(per_chunk, g.batch - first));
+    }
+  });
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                  at::Tensor& output, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tiling t = tiling_of(g);
+  const int64_t per_chunk = images_per_chunk(g, t);
+  const at::Tensor u = transform_weight<T>(weight, g);
+  const View4<T> x = view_of<T>(input), y = view_of<T>(output);
+  const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    const int64_t tiles = images * t.per_image();
+    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
+    at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
+    transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
+    at::bmm_out(m, u, v);
+    store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
+  });
+}
+
+template <typename T>
+void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
+                     at::Tensor& grad_input, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tiling t = tiling_of(g);
+  const int64_t per_chunk = images_per_chunk(g, t);
+  const at::Tensor ut = transform_weight<T>(weight, g).transpose(1, 2).contiguous();
+  const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
+  parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    const int64_t tiles = images * t.per_image();
+    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
+    at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
+    transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
+    at::bmm_out(dv, ut, dm);
+    store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
+  });
+}
+
+template <typename T>
+void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
+                      at::Tensor& grad_weight, const Geometry& g) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Tiling t = tiling_of(g);
+  const int64_t per_chunk = images_per_chunk(g, t);
+  const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
+  const int64_t slots = std::min(kWeightSlots, chunks);
+  const int64_t K = g.out_channels, C = g.in_channels;
+  const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
+  // dU[slot][xi][co][ci]: slot s sums chunks s, s + slots, ... in order.
+  at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    const at::AutoDispatchBelowADInplaceOrView below;  // per thread
+    std::vector<T> pad(C * t.padded_h * t.padded_w);
+    for (int64_t s = s0; s < s1; ++s) {
+      at::Tensor acc = du[s];
+      for (int64_t c = s; c < chunks; c += slots) {
+        const int64_t first = c * per_chunk, images = std::min(per_chunk, g.batch - first);
+        const int64_t tiles = images * t.per_image();
+        at::Tensor v = at::empty({kPoints, C, tiles}, input.options());
+        at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
+        transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
+        transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
+        acc.baddbmm_(dm, v.transpose(1, 2));
+      }
+    }
+  });
+  const at::Tensor total = du.sum(0);  // slots added in order
+  const T* src = total.const_data_ptr<T>();
+  T* dw = grad_weight.mutable_data_ptr<T>();
+  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T full[kPoints], rows[4 * 3];
+      for (int xi = 0; xi < kPoints; ++xi) full[xi] = src[xi * K * C + p];
+      for (int r = 0; r < 4; ++r) weight_adjoint_1d(full + r * 4, 1, rows + r * 3, 1);  // 4 x 3
+      for (int c = 0; c < 3; ++c) weight_adjoint_1d(rows + c, 3, dw + p * 9 + c, 3);
+    }
+  });
+}
+
+}  // namespace
+
+bool applies(const Geometry& g) {
+  return g.groups == 1 && g.h.kernel == 3 && g.w.kernel == 3 && g.h.stride == 1 &&
+         g.w.stride == 1 && g.h.dilation == 1 && g.w.dilation == 1 &&
+         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels;
+}
+
+void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+             at::Tensor& output, const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (winograd)",
+                             [&] { forward_impl<scalar_t>(input, weight, bias, output, g); });
+}
+
+void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+                const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (winograd)",
+                             [&] { grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+}
+
+void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+                 const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (winograd)",
+                             [&] { grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g); });
+}
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace conv2d
+}  // namespace handgrad

@@ -1,0 +1,194 @@
+"""conv2d: fake kernels, autograd registration and the public function.
+
+The kernels are in csrc/ops/{conv2d.cpp, cpu/conv2d*.cpp, cuda/conv2d.cu}.
+Forward saves only the input and the weight. Backward calls one op per
+gradient autograd asks for (conv2d_grad_input, conv2d_grad_weight,
+conv2d_grad_bias), so a first layer whose input needs no gradient never
+computes one. Padding is passed to the ops as (top, bottom, left, right).
+"""
+
+import numbers
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from ._args import pair
+
+__all__ = ["conv2d"]
+
+
+def _out_size(size, kernel, stride, pad_begin, pad_end, dilation):
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _is_channels_last(t):
+    return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
+
+
+def _result_format(activation, weight):
+    if activation.dim() == 4 and (_is_channels_last(activation) or _is_channels_last(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.register_fake("handgrad::conv2d")
+def _conv2d_fake(input, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
+                 groups=1):
+    torch._check(input.dim() in (3, 4),
+                 lambda: "handgrad::conv2d: expected 3-D (unbatched) or 4-D (batched) input")
+    torch._check(weight.dim() == 4, lambda: "handgrad::conv2d: expected 4-D weight")
+    torch._check(input.shape[-3] == weight.shape[1] * groups,
+                 lambda: "handgrad::conv2d: input channels do not match weight and groups")
+    out_h = _out_size(input.shape[-2], weight.shape[2], stride[0], padding[0], padding[1],
+                      dilation[0])
+    out_w = _out_size(input.shape[-1], weight.shape[3], stride[1], padding[2], padding[3],
+                      dilation[1])
+    torch._check(out_h >= 1 and out_w >= 1,
+                 lambda: "handgrad::conv2d: kernel size can't be greater than actual input size")
+    shape = (*input.shape[:-3], weight.shape[0], out_h, out_w)
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=_result_format(input, weight))
+
+
+@torch.library.register_fake("handgrad::conv2d_grad_input")
+def _conv2d_grad_input_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
+    return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=_result_format(grad_output, weight))
+
+
+@torch.library.register_fake("handgrad::conv2d_grad_weight")
+def _conv2d_grad_weight_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
+    return grad_output.new_empty(weight_size)
+
+
+@torch.library.register_fake("handgrad::conv2d_grad_bias")
+def _conv2d_grad_bias_fake(grad_output):
+    return grad_output.new_empty((grad_output.shape[-3],))
+
+
+# The schema's defaults: callers of torch.ops.handgrad.conv2d may omit them.
+_DEFAULTS = (None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+
+
+def _all_args(args):
+    return tuple(args) + _DEFAULTS[len(args) - 2:]
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = _all_args(inputs)
+    saved_input = input if ctx.needs_input_grad[1] else None
+    saved_weight = weight if ctx.needs_input_grad[0] else None
+    ctx.save_for_backward(saved_input, saved_weight)
+    ctx.input_size = input.shape
+    ctx.weight_size = weight.shape
+    ctx.window = (stride, padding, dilation, groups)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    grad_input = grad_weight = grad_bias = None
+    if grad_output is not None:
+        ops = torch.ops.handgrad
+        if ctx.needs_input_grad[0]:
+            grad_input = ops.conv2d_grad_input(grad_output, weight, ctx.input_size, *ctx.window)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ops.conv2d_grad_weight(grad_output, input, ctx.weight_size, *ctx.window)
+        if len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]:
+            grad_bias = ops.conv2d_grad_bias(grad_output)
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("handgrad::conv2d", _backward, setup_context=_setup_context)
+
+
+# Double backward. Each backward op is linear in each argument, and its
+# adjoints are the other ops:
+#   gi = grad_input(go, W):  d/dgo = conv2d(ggi, W),      d/dW = grad_weight(go, ggi)
+#   gw = grad_weight(go, x): d/dgo = conv2d(x, ggw),      d/dx = grad_input(go, ggw)
+#   gb = grad_bias(go):      d/dgo = ggb broadcast over batch and pixels
+def _setup_grad_input_context(ctx, inputs, output):
+    grad_output, weight, input_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, weight)
+    ctx.window = (stride, padding, dilation, groups)
+    ctx.weight_size = weight.shape
+
+
+def _grad_input_backward(ctx, ggi):
+    grad_output, weight = ctx.saved_tensors
+    ops = torch.ops.handgrad
+    d_go = ops.conv2d(ggi, weight, None, *ctx.window) if ctx.needs_input_grad[0] else None
+    d_w = (ops.conv2d_grad_weight(grad_output, ggi, ctx.weight_size, *ctx.window)
+           if ctx.needs_input_grad[1] else None)
+    return d_go, d_w, None, None, None, None, None
+
+
+def _setup_grad_weight_context(ctx, inputs, output):
+    grad_output, input, weight_size, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, input)
+    ctx.window = (stride, padding, dilation, groups)
+    ctx.input_size = input.shape
+
+
+def _grad_weight_backward(ctx, ggw):
+    grad_output, input = ctx.saved_tensors
+    ops = torch.ops.handgrad
+    d_go = ops.conv2d(input, ggw, None, *ctx.window) if ctx.needs_input_grad[0] else None
+    d_x = (ops.conv2d_grad_input(grad_output, ggw, ctx.input_size, *ctx.window)
+           if ctx.needs_input_grad[1] else None)
+    return d_go, d_x, None, None, None, None, None
+
+
+def _setup_grad_bias_context(ctx, inputs, output):
+    ctx.grad_output_shape = inputs[0].shape
+
+
+def _grad_bias_backward(ctx, ggb):
+    shape = ctx.grad_output_shape
+    return ggb.reshape(ggb.shape[0], 1, 1).expand(shape)
+
+
+torch.library.register_autograd("handgrad::conv2d_grad_input", _grad_input_backward,
+                                setup_context=_setup_grad_input_context)
+torch.library.register_autograd("handgrad::conv2d_grad_weight", _grad_weight_backward,
+                                setup_context=_setup_grad_weight_context)
+torch.library.register_autograd("handgrad::conv2d_grad_bias", _grad_bias_backward,
+                                setup_context=_setup_grad_bias_context)
+
+
+def _resolve_padding(padding, weight, stride, dilation):
+    """padding as (top, bottom, left, right), the way F.conv2d reads it."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError("Invalid padding string %r, should be one of {'valid', 'same'}"
+                             % padding)
+        if stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        pads = []
+        for i in range(2):
+            total = dilation[i] * (weight.shape[2 + i] - 1)
+            # The odd one out goes at the end, as in native conv2d.
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    top, left = pair(padding, "padding")
+    return (top, top, left, left)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution with the semantics of torch.nn.functional.conv2d.
+
+    Accepts (C, H, W) or (N, C, H, W) input in any layout (the result is
+    channels_last when the input or weight is); padding may be an int, a
+    pair, 'valid' or 'same'; groups split the channels as in native conv2d.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("handgrad.ops.conv2d: expected a 4-D weight tensor, but got %r"
+                         % (getattr(weight, "shape", weight),))
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError("groups must be an int, but got %r" % (groups,))
+    stride = pair(stride, "stride")
+    dilation = pair(dilation, "dilation")
+    pads = _resolve_padding(padding, weight, stride, dilation)
+    return torch.ops.handgrad.conv2d(input, weight, bias, stride, pads, dilation, int(groups))
