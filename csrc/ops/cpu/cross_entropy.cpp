@@ -1,0 +1,642 @@
+// cross_entropy, CPU kernels.
+//
+// Algorithm: the input is (N, C, S) with S = d1*...*dK; a row is one (n, s)
+// with its C logits S elements apart. Forward reads each row once: an online
+// maximum and sum of exponentials (per AVX2 lane a running max m and sum s;
+// when a block of 32 logits raises a lane's max, that lane's sum is rescaled
+// by exp(m_old - m_new)), giving lse = m + log s, and the loss of the row
+// (p - y formulas in ops/cross_entropy.h). Label smoothing and probability
+// targets add a second sweep over the row, still in cache, for the linear
+// terms sum_c w_c y_c (m - x_c), taken relative to the final max so that
+// logits of +-1e4 lose nothing to cancellation. Rows with S == 1 are
+// vectorized along the classes; for S > 1 eight neighbouring positions s form
+// the AVX2 lanes and the loop walks the classes (two sweeps: max, then exp).
+// Saved for backward: lse only (one float/double per row; ignored rows 0).
+// Gradient: dloss/dx_c = scale * (p_c a - (1-e) w_t [c==t] - e/C w_c) with
+// p_c = exp(x_c - lse) recomputed from the logits, written straight into
+// grad_input; probability targets: scale * (p_c sum_k w_k y'_k - w_c y'_c),
+// and dloss/dy_c = scale (1-e) w_c (lse - x_c).
+//
+// Threads split fixed blocks of rows (at::parallel_for); reduced losses add
+// per-block partial sums (double) in block order, so results do not depend
+// on the thread count. float32 and float64; the vector exp is
+// common/cpu_simd.h's (float32; float64 uses std::exp).
+//
+// Speed against native (benchmarks/bench_cross_entropy.py, 2 threads, float32,
+// forward+backward): see the README's benchmark section and the closing note
+// of the op's branch.
+#include "ops/cross_entropy.h"
+
+#include "common/cpu_simd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace handgrad {
+namespace cross_entropy {
+namespace {
+
+constexpr int64_t kTaskElements = 32768;  // logits per parallel task (amortizes the handoff)
+
+// The first row whose target was out of range (INT64_MAX: none).
+struct BadTarget {
+  std::atomic<int64_t> row{std::numeric_limits<int64_t>::max()};
+
+  void report(int64_t r) {
+    int64_t cur = row.load();
+    while (r < cur && !row.compare_exchange_weak(cur, r)) {
+    }
+  }
+  void raise_if_any(const int64_t* target) const {
+    const int64_t r = row.load();
+    TORCH_CHECK_INDEX(r == std::numeric_limits<int64_t>::max(), "Target ", target[r],
+                      " is out of bounds.");
+  }
+};
+
+// Work split into tasks: inner == 1 -> blocks of whole rows; inner > 1 ->
+// (n, block of positions s), the block a multiple of 8 (the AVX2 lanes).
+struct Split {
+  int64_t block;
+  int64_t per_outer;
+  int64_t count;
+
+  explicit Split(const Params& p) {
+    const int64_t want = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(1, p.classes));
+    if (p.inner == 1) {
+      block = want;
+      per_outer = 1;
+      count = (p.outer + block - 1) / block;
+    } else {
+      block = std::max<int64_t>(8, (want + 7) / 8 * 8);
+      per_outer = (p.inner + block - 1) / block;
+      count = p.outer * per_outer;
+    }
+  }
+  // Rows [r0, r1) of a task in the contiguous case, or n and [s0, s1).
+  void rows(const Params& p, int64_t task, int64_t& n, int64_t& s0, int64_t& s1) const {
+    if (p.inner == 1) {
+      n = 0;
+      s0 = task * block;
+      s1 = std::min(p.outer, s0 + block);
+    } else {
+      n = task / per_outer;
+      s0 = (task % per_outer) * block;
+      s1 = std::min(p.inner, s0 + block);
+    }
+  }
+};
+
+template <typename T>
+double weight_sum(const T* w, int64_t classes) {
+  double total = 0;
+  for (int64_t c = 0; c < classes; ++c) total += w[c];
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Scalar row kernels (any stride; float64, and float32 where AVX2 is absent or
+// the target holds probabilities).
+
+template <typename T>
+void row_max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
+  m = std::numeric_limits<T>::lowest();
+  for (int64_t c = 0; c < classes; ++c) {
+    const T v = x[c * stride];
+    if (v > m || v != v) m = v;
+  }
+  s = 0;
+  for (int64_t c = 0; c < classes; ++c) s += std::exp(x[c * stride] - m);
+}
+
+#if HG_HAVE_AVX2
+// Lanes at or past n read as -inf (they add exp(-inf) = 0).
+inline __m256 load_tail(const float* x, int64_t n) {
+  const __m256i mask = simd::tail_mask(n);
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x, mask),
+                          _mm256_castsi256_ps(mask));
+}
+
+// One pass: online max and sum of exponentials of a contiguous row.
+inline void online_step(__m256 block_max, __m256& M, __m256& S) {
+  const __m256 nm = _mm256_max_ps(M, block_max);
+  if (_mm256_movemask_ps(_mm256_cmp_ps(nm, M, _CMP_GT_OQ))) {
+    S = _mm256_mul_ps(S, simd::exp(_mm256_sub_ps(M, nm)));
+    M = nm;
+  }
+}
+
+void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
+  __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  __m256 S = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= classes; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    online_step(_mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d)), M, S);
+    const __m256 ea = simd::exp(_mm256_sub_ps(a, M)), eb = simd::exp(_mm256_sub_ps(b, M));
+    const __m256 ec = simd::exp(_mm256_sub_ps(c, M)), ed = simd::exp(_mm256_sub_ps(d, M));
+    S = _mm256_add_ps(S, _mm256_add_ps(_mm256_add_ps(ea, eb), _mm256_add_ps(ec, ed)));
+  }
+  for (; i < classes; i += 8) {
+    const __m256 a = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
+    online_step(a, M, S);
+    S = _mm256_add_ps(S, simd::exp(_mm256_sub_ps(a, M)));
+  }
+  m = simd::reduce_max(M);
+  s = simd::reduce_add(_mm256_mul_ps(S, simd::exp(_mm256_sub_ps(M, _mm256_set1_ps(m)))));
+}
+
+// out_c = exp(x_c - lse) * k - c2 * w_c (w null: c2).
+void grad_row_avx2(const float* x, float* out, int64_t classes, float lse, float k,
+                   const float* w, float c2) {
+  const __m256 L = _mm256_set1_ps(lse), K = _mm256_set1_ps(k), C2 = _mm256_set1_ps(c2);
+  for (int64_t i = 0; i < classes; i += 8) {
+    const int64_t n = std::min<int64_t>(8, classes - i);
+    const __m256i mask = simd::tail_mask(n);
+    const bool full = n == 8;
+    const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
+    __m256 g = _mm256_mul_ps(simd::exp(_mm256_sub_ps(v, L)), K);
+    if (w != nullptr) {
+      const __m256 wv = full ? _mm256_loadu_ps(w + i) : _mm256_maskload_ps(w + i, mask);
+      g = _mm256_fnmadd_ps(C2, wv, g);
+    } else if (c2 != 0.0f) {
+      g = _mm256_sub_ps(g, C2);
+    }
+    if (full) {
+      _mm256_storeu_ps(out + i, g);
+    } else {
+      _mm256_maskstore_ps(out + i, mask, g);
+    }
+  }
+}
+#endif  // HG_HAVE_AVX2
+
+template <typename T>
+void max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
+#if HG_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return row_max_sumexp_avx2(x, classes, m, s);
+  }
+#endif
+  row_max_sumexp(x, stride, classes, m, s);
+}
+
+// sum_c w_c (m - x_c) and sum_c w_c y_c (m - x_c), sum_c w_c y_c (y, w may be null).
+template <typename T>
+void row_linear(const T* x, const T* y, const T* w, int64_t stride, int64_t classes, T m,
+                T& lin_w, T& lin_y, T& mass_y) {
+  lin_w = lin_y = mass_y = 0;
+  for (int64_t c = 0; c < classes; ++c) {
+    const T wc = w ? w[c] : T(1);
+    const T gap = m - x[c * stride];
+    lin_w += wc * gap;
+    if (y) {
+      const T wy = wc * y[c * stride];
+      lin_y += wy * gap;
+      mass_y += wy;
+    }
+  }
+}
+
+// Forward of one row: returns its loss (0 if ignored), writes lse, adds the
+// weight of its target to w_acc (index targets).
+template <typename T>
+T forward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, const Params& p,
+              T& lse, double& w_acc, bool& bad) {
+  const T e = static_cast<T>(p.smoothing), C = static_cast<T>(p.classes);
+  const T w_total = static_cast<T>(p.weight_total);
+  if (!p.prob_target) {
+    if (is_ignored(t, p.ignore_index)) {
+      lse = 0;
+      return 0;
+    }
+    if (!in_range(t, p.classes)) {
+      bad = true;
+      lse = 0;
+      return 0;
+    }
+  }
+  T m, s;
+  max_sumexp(x, stride, p.classes, m, s);
+  const T log_s = std::log(s);
+  lse = m + log_s;
+  T lin_w = 0, lin_y = 0, mass_y = 0;
+  if (p.prob_target || p.smoothing > 0) {
+    row_linear(x, p.prob_target ? y : static_cast<const T*>(nullptr), w, stride, p.classes, m,
+               lin_w, lin_y, mass_y);
+  }
+  if (p.prob_target) return prob_row_loss(log_s, lin_y, mass_y, lin_w, e, C, w_total);
+  const T w_t = w ? w[t] : T(1);
+  w_acc += w_t;
+  return index_row_loss(log_s, m - x[t * stride], w_t, lin_w, e, C, w_total);
+}
+
+#if HG_HAVE_AVX2
+// Forward of eight rows (n, s..s+lanes) that share n: lanes over s, loop over
+// classes (S > 1, float32, index targets).
+void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes, const float* w,
+                        const Params& p, float* loss, float* lse, double& loss_acc,
+                        double& w_acc, int64_t row0, BadTarget& bad_target) {
+  const int64_t C = p.classes;
+  alignas(32) int32_t tl[8];
+  int valid = 0;
+  for (int l = 0; l < 8; ++l) {
+    tl[l] = -1;
+    if (l >= lanes) continue;
+    const int64_t t = tg[l];
+    if (is_ignored(t, p.ignore_index)) continue;
+    if (!in_range(t, C)) {
+      bad_target.report(row0 + l);
+      continue;
+    }
+    tl[l] = static_cast<int32_t>(t);
+    valid |= 1 << l;
+  }
+  const __m256i mask = simd::tail_mask(lanes);
+  const __m256i Tv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
+  __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  for (int64_t c = 0; c < C; ++c) M = _mm256_max_ps(_mm256_maskload_ps(x + c * S, mask), M);
+  __m256 Ssum = _mm256_setzero_ps(), XT = _mm256_setzero_ps(), LW = _mm256_setzero_ps();
+  const bool smooth = p.smoothing > 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const __m256 v = _mm256_maskload_ps(x + c * S, mask);
+    Ssum = _mm256_add_ps(Ssum, simd::exp(_mm256_sub_ps(v, M)));
+    const __m256 hit = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
+    XT = _mm256_blendv_ps(XT, v, hit);
+    if (smooth) LW = _mm256_fmadd_ps(_mm256_set1_ps(w ? w[c] : 1.0f), _mm256_sub_ps(M, v), LW);
+  }
+  alignas(32) float m[8], s[8], xt[8], lw[8];
+  _mm256_store_ps(m, M);
+  _mm256_store_ps(s, Ssum);
+  _mm256_store_ps(xt, XT);
+  _mm256_store_ps(lw, LW);
+  const float e = static_cast<float>(p.smoothing), Cf = static_cast<float>(C);
+  const float w_total = static_cast<float>(p.weight_total);
+  for (int l = 0; l < lanes; ++l) {
+    float row_loss = 0;
+    lse[l] = 0;
+    if (valid >> l & 1) {
+      const float log_s = std::log(s[l]);
+      lse[l] = m[l] + log_s;
+      const float w_t = w ? w[tl[l]] : 1.0f;
+      w_acc += w_t;
+      row_loss = index_row_loss(log_s, m[l] - xt[l], w_t, lw[l], e, Cf, w_total);
+    }
+    if (loss) loss[l] = row_loss;
+    loss_acc += row_loss;
+  }
+}
+#endif
+
+template <typename T>
+void forward_typed(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+                   Params p, at::Tensor& loss, at::Tensor& lse_t) {
+  const T* x = input.const_data_ptr<T>();
+  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
+  if (w) p.weight_total = weight_sum(w, p.classes);
+  const T* y = p.prob_target ? target.const_data_ptr<T>() : nullptr;
+  const int64_t* tg = p.prob_target ? nullptr : target.const_data_ptr<int64_t>();
+  T* lse = lse_t.mutable_data_ptr<T>();
+  T* rows_out = p.reduction == kNone ? loss.mutable_data_ptr<T>() : nullptr;
+  const int64_t C = p.classes, S = p.inner;
+  const Split split(p);
+  std::vector<double> loss_part(split.count, 0.0), w_part(split.count, 0.0);
+  BadTarget bad_target;
+
+  at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t n, s0, s1;
+      split.rows(p, task, n, s0, s1);
+      double loss_acc = 0, w_acc = 0;
+      const T* xn = x + n * C * S;
+      int64_t s = s0;
+#if HG_HAVE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (S > 1 && !p.prob_target) {
+          for (; s < s1; s += 8) {
+            const int lanes = static_cast<int>(std::min<int64_t>(8, s1 - s));
+            const int64_t r = n * S + s;
+            forward_lanes_avx2(xn + s, S, tg + r, lanes, w, p, rows_out ? rows_out + r : nullptr,
+                               lse + r, loss_acc, w_acc, r, bad_target);
+          }
+        }
+      }
+#endif
+      for (; s < s1; ++s) {
+        const int64_t r = n * S + s;
+        const T* xr = xn + (S == 1 ? s * C : s);
+        const T* yr = y ? y + (xr - x) : nullptr;
+        bool bad = false;
+        const T row_loss =
+            forward_row(xr, yr, tg ? tg[r] : 0, w, S, p, lse[r], w_acc, bad);
+        if (bad) bad_target.report(r);
+        if (rows_out) rows_out[r] = row_loss;
+        loss_acc += row_loss;
+      }
+      loss_part[task] = loss_acc;
+      w_part[task] = w_acc;
+    }
+  });
+  if (tg) bad_target.raise_if_any(tg);
+  if (p.reduction == kNone) return;
+  double total = 0, weight_total = 0;
+  for (int64_t task = 0; task < split.count; ++task) {
+    total += loss_part[task];
+    weight_total += w_part[task];
+  }
+  if (p.reduction == kMean) {
+    const double rows = static_cast<double>(p.outer * p.inner);
+    total /= p.prob_target ? rows : weight_total;
+  }
+  *loss.mutable_data_ptr<T>() = static_cast<T>(total);
+}
+
+void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+                    const Params& p, at::Tensor& loss, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy", [&] {
+    forward_typed<scalar_t>(input, target, weight, p, loss, lse);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+// The 'mean' divisor: the weight of the non-ignored targets (index targets)
+// or the number of rows (probabilities). Fixed blocks keep it deterministic.
+template <typename T>
+double mean_divisor(const int64_t* tg, const T* w, const Params& p, BadTarget& bad_target) {
+  const int64_t rows = p.outer * p.inner;
+  if (p.prob_target) return static_cast<double>(rows);
+  constexpr int64_t kBlock = 16384;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  std::vector<double> part(blocks, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double acc = 0;
+      for (int64_t r = b * kBlock; r < std::min(rows, (b + 1) * kBlock); ++r) {
+        const int64_t t = tg[r];
+        if (is_ignored(t, p.ignore_index)) continue;
+        if (!in_range(t, p.classes)) {
+          bad_target.report(r);
+          continue;
+        }
+        acc += w ? static_cast<double>(w[t]) : 1.0;
+      }
+      part[b] = acc;
+    }
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
+// The upstream gradient's share of every row: g_row or g * factor.
+template <typename T>
+struct RowScale {
+  const T* per_row;  // reduction 'none'
+  T common;
+
+  T operator()(int64_t r) const { return per_row ? per_row[r] : common; }
+};
+
+template <typename T>
+RowScale<T> row_scale(const at::Tensor& grad_loss, const Params& p, const int64_t* tg,
+                      const T* w, BadTarget& bad_target) {
+  const T* g = grad_loss.const_data_ptr<T>();
+  if (p.reduction == kNone) return {g, T(0)};
+  if (p.reduction == kSum) return {nullptr, g[0]};
+  return {nullptr, static_cast<T>(static_cast<double>(g[0]) / mean_divisor(tg, w, p, bad_target))};
+}
+
+// Gradient of one row (any stride).
+template <typename T>
+void backward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, T lse,
+                  T scale, const Params& p, T* out, bool& bad) {
+  const int64_t C = p.classes;
+  const T e = static_cast<T>(p.smoothing), Cf = static_cast<T>(C);
+  const T w_total = static_cast<T>(p.weight_total);
+  if (!p.prob_target && (is_ignored(t, p.ignore_index) || !in_range(t, C))) {
+    bad = !is_ignored(t, p.ignore_index);
+    for (int64_t c = 0; c < C; ++c) out[c * stride] = 0;
+    return;
+  }
+  if (p.prob_target) {
+    T mass_y = 0;
+    for (int64_t c = 0; c < C; ++c) mass_y += (w ? w[c] : T(1)) * y[c * stride];
+    const T k = scale * prob_row_p_factor(mass_y, e, Cf, w_total);
+    for (int64_t c = 0; c < C; ++c) {
+      const T yc = (T(1) - e) * y[c * stride] + e / Cf;
+      out[c * stride] = std::exp(x[c * stride] - lse) * k - scale * (w ? w[c] : T(1)) * yc;
+    }
+    return;
+  }
+  const T w_t = w ? w[t] : T(1);
+  const T k = scale * index_row_p_factor(w_t, e, Cf, w_total);
+  const T c2 = scale * e / Cf;
+#if HG_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      grad_row_avx2(x, out, C, lse, k, w, c2);
+      out[t] -= scale * (T(1) - e) * w_t;
+      return;
+    }
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c) {
+    out[c * stride] = std::exp(x[c * stride] - lse) * k - c2 * (w ? w[c] : T(1));
+  }
+  out[t * stride] -= scale * (T(1) - e) * w_t;
+}
+
+#if HG_HAVE_AVX2
+// Gradient of eight rows (n, s..s+lanes) sharing n (S > 1, float32, index targets).
+void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* tg, int lanes,
+                         const float* w, const float* lse, const RowScale<float>& scale,
+                         const Params& p, int64_t row0, BadTarget& bad_target) {
+  const int64_t C = p.classes;
+  const float e = static_cast<float>(p.smoothing), Cf = static_cast<float>(C);
+  const float w_total = static_cast<float>(p.weight_total);
+  alignas(32) int32_t tl[8];
+  alignas(32) float L[8], K[8], C2[8], TK[8];
+  alignas(32) int32_t keep[8];
+  for (int l = 0; l < 8; ++l) {
+    tl[l] = -1;
+    L[l] = K[l] = C2[l] = TK[l] = 0;
+    keep[l] = 0;
+    if (l >= lanes) continue;
+    const int64_t t = tg[l];
+    if (is_ignored(t, p.ignore_index)) continue;
+    if (!in_range(t, C)) {
+      bad_target.report(row0 + l);
+      continue;
+    }
+    const float sc = scale(row0 + l);
+    const float w_t = w ? w[t] : 1.0f;
+    tl[l] = static_cast<int32_t>(t);
+    L[l] = lse[l];
+    K[l] = sc * index_row_p_factor(w_t, e, Cf, w_total);
+    C2[l] = sc * e / Cf;
+    TK[l] = sc * (1.0f - e) * w_t;
+    keep[l] = -1;
+  }
+  const __m256i mask = simd::tail_mask(lanes);
+  const __m256i Tv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
+  const __m256 keepv = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
+  const __m256 Lv = _mm256_load_ps(L), Kv = _mm256_load_ps(K), C2v = _mm256_load_ps(C2);
+  const __m256 TKv = _mm256_load_ps(TK);
+  const bool smooth = p.smoothing > 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const __m256 v = _mm256_maskload_ps(x + c * S, mask);
+    __m256 g = _mm256_mul_ps(simd::exp(_mm256_sub_ps(v, Lv)), Kv);
+    if (smooth) g = _mm256_fnmadd_ps(C2v, _mm256_set1_ps(w ? w[c] : 1.0f), g);
+    const __m256 hit = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
+    g = _mm256_sub_ps(g, _mm256_and_ps(hit, TKv));
+    _mm256_maskstore_ps(out + c * S, mask, _mm256_and_ps(g, keepv));
+  }
+}
+#endif
+
+template <typename T>
+void backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
+                    const at::Tensor& target, const at::Tensor& weight, const at::Tensor& lse_t,
+                    Params p, at::Tensor& grad_input) {
+  const T* x = input.const_data_ptr<T>();
+  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
+  if (w) p.weight_total = weight_sum(w, p.classes);
+  const T* y = p.prob_target ? target.const_data_ptr<T>() : nullptr;
+  const int64_t* tg = p.prob_target ? nullptr : target.const_data_ptr<int64_t>();
+  const T* lse = lse_t.const_data_ptr<T>();
+  T* gx = grad_input.mutable_data_ptr<T>();
+  BadTarget bad_target;
+  const RowScale<T> scale = row_scale<T>(grad_loss, p, tg, w, bad_target);
+  if (tg) bad_target.raise_if_any(tg);
+  const int64_t C = p.classes, S = p.inner;
+  const Split split(p);
+
+  at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t n, s0, s1;
+      split.rows(p, task, n, s0, s1);
+      const int64_t base = n * C * S;
+      int64_t s = s0;
+#if HG_HAVE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (S > 1 && !p.prob_target) {
+          for (; s < s1; s += 8) {
+            const int lanes = static_cast<int>(std::min<int64_t>(8, s1 - s));
+            const int64_t r = n * S + s;
+            backward_lanes_avx2(x + base + s, gx + base + s, S, tg + r, lanes, w, lse + r, scale,
+                                p, r, bad_target);
+          }
+        }
+      }
+#endif
+      for (; s < s1; ++s) {
+        const int64_t r = n * S + s;
+        const int64_t off = base + (S == 1 ? s * C : s);
+        bool bad = false;
+        backward_row(x + off, y ? y + off : nullptr, tg ? tg[r] : 0, w, S, lse[r], scale(r), p,
+                     gx + off, bad);
+        if (bad) bad_target.report(r);
+      }
+    }
+  });
+  if (tg) bad_target.raise_if_any(tg);
+}
+
+void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
+                     const at::Tensor& target, const at::Tensor& weight, const at::Tensor& lse,
+                     const Params& p, at::Tensor& grad_input) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy_backward", [&] {
+    backward_typed<scalar_t>(grad_loss, input, target, weight, lse, p, grad_input);
+  });
+}
+
+// dloss/dy_c = scale (1-e) w_c (lse - x_c), probability targets.
+template <typename T>
+void target_backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
+                           const at::Tensor& weight, const at::Tensor& lse_t, const Params& p,
+                           at::Tensor& grad_target) {
+  const T* x = input.const_data_ptr<T>();
+  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
+  const T* lse = lse_t.const_data_ptr<T>();
+  T* gy = grad_target.mutable_data_ptr<T>();
+  BadTarget unused;
+  const RowScale<T> scale = row_scale<T>(grad_loss, p, nullptr, w, unused);
+  const int64_t C = p.classes, S = p.inner;
+  const T keep = T(1) - static_cast<T>(p.smoothing);
+  const Split split(p);
+  at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t n, s0, s1;
+      split.rows(p, task, n, s0, s1);
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t r = n * S + s;
+        const int64_t off = n * C * S + (S == 1 ? s * C : s);
+        const T k = scale(r) * keep;
+        for (int64_t c = 0; c < C; ++c) {
+          gy[off + c * S] = k * (w ? w[c] : T(1)) * (lse[r] - x[off + c * S]);
+        }
+      }
+    }
+  });
+}
+
+void target_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& lse, const Params& p,
+                            at::Tensor& grad_target) {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy_target_backward", [&] {
+    target_backward_typed<scalar_t>(grad_loss, input, weight, lse, p, grad_target);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& input,
+                                                     const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     int64_t ignore_index,
+                                                     c10::string_view reduction,
+                                                     double label_smoothing) {
+  return forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                 &forward_kernel);
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
+                                      const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight,
+                                      int64_t ignore_index, c10::string_view reduction,
+                                      double label_smoothing, const at::Tensor& lse) {
+  return backward(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing, lse,
+                  &backward_kernel);
+}
+
+at::Tensor cross_entropy_target_backward_cpu(const at::Tensor& grad_loss,
+                                             const at::Tensor& input, const at::Tensor& target,
+                                             const std::optional<at::Tensor>& weight,
+                                             c10::string_view reduction, double label_smoothing,
+                                             const at::Tensor& lse) {
+  return target_backward(grad_loss, input, target, weight, reduction, label_smoothing, lse,
+                         &target_backward_kernel);
+}
+
+}  // namespace
+}  // namespace cross_entropy
+}  // namespace handgrad
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("cross_entropy", &handgrad::cross_entropy::cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &handgrad::cross_entropy::cross_entropy_backward_cpu);
+  m.impl("cross_entropy_target_backward",
+         &handgrad::cross_entropy::cross_entropy_target_backward_cpu);
+}

@@ -1,0 +1,99 @@
+"""cross_entropy: fake kernels, autograd registration and the public function.
+
+The kernels are in csrc/ops/{cross_entropy.cpp, cpu/cross_entropy.cpp,
+cuda/cross_entropy.cu}. Forward returns the loss and the log-sum-exp of every
+row (float32, float64 for float64 input); lse is the only tensor saved besides
+the inputs. Backward recomputes p - y from the logits and lse and writes the
+input gradient directly (torch.ops.handgrad.cross_entropy_backward);
+probability targets that require grad get theirs from
+torch.ops.handgrad.cross_entropy_target_backward.
+"""
+
+import torch
+from torch.nn import _reduction
+
+__all__ = ["cross_entropy"]
+
+_FORWARD = torch.ops.handgrad.cross_entropy.default
+_BACKWARD = torch.ops.handgrad.cross_entropy_backward.default
+_TARGET_BACKWARD = torch.ops.handgrad.cross_entropy_target_backward.default
+
+
+def _row_shape(input):
+    return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+
+
+def _lse_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("handgrad::cross_entropy")
+def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction="mean",
+                        label_smoothing=0.0):
+    torch._check(input.dim() >= 1, lambda: "handgrad::cross_entropy: expected a 1-D or larger input")
+    torch._check(reduction in ("none", "mean", "sum"),
+                 lambda: "%s is not a valid value for reduction" % reduction)
+    rows = _row_shape(input)
+    loss = input.new_empty(rows if reduction == "none" else ())
+    return loss, input.new_empty(rows, dtype=_lse_dtype(input))
+
+
+@torch.library.register_fake("handgrad::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, input, target, weight, ignore_index, reduction,
+                                 label_smoothing, lse):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("handgrad::cross_entropy_target_backward")
+def _cross_entropy_target_backward_fake(grad_loss, input, target, weight, reduction,
+                                        label_smoothing, lse):
+    return torch.empty_like(input, dtype=target.dtype, memory_format=torch.contiguous_format)
+
+
+_DEFAULTS = (None, -100, "mean", 0.0)
+
+
+def _setup_context(ctx, inputs, output):
+    if len(inputs) < 6:
+        inputs = tuple(inputs) + _DEFAULTS[len(inputs) - 2:]
+    input, target, weight, ignore_index, reduction, label_smoothing = inputs
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("handgrad.ops.cross_entropy is not differentiable with respect to "
+                           "weight; this input cannot have requires_grad=True")
+    lse = output[1]
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, target, weight, lse)
+    ctx.options = (ignore_index, reduction, label_smoothing)
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    grad_input = grad_target = None
+    if grad_loss is not None:
+        input, target, weight, lse = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
+        needs = ctx.needs_input_grad
+        if needs[0]:
+            grad_input = _BACKWARD(grad_loss, input, target, weight, ignore_index, reduction,
+                                   label_smoothing, lse)
+        if needs[1]:
+            grad_target = _TARGET_BACKWARD(grad_loss, input, target, weight, reduction,
+                                           label_smoothing, lse)
+    return grad_input, grad_target, None, None, None, None
+
+
+torch.library.register_autograd("handgrad::cross_entropy", _backward, setup_context=_setup_context)
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
+    """Cross-entropy of softmax(input) with the semantics of torch.nn.functional.cross_entropy.
+
+    input (C), (N, C) or (N, C, d1, ..., dK); target class indices (int64, the
+    input's shape without dim 1; ignore_index skipped) or class probabilities
+    (the input's shape); per-class weight; reduction 'none', 'mean' (native's
+    weighted mean) or 'sum'; label_smoothing in [0, 1] for both target kinds.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return _FORWARD(input, target, weight, ignore_index, reduction, label_smoothing)[0]
