@@ -7,6 +7,12 @@ the inputs. Backward recomputes p - y from the logits and lse and writes the
 input gradient directly (torch.ops.handgrad.cross_entropy_backward);
 probability targets that require grad get theirs from
 torch.ops.handgrad.cross_entropy_target_backward.
+
+Autograd is registered in C++ (csrc/ops/cross_entropy_autograd.cpp, a
+torch::autograd::Function on the Autograd key) instead of with
+torch.library.register_autograd: at (128, 10) the Python autograd layer alone
+cost more than native's whole forward + backward (measurements in that file).
+A weight that requires grad raises; double backward raises NotImplementedError.
 """
 
 import torch
@@ -15,8 +21,6 @@ from torch.nn import _reduction
 __all__ = ["cross_entropy"]
 
 _FORWARD = torch.ops.handgrad.cross_entropy.default
-_BACKWARD = torch.ops.handgrad.cross_entropy_backward.default
-_TARGET_BACKWARD = torch.ops.handgrad.cross_entropy_target_backward.default
 
 
 def _row_shape(input):
@@ -48,41 +52,6 @@ def _cross_entropy_backward_fake(grad_loss, input, target, weight, ignore_index,
 def _cross_entropy_target_backward_fake(grad_loss, input, target, weight, reduction,
                                         label_smoothing, lse):
     return torch.empty_like(input, dtype=target.dtype, memory_format=torch.contiguous_format)
-
-
-_DEFAULTS = (None, -100, "mean", 0.0)
-
-
-def _setup_context(ctx, inputs, output):
-    if len(inputs) < 6:
-        inputs = tuple(inputs) + _DEFAULTS[len(inputs) - 2:]
-    input, target, weight, ignore_index, reduction, label_smoothing = inputs
-    if ctx.needs_input_grad[2]:
-        raise RuntimeError("handgrad.ops.cross_entropy is not differentiable with respect to "
-                           "weight; this input cannot have requires_grad=True")
-    lse = output[1]
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, target, weight, lse)
-    ctx.options = (ignore_index, reduction, label_smoothing)
-
-
-def _backward(ctx, grad_loss, _grad_lse):
-    grad_input = grad_target = None
-    if grad_loss is not None:
-        input, target, weight, lse = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing = ctx.options
-        needs = ctx.needs_input_grad
-        if needs[0]:
-            grad_input = _BACKWARD(grad_loss, input, target, weight, ignore_index, reduction,
-                                   label_smoothing, lse)
-        if needs[1]:
-            grad_target = _TARGET_BACKWARD(grad_loss, input, target, weight, reduction,
-                                           label_smoothing, lse)
-    return grad_input, grad_target, None, None, None, None
-
-
-torch.library.register_autograd("handgrad::cross_entropy", _backward, setup_context=_setup_context)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
