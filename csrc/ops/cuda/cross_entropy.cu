@@ -1,0 +1,458 @@
+// cross_entropy, CUDA kernels.
+//
+// Algorithm: forward gives each row a group of G threads: a warp (G = 32)
+// when C <= 1024, a whole 256-thread block otherwise, and one thread per row
+// (G = 1) for K-dim inputs, where neighbouring threads own neighbouring
+// positions s and so read neighbouring addresses for every class. Each thread
+// keeps an online max and sum of exponentials over its share of the row; the
+// group combines them (shuffles, then shared memory across warps) into
+// lse = m + log s. Label smoothing and probability targets sweep the row once
+// more for the linear terms relative to the final max (no cancellation for
+// +-1e4 logits). Reduced losses go through a per-row buffer and one block
+// that adds it in a fixed order (deterministic). Saved for backward: lse.
+// Gradient (derivation in ops/cross_entropy.h): dloss/dx_c = scale *
+// (p_c a - (1-e) w_t [c==t] - e/C w_c), p_c = exp(x_c - lse), one thread per
+// element of grad_input, so no N x C probability matrix is ever stored;
+// probability targets first get sum_k w_k y_k per row. float16 / bfloat16
+// inputs accumulate in float. As in native's CUDA kernels, an index target
+// out of range is a device-side assert (checking it on the host would need a
+// synchronization). Loads are scalar (coalesced), not vectorized.
+// Speed: not measured: no GPU here.
+#include "ops/cross_entropy.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+
+namespace handgrad {
+namespace cross_entropy {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float ce_exp(float v) { return expf(v); }
+__device__ __forceinline__ double ce_exp(double v) { return exp(v); }
+__device__ __forceinline__ float ce_log(float v) { return logf(v); }
+__device__ __forceinline__ double ce_log(double v) { return log(v); }
+
+template <typename A>
+__device__ __forceinline__ A lowest();
+template <>
+__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
+template <>
+__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
+
+struct MaxOp {
+  template <typename A>
+  __device__ A operator()(A a, A b) const { return a > b ? a : b; }
+};
+struct SumOp {
+  template <typename A>
+  __device__ A operator()(A a, A b) const { return a + b; }
+};
+
+// Reduces v over the G threads of a group; every thread gets the result.
+// G > 32 means the group is the whole block (the caller keeps the block uniform).
+template <int G, typename A, typename Op>
+__device__ A group_reduce(A v, Op op, A* shm) {
+  if constexpr (G == 1) {
+    return v;
+  } else if constexpr (G <= 32) {
+    for (int o = G / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o, G));
+    return v;
+  } else {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) shm[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = shm[0];
+    for (int i = 1; i < G / 32; ++i) v = op(v, shm[i]);
+    return v;
+  }
+}
+
+int grid_for(int64_t work, int per_block) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, 65535 * 8)));
+}
+
+// Row r: logits at x + offset(r) with stride S between classes.
+__device__ __forceinline__ int64_t row_offset(int64_t r, const Params& p) {
+  return p.inner == 1 ? r * p.classes : (r / p.inner) * p.classes * p.inner + r % p.inner;
+}
+
+template <typename T, int G>
+__global__ void forward_rows_kernel(const T* __restrict__ x, const int64_t* __restrict__ tg,
+                                    const T* __restrict__ y, const T* __restrict__ w,
+                                    const double* __restrict__ w_sum, Params p, int64_t rows,
+                                    T* __restrict__ loss_rows, at::opmath_type<T>* __restrict__ row_loss,
+                                    double* __restrict__ row_w, at::opmath_type<T>* __restrict__ lse) {
+  using A = at::opmath_type<T>;
+  __shared__ A shm[kThreads / 32];
+  const int groups = blockDim.x / G;
+  const int lane = threadIdx.x % G;
+  const int64_t C = p.classes, S = p.inner;
+  const A e = static_cast<A>(p.smoothing), Cf = static_cast<A>(C);
+  const A w_total = static_cast<A>(w_sum ? *w_sum : p.weight_total);
+  for (int64_t r = blockIdx.x * int64_t(groups) + threadIdx.x / G; r < rows;
+       r += int64_t(gridDim.x) * groups) {
+    const int64_t off = row_offset(r, p);
+    int64_t t = 0;
+    if (!p.prob_target) {
+      t = tg[r];
+      if (is_ignored(t, p.ignore_index)) {
+        if (lane == 0) {
+          lse[r] = 0;
+          if (loss_rows) loss_rows[r] = T(0);
+          if (row_loss) row_loss[r] = 0;
+          if (row_w) row_w[r] = 0;
+        }
+        continue;
+      }
+      CUDA_KERNEL_ASSERT(in_range(t, C) && "cross_entropy: target out of bounds");
+    }
+    A m = lowest<A>(), s = 0;
+    for (int64_t c = lane; c < C; c += G) {
+      const A v = static_cast<A>(x[off + c * S]);
+      if (v > m) {
+        s = s * ce_exp(m - v) + A(1);
+        m = v;
+      } else {
+        s += ce_exp(v - m);
+      }
+    }
+    const A row_max = group_reduce<G>(m, MaxOp(), shm);
+    s = group_reduce<G>(s * ce_exp(m - row_max), SumOp(), shm);
+    const A log_s = ce_log(s);
+    A lin_w = 0, lin_y = 0, mass_y = 0;
+    if (p.prob_target || p.smoothing > 0) {
+      for (int64_t c = lane; c < C; c += G) {
+        const A wc = w ? static_cast<A>(w[c]) : A(1);
+        const A gap = row_max - static_cast<A>(x[off + c * S]);
+        lin_w += wc * gap;
+        if (p.prob_target) {
+          const A wy = wc * static_cast<A>(y[off + c * S]);
+          lin_y += wy * gap;
+          mass_y += wy;
+        }
+      }
+      lin_w = group_reduce<G>(lin_w, SumOp(), shm);
+      if (p.prob_target) {
+        lin_y = group_reduce<G>(lin_y, SumOp(), shm);
+        mass_y = group_reduce<G>(mass_y, SumOp(), shm);
+      }
+    }
+    if (lane == 0) {
+      A loss;
+      A w_t = 0;
+      if (p.prob_target) {
+        loss = prob_row_loss(log_s, lin_y, mass_y, lin_w, e, Cf, w_total);
+      } else {
+        w_t = w ? static_cast<A>(w[t]) : A(1);
+        const A gap_t = row_max - static_cast<A>(x[off + t * S]);
+        loss = index_row_loss(log_s, gap_t, w_t, lin_w, e, Cf, w_total);
+      }
+      lse[r] = row_max + log_s;
+      if (loss_rows) loss_rows[r] = static_cast<T>(loss);
+      if (row_loss) row_loss[r] = loss;
+      if (row_w) row_w[r] = static_cast<double>(w_t);
+    }
+  }
+}
+
+// One block adds the per-row losses (and target weights) in a fixed order.
+template <typename T>
+__global__ void finish_kernel(const at::opmath_type<T>* __restrict__ row_loss,
+                              const double* __restrict__ row_w, int64_t rows, Params p,
+                              T* __restrict__ loss) {
+  __shared__ double sl[kThreads], sw[kThreads];
+  double l = 0, wt = 0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    l += static_cast<double>(row_loss[r]);
+    wt += row_w[r];
+  }
+  sl[threadIdx.x] = l;
+  sw[threadIdx.x] = wt;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      sl[threadIdx.x] += sl[threadIdx.x + half];
+      sw[threadIdx.x] += sw[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double total = sl[0];
+    if (p.reduction == kMean) total /= p.prob_target ? static_cast<double>(rows) : sw[0];
+    loss[0] = static_cast<T>(total);
+  }
+}
+
+// Sum of the class weights (label smoothing), or of the target weights of
+// the non-ignored rows (the 'mean' divisor of index targets).
+template <typename T>
+__global__ void weight_sum_kernel(const T* __restrict__ w, const int64_t* __restrict__ tg,
+                                  int64_t count, Params p, double* __restrict__ out) {
+  __shared__ double buf[kThreads];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    if (tg == nullptr) {
+      acc += static_cast<double>(w[i]);
+    } else {
+      const int64_t t = tg[i];
+      if (is_ignored(t, p.ignore_index)) continue;
+      CUDA_KERNEL_ASSERT(in_range(t, p.classes) && "cross_entropy: target out of bounds");
+      acc += w ? static_cast<double>(w[t]) : 1.0;
+    }
+  }
+  buf[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) buf[threadIdx.x] += buf[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = buf[0];
+}
+
+// sum_c w_c y_c of every row (probability targets), one thread per row.
+template <typename T>
+__global__ void target_mass_kernel(const T* __restrict__ y, const T* __restrict__ w, Params p,
+                                   int64_t rows, at::opmath_type<T>* __restrict__ mass) {
+  using A = at::opmath_type<T>;
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t off = row_offset(r, p);
+    A acc = 0;
+    for (int64_t c = 0; c < p.classes; ++c) {
+      acc += (w ? static_cast<A>(w[c]) : A(1)) * static_cast<A>(y[off + c * p.inner]);
+    }
+    mass[r] = acc;
+  }
+}
+
+// The upstream gradient's share of a row: g, or g / divisor for 'mean'.
+template <typename A>
+__device__ __forceinline__ A mean_scaled(A g, const double* divisor, double rows, const Params& p) {
+  return p.reduction == kMean ? static_cast<A>(static_cast<double>(g) / (divisor ? *divisor : rows))
+                              : g;
+}
+
+template <typename T>
+__global__ void backward_kernel_impl(const T* __restrict__ go, const T* __restrict__ x,
+                                     const int64_t* __restrict__ tg, const T* __restrict__ y,
+                                     const T* __restrict__ w, const at::opmath_type<T>* __restrict__ lse,
+                                     const at::opmath_type<T>* __restrict__ mass,
+                                     const double* __restrict__ divisor,
+                                     const double* __restrict__ w_sum, Params p, int64_t total,
+                                     T* __restrict__ gx) {
+  using A = at::opmath_type<T>;
+  const int64_t C = p.classes, S = p.inner;
+  const A e = static_cast<A>(p.smoothing), Cf = static_cast<A>(C);
+  const A w_total = static_cast<A>(w_sum ? *w_sum : p.weight_total);
+  const double rows = static_cast<double>(p.outer * p.inner);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = i % S, c = (i / S) % C, n = i / (S * C);
+    const int64_t r = n * S + s;
+    const A g = mean_scaled(static_cast<A>(go[p.reduction == kNone ? r : 0]), divisor, rows, p);
+    const A wc = w ? static_cast<A>(w[c]) : A(1);
+    const A xc = static_cast<A>(x[i]);
+    A out;
+    if (p.prob_target) {
+      const A yc = (A(1) - e) * static_cast<A>(y[i]) + e / Cf;
+      out = ce_exp(xc - lse[r]) * g * prob_row_p_factor(mass[r], e, Cf, w_total) - g * wc * yc;
+    } else {
+      const int64_t t = tg[r];
+      if (is_ignored(t, p.ignore_index)) {
+        out = 0;
+      } else {
+        CUDA_KERNEL_ASSERT(in_range(t, C) && "cross_entropy: target out of bounds");
+        const A w_t = w ? static_cast<A>(w[t]) : A(1);
+        out = ce_exp(xc - lse[r]) * g * index_row_p_factor(w_t, e, Cf, w_total) -
+              g * e / Cf * wc;
+        if (c == t) out -= g * (A(1) - e) * w_t;
+      }
+    }
+    gx[i] = static_cast<T>(out);
+  }
+}
+
+template <typename T>
+__global__ void target_backward_kernel_impl(const T* __restrict__ go, const T* __restrict__ x,
+                                            const T* __restrict__ w,
+                                            const at::opmath_type<T>* __restrict__ lse, Params p,
+                                            int64_t total, T* __restrict__ gy) {
+  using A = at::opmath_type<T>;
+  const int64_t C = p.classes, S = p.inner;
+  const double rows = static_cast<double>(p.outer * p.inner);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t s = i % S, c = (i / S) % C, n = i / (S * C);
+    const int64_t r = n * S + s;
+    const A g = mean_scaled(static_cast<A>(go[p.reduction == kNone ? r : 0]), nullptr, rows, p);
+    const A wc = w ? static_cast<A>(w[c]) : A(1);
+    gy[i] = static_cast<T>(g * (A(1) - static_cast<A>(p.smoothing)) * wc *
+                           (lse[r] - static_cast<A>(x[i])));
+  }
+}
+
+// The sum of the class weights, on the device, when label smoothing needs it.
+template <typename T>
+at::Tensor class_weight_sum(const at::Tensor& weight, const Params& p, cudaStream_t stream) {
+  if (!p.has_weight || p.smoothing <= 0) return at::Tensor();
+  at::Tensor out = at::empty({1}, weight.options().dtype(at::kDouble));
+  weight_sum_kernel<T><<<1, kThreads, 0, stream>>>(weight.const_data_ptr<T>(), nullptr,
+                                                    p.classes, p, out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+const double* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<double>() : nullptr;
+}
+
+template <typename T, int G>
+void launch_forward(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+                    const at::Tensor& w_sum, const Params& p, int64_t rows, T* loss_rows,
+                    at::opmath_type<T>* row_loss, double* row_w, at::Tensor& lse,
+                    cudaStream_t stream) {
+  const int per_block = kThreads / G;
+  forward_rows_kernel<T, G><<<grid_for(rows, per_block), kThreads, 0, stream>>>(
+      input.const_data_ptr<T>(), p.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
+      p.prob_target ? target.const_data_ptr<T>() : nullptr,
+      p.has_weight ? weight.const_data_ptr<T>() : nullptr, ptr_or_null(w_sum), p, rows,
+      loss_rows, row_loss, row_w, lse.mutable_data_ptr<at::opmath_type<T>>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+                    const Params& p, at::Tensor& loss, at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = p.outer * p.inner;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const at::Tensor w_sum = class_weight_sum<scalar_t>(weight, p, stream);
+    at::Tensor row_loss, row_w;
+    if (p.reduction != kNone) {
+      row_loss = at::empty({rows}, input.options().dtype(c10::CppTypeToScalarType<A>::value));
+      row_w = at::empty({rows}, input.options().dtype(at::kDouble));
+    }
+    scalar_t* loss_rows = p.reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+    A* rl = row_loss.defined() ? row_loss.mutable_data_ptr<A>() : nullptr;
+    double* rw = row_w.defined() ? row_w.mutable_data_ptr<double>() : nullptr;
+    if (rows > 0) {
+      if (p.inner > 1) {
+        launch_forward<scalar_t, 1>(input, target, weight, w_sum, p, rows, loss_rows, rl, rw, lse, stream);
+      } else if (p.classes <= 1024) {
+        launch_forward<scalar_t, 32>(input, target, weight, w_sum, p, rows, loss_rows, rl, rw, lse, stream);
+      } else {
+        launch_forward<scalar_t, kThreads>(input, target, weight, w_sum, p, rows, loss_rows, rl, rw, lse, stream);
+      }
+    }
+    if (p.reduction != kNone) {
+      finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(rl, rw, rows, p,
+                                                           loss.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
+                     const at::Tensor& target, const at::Tensor& weight, const at::Tensor& lse,
+                     const Params& p, at::Tensor& grad_input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = p.outer * p.inner;
+  const int64_t total = grad_input.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* w = p.has_weight ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const at::Tensor w_sum = class_weight_sum<scalar_t>(weight, p, stream);
+    at::Tensor divisor, mass;
+    if (p.reduction == kMean && !p.prob_target) {
+      divisor = at::empty({1}, input.options().dtype(at::kDouble));
+      weight_sum_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+          w, target.const_data_ptr<int64_t>(), rows, p, divisor.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (p.prob_target) {
+      mass = at::empty({rows}, input.options().dtype(c10::CppTypeToScalarType<A>::value));
+      target_mass_kernel<scalar_t><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(
+          target.const_data_ptr<scalar_t>(), w, p, rows, mass.mutable_data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    backward_kernel_impl<scalar_t><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+        grad_loss.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        p.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
+        p.prob_target ? target.const_data_ptr<scalar_t>() : nullptr, w, lse.const_data_ptr<A>(),
+        mass.defined() ? mass.const_data_ptr<A>() : nullptr, ptr_or_null(divisor),
+        ptr_or_null(w_sum), p, total, grad_input.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void target_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& lse, const Params& p,
+                            at::Tensor& grad_target) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = grad_target.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy_target_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    target_backward_kernel_impl<scalar_t><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+        grad_loss.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        p.has_weight ? weight.const_data_ptr<scalar_t>() : nullptr, lse.const_data_ptr<A>(), p,
+        total, grad_target.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& input,
+                                                      const at::Tensor& target,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      int64_t ignore_index,
+                                                      c10::string_view reduction,
+                                                      double label_smoothing) {
+  return forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                 &forward_kernel);
+}
+
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
+                                       const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       int64_t ignore_index, c10::string_view reduction,
+                                       double label_smoothing, const at::Tensor& lse) {
+  return backward(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing, lse,
+                  &backward_kernel);
+}
+
+at::Tensor cross_entropy_target_backward_cuda(const at::Tensor& grad_loss,
+                                              const at::Tensor& input, const at::Tensor& target,
+                                              const std::optional<at::Tensor>& weight,
+                                              c10::string_view reduction, double label_smoothing,
+                                              const at::Tensor& lse) {
+  return target_backward(grad_loss, input, target, weight, reduction, label_smoothing, lse,
+                         &target_backward_kernel);
+}
+
+}  // namespace
+}  // namespace cross_entropy
+}  // namespace handgrad
+
+TORCH_LIBRARY_IMPL(handgrad, CUDA, m) {
+  m.impl("cross_entropy", &handgrad::cross_entropy::cross_entropy_cuda);
+  m.impl("cross_entropy_backward", &handgrad::cross_entropy::cross_entropy_backward_cuda);
+  m.impl("cross_entropy_target_backward",
+         &handgrad::cross_entropy::cross_entropy_target_backward_cuda);
+}
