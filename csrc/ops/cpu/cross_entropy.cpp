@@ -22,9 +22,13 @@
 // on the thread count. float32 and float64; the vector exp is
 // common/cpu_simd.h's (float32; float64 uses std::exp).
 //
-// Speed against native (benchmarks/bench_cross_entropy.py, 2 threads, float32,
-// forward+backward): see the README's benchmark section and the closing note
-// of the op's branch.
+// Speed against native (benchmarks/bench_cross_entropy.py --threads 2, float32,
+// index targets, forward+backward, native time / handgrad time on a loaded
+// 2-core machine): (4096, 32000) 2.7x with 1/3 of native's peak memory
+// (500 MB vs 1500 MB: native keeps the N x C log_softmax and builds two more
+// N x C tensors in backward); (128, 10) 1.1x (per-call overhead; the
+// autograd node is C++, see ../cross_entropy_autograd.cpp); (8, 21, 128, 128)
+// 1.8x.
 #include "ops/cross_entropy.h"
 
 #include "common/cpu_simd.h"
