@@ -123,6 +123,19 @@ void row_max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
 }
 
 #if HG_HAVE_AVX2
+#define HG_FLATTEN __attribute__((flatten))  // inlines simd::exp into the row loops
+
+// e^d for d <= 0, exactly 0 below -80. simd::exp flushes denormal results,
+// but still computes them first (below ~-87), and denormal arithmetic costs
+// ~100 cycles on the AMD cores measured here: the -inf lanes of a row tail,
+// the first rescale from the initial max and p_c of far-away logits all hit
+// it. A NaN stays NaN.
+inline __m256 exp_floor(__m256 d) {
+  const __m256 floor = _mm256_set1_ps(-80.0f);
+  const __m256 keep = _mm256_cmp_ps(d, floor, _CMP_NLT_UQ);
+  return _mm256_and_ps(simd::exp(_mm256_max_ps(floor, d)), keep);
+}
+
 // Lanes at or past n read as -inf (they add exp(-inf) = 0).
 inline __m256 load_tail(const float* x, int64_t n) {
   const __m256i mask = simd::tail_mask(n);
@@ -130,16 +143,23 @@ inline __m256 load_tail(const float* x, int64_t n) {
                           _mm256_castsi256_ps(mask));
 }
 
+// The first n lanes of v (masked stores are slow on the AMD cores here).
+inline void store_tail(float* out, __m256 v, int64_t n) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  std::memcpy(out, tmp, sizeof(float) * n);
+}
+
 // One pass: online max and sum of exponentials of a contiguous row.
-inline void online_step(__m256 block_max, __m256& M, __m256& S) {
+inline __attribute__((always_inline)) void online_step(__m256 block_max, __m256& M, __m256& S) {
   const __m256 nm = _mm256_max_ps(M, block_max);
   if (_mm256_movemask_ps(_mm256_cmp_ps(nm, M, _CMP_GT_OQ))) {
-    S = _mm256_mul_ps(S, simd::exp(_mm256_sub_ps(M, nm)));
+    S = _mm256_mul_ps(S, exp_floor(_mm256_sub_ps(M, nm)));
     M = nm;
   }
 }
 
-void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
+HG_FLATTEN void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
   __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
   __m256 S = _mm256_setzero_ps();
   int64_t i = 0;
@@ -147,21 +167,21 @@ void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
     const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
     const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
     online_step(_mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d)), M, S);
-    const __m256 ea = simd::exp(_mm256_sub_ps(a, M)), eb = simd::exp(_mm256_sub_ps(b, M));
-    const __m256 ec = simd::exp(_mm256_sub_ps(c, M)), ed = simd::exp(_mm256_sub_ps(d, M));
+    const __m256 ea = exp_floor(_mm256_sub_ps(a, M)), eb = exp_floor(_mm256_sub_ps(b, M));
+    const __m256 ec = exp_floor(_mm256_sub_ps(c, M)), ed = exp_floor(_mm256_sub_ps(d, M));
     S = _mm256_add_ps(S, _mm256_add_ps(_mm256_add_ps(ea, eb), _mm256_add_ps(ec, ed)));
   }
   for (; i < classes; i += 8) {
     const __m256 a = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
     online_step(a, M, S);
-    S = _mm256_add_ps(S, simd::exp(_mm256_sub_ps(a, M)));
+    S = _mm256_add_ps(S, exp_floor(_mm256_sub_ps(a, M)));
   }
   m = simd::reduce_max(M);
-  s = simd::reduce_add(_mm256_mul_ps(S, simd::exp(_mm256_sub_ps(M, _mm256_set1_ps(m)))));
+  s = simd::reduce_add(_mm256_mul_ps(S, exp_floor(_mm256_sub_ps(M, _mm256_set1_ps(m)))));
 }
 
 // out_c = exp(x_c - lse) * k - c2 * w_c (w null: c2).
-void grad_row_avx2(const float* x, float* out, int64_t classes, float lse, float k,
+HG_FLATTEN void grad_row_avx2(const float* x, float* out, int64_t classes, float lse, float k,
                    const float* w, float c2) {
   const __m256 L = _mm256_set1_ps(lse), K = _mm256_set1_ps(k), C2 = _mm256_set1_ps(c2);
   for (int64_t i = 0; i < classes; i += 8) {
@@ -169,7 +189,7 @@ void grad_row_avx2(const float* x, float* out, int64_t classes, float lse, float
     const __m256i mask = simd::tail_mask(n);
     const bool full = n == 8;
     const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
-    __m256 g = _mm256_mul_ps(simd::exp(_mm256_sub_ps(v, L)), K);
+    __m256 g = _mm256_mul_ps(exp_floor(_mm256_sub_ps(v, L)), K);
     if (w != nullptr) {
       const __m256 wv = full ? _mm256_loadu_ps(w + i) : _mm256_maskload_ps(w + i, mask);
       g = _mm256_fnmadd_ps(C2, wv, g);
@@ -179,7 +199,7 @@ void grad_row_avx2(const float* x, float* out, int64_t classes, float lse, float
     if (full) {
       _mm256_storeu_ps(out + i, g);
     } else {
-      _mm256_maskstore_ps(out + i, mask, g);
+      store_tail(out + i, g, n);
     }
   }
 }
@@ -248,7 +268,7 @@ T forward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, con
 #if HG_HAVE_AVX2
 // Forward of eight rows (n, s..s+lanes) that share n: lanes over s, loop over
 // classes (S > 1, float32, index targets).
-void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes, const float* w,
+HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes, const float* w,
                         const Params& p, float* loss, float* lse, double& loss_acc,
                         double& w_acc, int64_t row0, BadTarget& bad_target) {
   const int64_t C = p.classes;
@@ -268,13 +288,15 @@ void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes,
   }
   const __m256i mask = simd::tail_mask(lanes);
   const __m256i Tv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
+  const bool full = lanes == 8;
+  auto load = [&](const float* at) { return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, mask); };
   __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
-  for (int64_t c = 0; c < C; ++c) M = _mm256_max_ps(_mm256_maskload_ps(x + c * S, mask), M);
+  for (int64_t c = 0; c < C; ++c) M = _mm256_max_ps(load(x + c * S), M);
   __m256 Ssum = _mm256_setzero_ps(), XT = _mm256_setzero_ps(), LW = _mm256_setzero_ps();
   const bool smooth = p.smoothing > 0;
   for (int64_t c = 0; c < C; ++c) {
-    const __m256 v = _mm256_maskload_ps(x + c * S, mask);
-    Ssum = _mm256_add_ps(Ssum, simd::exp(_mm256_sub_ps(v, M)));
+    const __m256 v = load(x + c * S);
+    Ssum = _mm256_add_ps(Ssum, exp_floor(_mm256_sub_ps(v, M)));
     const __m256 hit = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
     XT = _mm256_blendv_ps(XT, v, hit);
@@ -465,7 +487,7 @@ void backward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride,
 
 #if HG_HAVE_AVX2
 // Gradient of eight rows (n, s..s+lanes) sharing n (S > 1, float32, index targets).
-void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* tg, int lanes,
+HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* tg, int lanes,
                          const float* w, const float* lse, const RowScale<float>& scale,
                          const Params& p, int64_t row0, BadTarget& bad_target) {
   const int64_t C = p.classes;
@@ -500,14 +522,20 @@ void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* t
   const __m256 Lv = _mm256_load_ps(L), Kv = _mm256_load_ps(K), C2v = _mm256_load_ps(C2);
   const __m256 TKv = _mm256_load_ps(TK);
   const bool smooth = p.smoothing > 0;
+  const bool full = lanes == 8;
   for (int64_t c = 0; c < C; ++c) {
-    const __m256 v = _mm256_maskload_ps(x + c * S, mask);
-    __m256 g = _mm256_mul_ps(simd::exp(_mm256_sub_ps(v, Lv)), Kv);
+    const __m256 v = full ? _mm256_loadu_ps(x + c * S) : _mm256_maskload_ps(x + c * S, mask);
+    __m256 g = _mm256_mul_ps(exp_floor(_mm256_sub_ps(v, Lv)), Kv);
     if (smooth) g = _mm256_fnmadd_ps(C2v, _mm256_set1_ps(w ? w[c] : 1.0f), g);
     const __m256 hit = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
     g = _mm256_sub_ps(g, _mm256_and_ps(hit, TKv));
-    _mm256_maskstore_ps(out + c * S, mask, _mm256_and_ps(g, keepv));
+    g = _mm256_and_ps(g, keepv);
+    if (full) {
+      _mm256_storeu_ps(out + c * S, g);
+    } else {
+      store_tail(out + c * S, g, lanes);
+    }
   }
 }
 #endif
