@@ -203,6 +203,59 @@ HG_FLATTEN void grad_row_avx2(const float* x, float* out, int64_t classes, float
     }
   }
 }
+
+// Contiguous row, float32: sum_c w_c (m - x_c), sum_c w_c y_c (m - x_c) and
+// sum_c w_c y_c (y, w may be null).
+HG_FLATTEN void row_linear_avx2(const float* x, const float* y, const float* w, int64_t classes,
+                                float m, float& lin_w, float& lin_y, float& mass_y) {
+  const __m256 M = _mm256_set1_ps(m), one = _mm256_set1_ps(1.0f);
+  __m256 LW = _mm256_setzero_ps(), LY = _mm256_setzero_ps(), MY = _mm256_setzero_ps();
+  for (int64_t i = 0; i < classes; i += 8) {
+    const int64_t n = std::min<int64_t>(8, classes - i);
+    const __m256i mask = simd::tail_mask(n);
+    const bool full = n == 8;
+    auto load = [&](const float* at) {
+      return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, mask);
+    };
+    const __m256 gap = _mm256_sub_ps(M, load(x + i));
+    // Tail lanes weigh 0, so they add nothing.
+    const __m256 wv = w ? load(w + i) : (full ? one : _mm256_and_ps(one, _mm256_castsi256_ps(mask)));
+    LW = _mm256_fmadd_ps(wv, gap, LW);
+    if (y) {
+      const __m256 wy = _mm256_mul_ps(wv, load(y + i));
+      LY = _mm256_fmadd_ps(wy, gap, LY);
+      MY = _mm256_add_ps(MY, wy);
+    }
+  }
+  lin_w = simd::reduce_add(LW);
+  lin_y = simd::reduce_add(LY);
+  mass_y = simd::reduce_add(MY);
+}
+
+// Contiguous row, float32, probability target:
+// out_c = exp(x_c - lse) k - scale w_c ((1-e) y_c + e/C).
+HG_FLATTEN void prob_grad_row_avx2(const float* x, const float* y, const float* w, float* out,
+                                   int64_t classes, float lse, float k, float scale, float e) {
+  const __m256 L = _mm256_set1_ps(lse), K = _mm256_set1_ps(k), SC = _mm256_set1_ps(scale);
+  const __m256 keep = _mm256_set1_ps(1.0f - e);
+  const __m256 spread = _mm256_set1_ps(e / static_cast<float>(classes));
+  for (int64_t i = 0; i < classes; i += 8) {
+    const int64_t n = std::min<int64_t>(8, classes - i);
+    const __m256i mask = simd::tail_mask(n);
+    const bool full = n == 8;
+    auto load = [&](const float* at) {
+      return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, mask);
+    };
+    const __m256 yc = _mm256_fmadd_ps(keep, load(y + i), spread);
+    const __m256 wy = w ? _mm256_mul_ps(load(w + i), yc) : yc;
+    const __m256 g = _mm256_fnmadd_ps(SC, wy, _mm256_mul_ps(exp_floor(_mm256_sub_ps(load(x + i), L)), K));
+    if (full) {
+      _mm256_storeu_ps(out + i, g);
+    } else {
+      store_tail(out + i, g, n);
+    }
+  }
+}
 #endif  // HG_HAVE_AVX2
 
 template <typename T>
@@ -219,6 +272,11 @@ void max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
 template <typename T>
 void row_linear(const T* x, const T* y, const T* w, int64_t stride, int64_t classes, T m,
                 T& lin_w, T& lin_y, T& mass_y) {
+#if HG_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return row_linear_avx2(x, y, w, classes, m, lin_w, lin_y, mass_y);
+  }
+#endif
   lin_w = lin_y = mass_y = 0;
   for (int64_t c = 0; c < classes; ++c) {
     const T wc = w ? w[c] : T(1);
@@ -458,9 +516,14 @@ void backward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride,
     return;
   }
   if (p.prob_target) {
-    T mass_y = 0;
-    for (int64_t c = 0; c < C; ++c) mass_y += (w ? w[c] : T(1)) * y[c * stride];
+    T mass_y = 0, unused_w, unused_y;
+    row_linear(x, y, w, stride, C, T(0), unused_w, unused_y, mass_y);
     const T k = scale * prob_row_p_factor(mass_y, e, Cf, w_total);
+#if HG_HAVE_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      if (stride == 1) return prob_grad_row_avx2(x, y, w, out, C, lse, k, scale, e);
+    }
+#endif
     for (int64_t c = 0; c < C; ++c) {
       const T yc = (T(1) - e) * y[c * stride] + e / Cf;
       out[c * stride] = std::exp(x[c * stride] - lse) * k - scale * (w ? w[c] : T(1)) * yc;
