@@ -4,7 +4,8 @@
 // with its C logits S elements apart. Forward reads each row once: an online
 // maximum and sum of exponentials (per AVX2 lane a running max m and sum s;
 // when a block of 32 logits raises a lane's max, that lane's sum is rescaled
-// by exp(m_old - m_new)), giving lse = m + log s, and the loss of the row
+// by exp(m_old - m_new); rows of at most 64 logits, already in L1, take the
+// max first instead), giving lse = m + log s, and the loss of the row
 // (p - y formulas in ops/cross_entropy.h). Label smoothing and probability
 // targets add a second sweep over the row, still in cache, for the linear
 // terms sum_c w_c y_c (m - x_c), taken relative to the final max so that
@@ -159,7 +160,27 @@ inline __attribute__((always_inline)) void online_step(__m256 block_max, __m256&
   }
 }
 
+// Rows of at most kShortRow logits (in L1): the max first, then one exp per
+// logit, which saves the online rescaling exps that dominate short rows.
+constexpr int64_t kShortRow = 64;
+
+HG_FLATTEN void short_row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
+  __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
+  for (int64_t i = 0; i < classes; i += 8) {
+    M = _mm256_max_ps(M, i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i));
+  }
+  m = simd::reduce_max(M);
+  const __m256 Mv = _mm256_set1_ps(m);
+  __m256 S = _mm256_setzero_ps();
+  for (int64_t i = 0; i < classes; i += 8) {
+    const __m256 v = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
+    S = _mm256_add_ps(S, exp_floor(_mm256_sub_ps(v, Mv)));
+  }
+  s = simd::reduce_add(S);
+}
+
 HG_FLATTEN void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, float& s) {
+  if (classes <= kShortRow) return short_row_max_sumexp_avx2(x, classes, m, s);
   __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
   __m256 S = _mm256_setzero_ps();
   int64_t i = 0;
