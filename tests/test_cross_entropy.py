@@ -319,3 +319,18 @@ def test_backward_op_rejects_inconsistent_arguments():
     with pytest.raises(RuntimeError, match="only probability targets"):
         torch.ops.handgrad.cross_entropy_target_backward(torch.tensor(1.0), x, t, None, "mean",
                                                          0.0, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision(device, dtype):
+    x = torch.randn(6, 50, 3, device=device, dtype=dtype)
+    t = torch.randint(0, 50, (6, 3), device=device)
+    if device.type == "cpu":
+        # The CPU kernels are float32 / float64 only, and say so.
+        with pytest.raises(RuntimeError, match="not implemented for"):
+            H(x, t)
+        return
+    x.requires_grad_()
+    # float32 accumulation, results rounded to the input's dtype.
+    assert_matches_native(ce(H, None, -100, "mean", 0.1), ce(F.cross_entropy, None, -100, "mean", 0.1),
+                          [x, t], rtol=2e-2, atol=2e-3)

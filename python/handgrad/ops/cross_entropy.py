@@ -1,4 +1,4 @@
-"""cross_entropy: fake kernels, autograd registration and the public function.
+"""cross_entropy: fake kernels and the public function (autograd is in C++).
 
 The kernels are in csrc/ops/{cross_entropy.cpp, cpu/cross_entropy.cpp,
 cuda/cross_entropy.cu}. Forward returns the loss and the log-sum-exp of every
