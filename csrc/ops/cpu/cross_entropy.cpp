@@ -21,15 +21,16 @@
 // Threads split fixed blocks of rows (at::parallel_for); reduced losses add
 // per-block partial sums (double) in block order, so results do not depend
 // on the thread count. float32 and float64; the vector exp is
-// common/cpu_simd.h's (float32; float64 uses std::exp).
+// common/cpu_simd.h's (float32, with arguments kept above -80, see
+// exp_floor). float64, and probability targets with S > 1, run scalar loops.
 //
 // Speed against native (benchmarks/bench_cross_entropy.py --threads 2, float32,
-// index targets, forward+backward, native time / handgrad time on a loaded
-// 2-core machine): (4096, 32000) 2.7x with 1/3 of native's peak memory
-// (500 MB vs 1500 MB: native keeps the N x C log_softmax and builds two more
-// N x C tensors in backward); (128, 10) 1.1x (per-call overhead; the
+// index targets, forward+backward, native time / handgrad time, two runs on a
+// loaded 2-core AMD EPYC): (4096, 32000) 2.2-2.5x with 1/3 of native's peak
+// memory (500 MB vs 1500 MB: native keeps the N x C log_softmax and builds two
+// more N x C tensors in backward); (128, 10) 1.3x (per-call overhead; the
 // autograd node is C++, see ../cross_entropy_autograd.cpp); (8, 21, 128, 128)
-// 1.8x.
+// 1.7-2.1x; probability targets (512, 1000) 2.5x.
 #include "ops/cross_entropy.h"
 
 #include "common/cpu_simd.h"
