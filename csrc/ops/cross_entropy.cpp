@@ -41,8 +41,9 @@ Params make_params(const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
                    c10::string_view reduction, double label_smoothing, const char* op) {
   check_floating(input, op, "input");
-  TORCH_CHECK(input.dim() >= 1, op, ": expected input with at least 1 dimension (C) or (N, C, ...), "
-              "but got a 0-D tensor");
+  TORCH_CHECK(input.dim() >= 1, op,
+              ": expected input with at least 1 dimension, (C) or (N, C, ...), but got a 0-D "
+              "tensor");
   check_same_device(input, target, op, "input", "target");
   const int reduction_enum = parse_reduction(reduction);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,

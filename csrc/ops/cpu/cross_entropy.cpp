@@ -241,7 +241,8 @@ HG_FLATTEN void row_linear_avx2(const float* x, const float* y, const float* w, 
     };
     const __m256 gap = _mm256_sub_ps(M, load(x + i));
     // Tail lanes weigh 0, so they add nothing.
-    const __m256 wv = w ? load(w + i) : (full ? one : _mm256_and_ps(one, _mm256_castsi256_ps(mask)));
+    const __m256 wv =
+        w ? load(w + i) : (full ? one : _mm256_and_ps(one, _mm256_castsi256_ps(mask)));
     LW = _mm256_fmadd_ps(wv, gap, LW);
     if (y) {
       const __m256 wy = _mm256_mul_ps(wv, load(y + i));
@@ -270,7 +271,8 @@ HG_FLATTEN void prob_grad_row_avx2(const float* x, const float* y, const float* 
     };
     const __m256 yc = _mm256_fmadd_ps(keep, load(y + i), spread);
     const __m256 wy = w ? _mm256_mul_ps(load(w + i), yc) : yc;
-    const __m256 g = _mm256_fnmadd_ps(SC, wy, _mm256_mul_ps(exp_floor(_mm256_sub_ps(load(x + i), L)), K));
+    const __m256 p = exp_floor(_mm256_sub_ps(load(x + i), L));
+    const __m256 g = _mm256_fnmadd_ps(SC, wy, _mm256_mul_ps(p, K));
     if (full) {
       _mm256_storeu_ps(out + i, g);
     } else {
@@ -348,7 +350,8 @@ T forward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, con
 #if HG_HAVE_AVX2
 // Forward of eight rows (n, s..s+lanes) that share n: lanes over s, loop over
 // classes (S > 1, float32, index targets).
-HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes, const float* w,
+HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg, int lanes,
+                                   const float* w,
                         const Params& p, float* loss, float* lse, double& loss_acc,
                         double& w_acc, int64_t row0, BadTarget& bad_target) {
   const int64_t C = p.classes;
@@ -369,7 +372,9 @@ HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg,
   const __m256i mask = simd::tail_mask(lanes);
   const __m256i Tv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
   const bool full = lanes == 8;
-  auto load = [&](const float* at) { return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, mask); };
+  auto load = [&](const float* at) {
+    return full ? _mm256_loadu_ps(at) : _mm256_maskload_ps(at, mask);
+  };
   __m256 M = _mm256_set1_ps(std::numeric_limits<float>::lowest());
   for (int64_t c = 0; c < C; ++c) M = _mm256_max_ps(load(x + c * S), M);
   __m256 Ssum = _mm256_setzero_ps(), XT = _mm256_setzero_ps(), LW = _mm256_setzero_ps();
@@ -572,7 +577,8 @@ void backward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride,
 
 #if HG_HAVE_AVX2
 // Gradient of eight rows (n, s..s+lanes) sharing n (S > 1, float32, index targets).
-HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* tg, int lanes,
+HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const int64_t* tg,
+                                    int lanes,
                          const float* w, const float* lse, const RowScale<float>& scale,
                          const Params& p, int64_t row0, BadTarget& bad_target) {
   const int64_t C = p.classes;
@@ -603,7 +609,8 @@ HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const
   }
   const __m256i mask = simd::tail_mask(lanes);
   const __m256i Tv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl));
-  const __m256 keepv = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
+  const __m256 keepv =
+      _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(keep)));
   const __m256 Lv = _mm256_load_ps(L), Kv = _mm256_load_ps(K), C2v = _mm256_load_ps(C2);
   const __m256 TKv = _mm256_load_ps(TK);
   const bool smooth = p.smoothing > 0;

@@ -34,7 +34,8 @@ def _lse_dtype(input):
 @torch.library.register_fake("handgrad::cross_entropy")
 def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0):
-    torch._check(input.dim() >= 1, lambda: "handgrad::cross_entropy: expected a 1-D or larger input")
+    torch._check(input.dim() >= 1,
+                 lambda: "handgrad::cross_entropy: expected a 1-D or larger input")
     torch._check(reduction in ("none", "mean", "sum"),
                  lambda: "%s is not a valid value for reduction" % reduction)
     rows = _row_shape(input)
