@@ -2,5 +2,6 @@
 
 from .conv import Conv2d
 from .pooling import MaxPool2d
+from .rnn import LSTM, LSTMCell
 
-__all__ = ["Conv2d", "MaxPool2d"]
+__all__ = ["Conv2d", "LSTM", "LSTMCell", "MaxPool2d"]

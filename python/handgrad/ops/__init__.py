@@ -6,6 +6,7 @@ public function. Adding an op adds one line to this list.
 """
 
 from .conv2d import conv2d
+from .lstm import lstm_cell, lstm_layer
 from .max_pool2d import max_pool2d
 
-__all__ = ["conv2d", "max_pool2d"]
+__all__ = ["conv2d", "lstm_cell", "lstm_layer", "max_pool2d"]

@@ -1,0 +1,118 @@
+// lstm: what the CPU and CUDA kernels share.
+//
+//  * HG_HOST_DEVICE scalar helpers: the activations and the pointwise cell
+//    forward and backward, written once for both backends (gate order i, f,
+//    g, o as in PyTorch).
+//  * The host-side drivers (defined in lstm.cpp) for the cell and for one
+//    direction of one layer. They validate arguments, run the matrix products
+//    (at::mm / at::addmm_, plain matrix products, on either device) and call
+//    the backend's pointwise kernels, so the time loop is written once.
+#pragma once
+
+#include "common/macros.h"
+
+#include <cmath>
+#include <cstdint>
+
+namespace handgrad {
+namespace lstm {
+
+// T is float or double (the CUDA kernels compute half/bfloat16 in float);
+// std::exp / std::tanh have float and double overloads on host and device.
+template <typename T>
+HG_HOST_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename T>
+HG_HOST_DEVICE T tanh_(T x) {
+  return std::tanh(x);
+}
+
+// Pointwise forward of one hidden unit. gi..go are the gate pre-activations
+// (both matrix products and both biases already summed), c the previous cell.
+// Writes the activated gates back into gi..go and returns c', h'.
+template <typename T>
+HG_HOST_DEVICE void cell_forward(T& gi, T& gf, T& gg, T& go, T c, T& c_new, T& h_new) {
+  const T i = sigmoid(gi), f = sigmoid(gf), g = tanh_(gg), o = sigmoid(go);
+  c_new = f * c + i * g;
+  h_new = o * tanh_(c_new);
+  gi = i;
+  gf = f;
+  gg = g;
+  go = o;
+}
+
+// Pointwise backward of one hidden unit. dh, dc: gradients reaching h' and c'
+// (zero where nothing flows back); i, f, g, o the activated gates; c the
+// previous cell; tc = tanh(c'). Writes the gradients of the gate
+// pre-activations to di..do and returns the gradient of the previous cell.
+//   do = dh tanh(c');  dc' = dh o (1 - tanh^2 c') + dc;
+//   di = dc' g;  df = dc' c;  dg = dc' i;  dc_prev = dc' f;
+//   then sigma' = s(1 - s) for i, f, o and tanh' = 1 - g^2 for g.
+template <typename T>
+HG_HOST_DEVICE T cell_backward(T dh, T dc, T i, T f, T g, T o, T c, T tc, T& di, T& df, T& dg,
+                               T& dout) {
+  const T dct = dh * o * (T(1) - tc * tc) + dc;
+  dout = dh * tc * o * (T(1) - o);
+  di = dct * g * i * (T(1) - i);
+  df = dct * c * f * (T(1) - f);
+  dg = dct * i * (T(1) - g * g);
+  return dct * f;
+}
+
+}  // namespace lstm
+}  // namespace handgrad
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace handgrad {
+namespace lstm {
+
+// Backend kernels. Every tensor is contiguous; B rows, H hidden units, the
+// gate rows are [i | f | g | o], each H wide.
+struct Kernels {
+  // gates (B, 4H): in, the summed matrix products; out, the activated gates.
+  // b_ih, b_hh (4H) may be undefined (no bias). c_prev, c_new, h_new (B, H).
+  void (*forward)(at::Tensor& gates, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                  const at::Tensor& c_prev, at::Tensor& c_new, at::Tensor& h_new);
+  // dh = dh_a + dh_b and dc (all (B, H)) may each be undefined (zero).
+  // Writes dgates (B, 4H) and dc_prev (B, H); dc_prev may be the same
+  // tensor as dc (each element is read before it is written).
+  void (*backward)(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
+                   const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& c_new,
+                   at::Tensor& dgates, at::Tensor& dc_prev);
+  // out (C) = column sums of m (R, C).
+  void (*column_sum)(const at::Tensor& m, at::Tensor& out);
+};
+
+// (hy, cy, gates)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const Kernels& k);
+
+// (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward(
+    const c10::optional<at::Tensor>& grad_hy, const c10::optional<at::Tensor>& grad_cy,
+    const at::Tensor& gates, const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh, const Kernels& k);
+
+// (output, hT, cT, gates, cells)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse, const Kernels& k);
+
+// (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
+    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_hT,
+    const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells, bool reverse,
+    const Kernels& k);
+
+}  // namespace lstm
+}  // namespace handgrad
