@@ -19,9 +19,17 @@ import torch
 __all__ = ["lstm_cell", "lstm_layer"]
 
 
+def _check_same_device(op, tensors):
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1,
+                 lambda: "%s: expected all tensors to be on the same device, but got %s"
+                 % (op, sorted(str(d) for d in devices)))
+
+
 @torch.library.register_fake("handgrad::lstm_cell")
 def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     torch._check(input.dim() == 2, lambda: "handgrad::lstm_cell: expected 2-D input")
+    _check_same_device("handgrad::lstm_cell", (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
     batch, hidden = input.shape[0], w_hh.shape[1]
     return (input.new_empty((batch, hidden)), input.new_empty((batch, hidden)),
             input.new_empty((batch, 4 * hidden)))
@@ -37,6 +45,7 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w
 @torch.library.register_fake("handgrad::lstm_layer")
 def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=False):
     torch._check(input.dim() == 3, lambda: "handgrad::lstm_layer: expected 3-D input")
+    _check_same_device("handgrad::lstm_layer", (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
     steps, batch, hidden = input.shape[0], input.shape[1], w_hh.shape[1]
     return (input.new_empty((steps, batch, hidden)), input.new_empty((batch, hidden)),
             input.new_empty((batch, hidden)), input.new_empty((steps, batch, 4 * hidden)),
