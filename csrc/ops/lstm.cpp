@@ -1,9 +1,10 @@
 // lstm: the operator schemas and the backend-independent drivers.
 //
 // The drivers validate every argument (so CPU, CUDA and LibTorch callers get
-// the same Python-visible errors), run the matrix products with at::mm /
-// at::addmm_ (plain matrix products, allowed by the project rules; they are
-// BLAS on the CPU) and call the backend's fused pointwise kernels. The layer's
+// the same Python-visible errors), run the matrix products (the backend's
+// own product when it provides one -- the CPU's AVX-512 kernel in
+// cpu/lstm_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
+// products, allowed by the project rules) and call the backend's fused pointwise kernels. The layer's
 // time loop is here, in C++: the input projection of all time steps is one
 // product (T*B, I) x (I, 4H); each step adds one (B, H) x (H, 4H) product
 // into its slice of the preallocated gate buffer and runs the pointwise
@@ -82,6 +83,27 @@ void check_like(const c10::optional<at::Tensor>& t, const at::Tensor& like, cons
   check_same_device(like, *t, op, "the saved tensors", name);
 }
 
+// c = a b (or c += a b): the backend's product when it has one, else at::mm.
+void mm_into(const Kernels& k, at::Tensor c, const at::Tensor& a, const at::Tensor& b,
+             bool accumulate, const void* packed = nullptr) {
+  if (k.matmul && k.matmul(c, a, b, accumulate, packed)) return;
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+at::Tensor mm(const Kernels& k, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  mm_into(k, c, a, b, false);
+  return c;
+}
+
+std::shared_ptr<const void> pack(const Kernels& k, const at::Tensor& b) {
+  return k.pack ? k.pack(b) : nullptr;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
@@ -96,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
   check_state(input, cx, B, H, op, "cx");
 
   // One gate matrix from both products: x W_ih^T, then += h W_hh^T in place.
-  at::Tensor gates = at::mm(input, w_ih.t());
-  gates.addmm_(hx, w_hh.t());
+  at::Tensor gates = mm(k, input, w_ih.t());
+  mm_into(k, gates, hx, w_hh.t(), true);
   at::Tensor hy = at::empty({B, H}, input.options());
   at::Tensor cy = at::empty({B, H}, input.options());
   if (B > 0) k.forward(gates, defined_or_empty(b_ih), defined_or_empty(b_hh), cx.contiguous(), cy, hy);
@@ -128,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dgates, grad_b);
-  return {at::mm(dgates, w_ih), at::mm(dgates, w_hh), grad_cx, at::mm(dgates.t(), input),
-          at::mm(dgates.t(), hx), grad_b};
+  return {mm(k, dgates, w_ih), mm(k, dgates, w_hh), grad_cx, mm(k, dgates.t(), input),
+          mm(k, dgates.t(), hx), grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
@@ -148,17 +170,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const at::Tensor x = input.contiguous();
   const at::Tensor bih = defined_or_empty(b_ih), bhh = defined_or_empty(b_hh);
   // The input projection of every time step in one product.
-  at::Tensor gates = at::mm(x.view({T * B, I}), w_ih.t()).view({T, B, 4 * H});
+  at::Tensor gates = mm(k, x.view({T * B, I}), w_ih.t()).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, H}, input.options());
   at::Tensor cells = at::empty({T, B, H}, input.options());
   const at::Tensor w_hh_t = w_hh.t();
+  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh_t);
   at::Tensor h_prev = h0.contiguous(), c_prev = c0.contiguous();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     at::Tensor g_t = gates.select(0, t);
     at::Tensor c_t = cells.select(0, t);
     at::Tensor h_t = output.select(0, t);
-    g_t.addmm_(h_prev, w_hh_t);
+    mm_into(k, g_t, h_prev, w_hh_t, true, w_hh_packed.get());
     if (B > 0) k.forward(g_t, bih, bhh, c_prev, c_t, h_t);
     h_prev = h_t;
     c_prev = c_t;
@@ -171,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-    const Kernels& k) {
+    bool input_grad, const Kernels& k) {
   constexpr const char* op = "handgrad::lstm_layer_backward";
   check_dim_in(input, {3}, op, "input (seq_len, batch, input_size)");
   const int64_t H = check_parameters(input, w_ih, w_hh, c10::nullopt, c10::nullopt, op);
@@ -200,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
+  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? s : T - 1 - s;  // forward steps, last first
     const bool first = reverse ? t == T - 1 : t == 0;
@@ -211,23 +235,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     } else {
       dg_t.zero_();
     }
-    at::mm_out(dh_buf, dg_t, w_hh);
+    mm_into(k, dh_buf, dg_t, w_hh, false, w_hh_packed.get());
     dh_rec = dh_buf;
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});
-  at::Tensor grad_input = at::mm(dg2, w_ih).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(dg2.t(), input.contiguous().view({T * B, I}));
+  // Without input_grad (the input is data) grad_input is an empty placeholder.
+  at::Tensor grad_input =
+      input_grad ? mm(k, dg2, w_ih).view({T, B, I}) : at::empty({0}, input.options());
+  at::Tensor grad_w_ih = mm(k, dg2.t(), input.contiguous().view({T * B, I}));
   // grad_w_hh = sum_t dgates_t^T h_{t-1}: the step that reads h0, plus one
   // product over the other steps, whose previous hidden states are a
   // contiguous slice of the output.
   const at::Tensor out_c = output.contiguous();
   const int64_t t_first = reverse ? T - 1 : 0;
-  at::Tensor grad_w_hh = at::mm(dgates.select(0, t_first).t(), h0.contiguous());
+  at::Tensor grad_w_hh = mm(k, dgates.select(0, t_first).t(), h0);
   if (T > 1) {
     const at::Tensor dg_rest = reverse ? dgates.narrow(0, 0, T - 1) : dgates.narrow(0, 1, T - 1);
     const at::Tensor h_rest = reverse ? out_c.narrow(0, 1, T - 1) : out_c.narrow(0, 0, T - 1);
-    grad_w_hh.addmm_(dg_rest.reshape({(T - 1) * B, 4 * H}).t(), h_rest.reshape({(T - 1) * B, H}));
+    mm_into(k, grad_w_hh, dg_rest.reshape({(T - 1) * B, 4 * H}).t(),
+            h_rest.reshape({(T - 1) * B, H}), true);
   }
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dg2, grad_b);
@@ -255,7 +282,7 @@ TORCH_LIBRARY_FRAGMENT(handgrad, m) {
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_hT, Tensor? grad_cT, Tensor input, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor gates, "
-      "Tensor cells, bool reverse) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor cells, bool reverse, bool input_grad=True) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)",
       {at::Tag::pt2_compliant_tag});
 }

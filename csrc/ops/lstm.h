@@ -66,6 +66,7 @@ HG_HOST_DEVICE T cell_backward(T dh, T dc, T i, T f, T g, T o, T c, T tc, T& di,
 
 #include <ATen/core/Tensor.h>
 
+#include <memory>
 #include <tuple>
 
 namespace handgrad {
@@ -86,6 +87,15 @@ struct Kernels {
                    at::Tensor& dgates, at::Tensor& dc_prev);
   // out (C) = column sums of m (R, C).
   void (*column_sum)(const at::Tensor& m, at::Tensor& out);
+  // Optional matrix product hooks (nullptr: the driver uses at::mm / addmm_).
+  // matmul: c = a b, or c += a b with accumulate; c is 2-D with unit column
+  // stride, a and b any 2-D views; `packed` is what pack(b) returned, or
+  // nullptr. Returns false when it does not handle these tensors.
+  bool (*matmul)(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                 const void* packed);
+  // b prepared once for many products with the same right-hand side (the
+  // recurrent weight of every time step); may return nullptr.
+  std::shared_ptr<const void> (*pack)(const at::Tensor& b);
 };
 
 // (hy, cy, gates)
@@ -112,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-    const Kernels& k);
+    bool input_grad, const Kernels& k);
 
 }  // namespace lstm
 }  // namespace handgrad

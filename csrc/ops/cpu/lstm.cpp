@@ -24,6 +24,7 @@
 #include "ops/lstm.h"
 
 #include "common/cpu_simd.h"
+#include "ops/cpu/lstm_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -203,7 +204,35 @@ void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
   });
 }
 
-const Kernels kCpuKernels{&forward_cpu_kernel, &backward_cpu_kernel, &column_sum_cpu_kernel};
+// float32 products go to the AVX-512 kernel of lstm_gemm.cpp when the CPU
+// has AVX-512; everything else falls back to at::mm in the driver.
+bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                const void* packed) {
+  if (c.scalar_type() != at::kFloat || !gemm::available() || c.dim() != 2 ||
+      (c.stride(1) != 1 && c.size(1) > 1)) {
+    return false;
+  }
+  float* out = c.data_ptr<float>();
+  const float* pa = a.data_ptr<float>();
+  if (packed != nullptr) {
+    gemm::matmul(a.size(0), pa, a.stride(0), a.stride(1),
+                 *static_cast<const gemm::PackedB*>(packed), out, c.stride(0), accumulate);
+  } else {
+    gemm::matmul(a.size(0), b.size(1), a.size(1), pa, a.stride(0), a.stride(1),
+                 b.data_ptr<float>(), b.stride(0), b.stride(1), out, c.stride(0), accumulate);
+  }
+  return true;
+}
+
+std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
+  if (b.scalar_type() != at::kFloat || !gemm::available()) return nullptr;
+  auto packed = std::make_shared<gemm::PackedB>();
+  gemm::pack_b(b.data_ptr<float>(), b.stride(0), b.stride(1), b.size(0), b.size(1), *packed);
+  return packed;
+}
+
+const Kernels kCpuKernels{&forward_cpu_kernel, &backward_cpu_kernel, &column_sum_cpu_kernel,
+                          &matmul_cpu, &pack_cpu};
 
 void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
@@ -242,10 +271,10 @@ lstm_layer_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                         const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
                         const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
-                        const at::Tensor& cells, bool reverse) {
+                        const at::Tensor& cells, bool reverse, bool input_grad) {
   check_cpu(input, "handgrad::lstm_layer_backward");
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
-                        cells, reverse, kCpuKernels);
+                        cells, reverse, input_grad, kCpuKernels);
 }
 
 }  // namespace

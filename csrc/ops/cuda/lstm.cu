@@ -154,7 +154,9 @@ void column_sum_cuda_kernel(const at::Tensor& m, at::Tensor& out) {
   });
 }
 
-const Kernels kCudaKernels{&forward_cuda_kernel, &backward_cuda_kernel, &column_sum_cuda_kernel};
+// Matrix products: at::mm / addmm_ in the driver (no hooks).
+const Kernels kCudaKernels{&forward_cuda_kernel, &backward_cuda_kernel, &column_sum_cuda_kernel,
+                           nullptr, nullptr};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
@@ -187,10 +189,10 @@ lstm_layer_backward_cuda(const c10::optional<at::Tensor>& grad_output,
                          const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
                          const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
-                         const at::Tensor& cells, bool reverse) {
+                         const at::Tensor& cells, bool reverse, bool input_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
-                        cells, reverse, kCudaKernels);
+                        cells, reverse, input_grad, kCudaKernels);
 }
 
 }  // namespace

@@ -11,7 +11,9 @@ differentiable ops:
 
 Their backward ops (``lstm_cell_backward``, ``lstm_layer_backward``) return
 the gradients of the input, of both states, of both weights, and one bias
-gradient (the same for b_ih and b_hh).
+gradient (the same for b_ih and b_hh). ``lstm_layer_backward`` skips the
+input gradient (returning an empty placeholder) when input_grad=False, the
+usual case for the first layer, whose input is data.
 """
 
 import torch
@@ -54,8 +56,8 @@ def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=False):
 
 @torch.library.register_fake("handgrad::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output,
-                              gates, cells, reverse):
-    return (input.new_empty(input.shape), input.new_empty(h0.shape), input.new_empty(c0.shape),
+                              gates, cells, reverse, input_grad=True):
+    return (input.new_empty(input.shape if input_grad else (0,)), input.new_empty(h0.shape), input.new_empty(c0.shape),
             input.new_empty(w_ih.shape), input.new_empty(w_hh.shape),
             input.new_empty((w_ih.shape[0],)))
 
@@ -110,7 +112,10 @@ def _layer_backward(ctx, grad_output, grad_hT, grad_cT, _grad_gates, _grad_cells
         return (None,) * 8
     input, h0, c0, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
     g_in, g_h0, g_c0, g_wih, g_whh, g_b = torch.ops.handgrad.lstm_layer_backward(
-        grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, out, gates, cells, ctx.reverse)
+        grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, out, gates, cells, ctx.reverse,
+        ctx.needs_input_grad[0])
+    if not ctx.needs_input_grad[0]:
+        g_in = None
     g_bih, g_bhh = _bias_grads(g_b, *(True if b else None for b in ctx.biases))
     return g_in, g_h0, g_c0, g_wih, g_whh, g_bih, g_bhh, None
 
