@@ -80,6 +80,14 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
     c1[i] = _mm512_setzero_ps();
     a[i] = rows[i];
   }
+  if (accumulate) {  // C is read after the k loop: fetch it meanwhile
+#pragma GCC unroll 16
+    for (int i = 0; i < kMr; ++i) {
+      if (i >= mr) break;
+      _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 16), _MM_HINT_T0);
+    }
+  }
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(bp);
     const __m512 b1 = _mm512_loadu_ps(bp + 16);
@@ -91,7 +99,10 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
       c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
     }
   }
-  for (int64_t i = 0; i < mr; ++i) {
+  // Fully unrolled, so the accumulators stay in registers.
+#pragma GCC unroll 16
+  for (int i = 0; i < kMr; ++i) {
+    if (i >= mr) break;
     float* c = C + i * ldc;
     __m512 v0 = c0[i], v1 = c1[i];
     if (accumulate) {
