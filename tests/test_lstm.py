@@ -2,6 +2,9 @@
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -387,3 +390,32 @@ def test_saved_tensors_of_the_layer(device):
     assert len(saved) == 8
     assert sorted(tuple(t.shape) for t in saved if t.dim() == 3) == [(5, 2, 3), (5, 2, 4),
                                                                       (5, 2, 4), (5, 2, 16)]
+
+
+_BASELINE_SCRIPT = """
+import torch, handgrad
+torch.manual_seed(0)
+for H in (128, 13):  # vector rows only, and vector rows plus a scalar tail
+    ref = torch.nn.LSTM(7, H, num_layers=2, bidirectional=True)
+    mine = handgrad.nn.LSTM(7, H, num_layers=2, bidirectional=True)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 9, 7, requires_grad=True)
+    results = []
+    for m in (mine, ref):
+        out, (h, c) = m(x)
+        g = torch.autograd.grad(out.sin().sum() + c.sum(), [x, *m.parameters()])
+        results.append([out, h, c, *g])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_baseline_cpu_kernels_without_avx512():
+    # The float32 kernels pick AVX-512 at run time when the CPU has it;
+    # HANDGRAD_LSTM_AVX512=0 forces the baseline (AVX2) pointwise kernels and
+    # at::mm, so both paths are tested on an AVX-512 machine.
+    env = dict(os.environ, HANDGRAD_LSTM_AVX512="0")
+    done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -61,6 +61,42 @@ HG_HOST_DEVICE T cell_backward(T dh, T dc, T i, T f, T g, T o, T c, T tc, T& di,
   return dct * f;
 }
 
+// One hidden unit j of one row, on row-major rows: g = the row's [i|f|g|o]
+// gates (in: pre-activations without bias; out: activated), c, c_new, h_new
+// = the row's states; bih, bhh may be null. T is the storage type, A the
+// type the math runs in (float for half / bfloat16).
+template <typename T, typename A>
+HG_HOST_DEVICE void forward_unit(T* g, const T* bih, const T* bhh, const T* c, T* c_new,
+                                 T* h_new, int64_t H, int64_t j) {
+  A pre[4];
+  for (int q = 0; q < 4; ++q) {
+    pre[q] = static_cast<A>(g[q * H + j]) + (bih ? static_cast<A>(bih[q * H + j]) : A(0)) +
+             (bhh ? static_cast<A>(bhh[q * H + j]) : A(0));
+  }
+  A cn, hn;
+  cell_forward(pre[0], pre[1], pre[2], pre[3], static_cast<A>(c[j]), cn, hn);
+  c_new[j] = static_cast<T>(cn);
+  h_new[j] = static_cast<T>(hn);
+  for (int q = 0; q < 4; ++q) g[q * H + j] = static_cast<T>(pre[q]);
+}
+
+// The backward of forward_unit: dh = dh_a + dh_b and dc (null: zero) reach
+// h' and c'; writes the row's gate-gradient unit j and dc_prev[j] (dc_prev
+// may be dc: dc[j] is read first).
+template <typename T, typename A>
+HG_HOST_DEVICE void backward_unit(const T* dh_a, const T* dh_b, const T* dc, const T* g,
+                                  const T* c, const T* c_new, T* dg, T* dc_prev, int64_t H,
+                                  int64_t j) {
+  const A dh = (dh_a ? static_cast<A>(dh_a[j]) : A(0)) + (dh_b ? static_cast<A>(dh_b[j]) : A(0));
+  A d[4];
+  const A dcp = cell_backward(dh, dc ? static_cast<A>(dc[j]) : A(0), static_cast<A>(g[j]),
+                              static_cast<A>(g[H + j]), static_cast<A>(g[2 * H + j]),
+                              static_cast<A>(g[3 * H + j]), static_cast<A>(c[j]),
+                              tanh_(static_cast<A>(c_new[j])), d[0], d[1], d[2], d[3]);
+  dc_prev[j] = static_cast<T>(dcp);
+  for (int q = 0; q < 4; ++q) dg[q * H + j] = static_cast<T>(d[q]);
+}
+
 }  // namespace lstm
 }  // namespace handgrad
 

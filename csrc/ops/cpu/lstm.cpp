@@ -23,8 +23,8 @@
 // forward+backward): see the end of this comment block after benchmarking.
 #include "ops/lstm.h"
 
-#include "common/cpu_simd.h"
 #include "ops/cpu/lstm_gemm.h"
+#include "ops/cpu/lstm_rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -45,111 +45,41 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-#if HG_HAVE_AVX2
-// 1 / d for d >= 1: the 12-bit estimate and one Newton step (relative error
-// ~1e-7, like a division, at a fraction of its cost). d is capped at 1e30 so
-// that +inf gives 1e-30 rather than inf * 0 = NaN in the Newton step (NaN
-// stays NaN: min returns its second operand when one is NaN).
-inline __m256 vrecip(__m256 d) {
-  d = _mm256_min_ps(_mm256_set1_ps(1e30f), d);
-  const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+// Rows [b0, b1): float32 through the vector row kernels (AVX-512 when the
+// CPU has it, else the baseline AVX2 build), float64 unit by unit.
+void forward_rows(const float* bih, const float* bhh, float* g, const float* c, float* cn,
+                  float* hn, int64_t b0, int64_t b1, int64_t H) {
+  (avx512_available() ? avx512::forward_rows : baseline::forward_rows)(g, bih, bhh, c, cn, hn,
+                                                                        b0, b1, H);
 }
 
-inline __m256 vsigmoid(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return vrecip(_mm256_add_ps(one, simd::exp(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
-
-inline __m256 vtanh(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 two = _mm256_set1_ps(2.0f);
-  // 2 / (1 + e^(-2x)) - 1, exact at the saturated ends (rcp(inf) = 0).
-  const __m256 e = simd::exp(_mm256_mul_ps(_mm256_set1_ps(-2.0f), x));
-  const __m256 big = _mm256_fmsub_ps(two, vrecip(_mm256_add_ps(one, e)), one);
-  // x (1 - x^2/3 + 2x^4/15 - 17x^6/315) for |x| < 1/16 (error below 1e-11 relative).
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(-17.0f / 315.0f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.0f / 15.0f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.0f / 3.0f));
-  p = _mm256_fmadd_ps(p, x2, one);
-  const __m256 small = _mm256_mul_ps(p, x);
-  const __m256 abs_x = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(abs_x, _mm256_set1_ps(0.0625f), _CMP_LT_OQ));
-}
-
-inline __m256 load_or_zero(const float* p, int64_t j) {
-  return p ? _mm256_loadu_ps(p + j) : _mm256_setzero_ps();
-}
-#endif
-
-template <typename T>
-void forward_row(T* g, const T* bih, const T* bhh, const T* c, T* c_new, T* h_new, int64_t H) {
-  int64_t j = 0;
-#if HG_HAVE_AVX2
-  if constexpr (std::is_same<T, float>::value) {
-    for (; j + simd::kFloatLanes <= H; j += simd::kFloatLanes) {
-      __m256 pre[4];
-      for (int q = 0; q < 4; ++q) {
-        pre[q] = _mm256_loadu_ps(g + q * H + j);
-        if (bih) pre[q] = _mm256_add_ps(pre[q], _mm256_loadu_ps(bih + q * H + j));
-        if (bhh) pre[q] = _mm256_add_ps(pre[q], _mm256_loadu_ps(bhh + q * H + j));
-      }
-      const __m256 i = vsigmoid(pre[0]), f = vsigmoid(pre[1]), gg = vtanh(pre[2]),
-                   o = vsigmoid(pre[3]);
-      const __m256 cn = _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, gg));
-      _mm256_storeu_ps(c_new + j, cn);
-      _mm256_storeu_ps(h_new + j, _mm256_mul_ps(o, vtanh(cn)));
-      _mm256_storeu_ps(g + j, i);
-      _mm256_storeu_ps(g + H + j, f);
-      _mm256_storeu_ps(g + 2 * H + j, gg);
-      _mm256_storeu_ps(g + 3 * H + j, o);
+void forward_rows(const double* bih, const double* bhh, double* g, const double* c, double* cn,
+                  double* hn, int64_t b0, int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      forward_unit<double, double>(g + b * 4 * H, bih, bhh, c + b * H, cn + b * H, hn + b * H,
+                                   H, j);
     }
   }
-#endif
-  for (; j < H; ++j) {
-    T pre[4];
-    for (int q = 0; q < 4; ++q) {
-      pre[q] = g[q * H + j] + (bih ? bih[q * H + j] : T(0)) + (bhh ? bhh[q * H + j] : T(0));
-    }
-    cell_forward(pre[0], pre[1], pre[2], pre[3], c[j], c_new[j], h_new[j]);
-    for (int q = 0; q < 4; ++q) g[q * H + j] = pre[q];
-  }
 }
 
-template <typename T>
-void backward_row(const T* dh_a, const T* dh_b, const T* dc, const T* g, const T* c,
-                  const T* c_new, T* dg, T* dc_prev, int64_t H) {
-  int64_t j = 0;
-#if HG_HAVE_AVX2
-  if constexpr (std::is_same<T, float>::value) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; j + simd::kFloatLanes <= H; j += simd::kFloatLanes) {
-      const __m256 dh = _mm256_add_ps(load_or_zero(dh_a, j), load_or_zero(dh_b, j));
-      const __m256 i = _mm256_loadu_ps(g + j), f = _mm256_loadu_ps(g + H + j),
-                   gg = _mm256_loadu_ps(g + 2 * H + j), o = _mm256_loadu_ps(g + 3 * H + j);
-      const __m256 tc = vtanh(_mm256_loadu_ps(c_new + j));
-      const __m256 dho = _mm256_mul_ps(dh, o);
-      // dc' = dh o (1 - tc^2) + dc
-      const __m256 dct = _mm256_fmadd_ps(dho, _mm256_fnmadd_ps(tc, tc, one), load_or_zero(dc, j));
-      const __m256 di = _mm256_mul_ps(_mm256_mul_ps(dct, gg), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
-      const __m256 df = _mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(c + j)),
-                                      _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
-      const __m256 dgg = _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(gg, gg, one));
-      const __m256 dout = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o)));
-      _mm256_storeu_ps(dc_prev + j, _mm256_mul_ps(dct, f));
-      _mm256_storeu_ps(dg + j, di);
-      _mm256_storeu_ps(dg + H + j, df);
-      _mm256_storeu_ps(dg + 2 * H + j, dgg);
-      _mm256_storeu_ps(dg + 3 * H + j, dout);
+void backward_rows(const float* pa, const float* pb, const float* pc, const float* g,
+                   const float* c, const float* cn, float* dg, float* dcp, int64_t b0,
+                   int64_t b1, int64_t H) {
+  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(pa, pb, pc, g, c, cn,
+                                                                          dg, dcp, b0, b1, H);
+}
+
+void backward_rows(const double* pa, const double* pb, const double* pc, const double* g,
+                   const double* c, const double* cn, double* dg, double* dcp, int64_t b0,
+                   int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t r = b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      backward_unit<double, double>(pa ? pa + r : nullptr, pb ? pb + r : nullptr,
+                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + 4 * r,
+                                    dcp + r, H, j);
     }
-  }
-#endif
-  for (; j < H; ++j) {
-    const T dh = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
-    const T dcj = dc ? dc[j] : T(0);
-    dc_prev[j] = cell_backward(dh, dcj, g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j],
-                               tanh_(c_new[j]), dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j]);
   }
 }
 
@@ -164,9 +94,7 @@ void forward_cpu_kernel(at::Tensor& gates, const at::Tensor& b_ih, const at::Ten
     scalar_t* cn = c_new.data_ptr<scalar_t>();
     scalar_t* hn = h_new.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        forward_row(g + b * 4 * H, bih, bhh, c + b * H, cn + b * H, hn + b * H, H);
-      }
+      forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
     });
   });
 }
@@ -185,11 +113,7 @@ void backward_cpu_kernel(const at::Tensor& dh_a, const at::Tensor& dh_b, const a
     scalar_t* dg = dgates.data_ptr<scalar_t>();
     scalar_t* dcp = dc_prev.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r = b * H;
-        backward_row(pa ? pa + r : nullptr, pb ? pb + r : nullptr, pc ? pc + r : nullptr,
-                     g + 4 * r, c + r, cn + r, dg + 4 * r, dcp + r, H);
-      }
+      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
     });
   });
 }

@@ -8,6 +8,7 @@
 // and the valid columns through masked loads/stores. Threads split the tiles; every
 // element of C is summed in the same order whatever the thread count.
 #include "ops/cpu/lstm_gemm.h"
+#include "ops/cpu/lstm_rows.h"
 
 #include <ATen/Parallel.h>
 
@@ -164,14 +165,7 @@ void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_dir
 
 }  // namespace
 
-bool available() {
-#if HG_LSTM_AVX512
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool available() { return HG_LSTM_AVX512 && avx512_available(); }
 
 void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out) {
   out.K = K;

@@ -43,33 +43,16 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 template <typename T>
-__device__ __forceinline__ at::opmath_type<T> load_or_zero(const T* p, int64_t k) {
-  return p ? static_cast<at::opmath_type<T>>(p[k]) : at::opmath_type<T>(0);
-}
-
-template <typename T>
 __global__ void forward_kernel(T* __restrict__ gates, const T* __restrict__ b_ih,
                                const T* __restrict__ b_hh, const T* __restrict__ c_prev,
                                T* __restrict__ c_new, T* __restrict__ h_new, int64_t B,
                                int64_t H) {
-  using acc_t = at::opmath_type<T>;
   const int64_t total = B * H;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = k / H, j = k % H;
-    T* g = gates + b * 4 * H + j;
-    acc_t pre[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      pre[q] = static_cast<acc_t>(g[q * H]) + load_or_zero(b_ih, q * H + j) +
-               load_or_zero(b_hh, q * H + j);
-    }
-    acc_t cn, hn;
-    cell_forward(pre[0], pre[1], pre[2], pre[3], static_cast<acc_t>(c_prev[k]), cn, hn);
-    c_new[k] = static_cast<T>(cn);
-    h_new[k] = static_cast<T>(hn);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) g[q * H] = static_cast<T>(pre[q]);
+    forward_unit<T, at::opmath_type<T>>(gates + b * 4 * H, b_ih, b_hh, c_prev + b * H,
+                                        c_new + b * H, h_new + b * H, H, j);
   }
 }
 
@@ -78,24 +61,14 @@ __global__ void backward_kernel(const T* __restrict__ dh_a, const T* __restrict_
                                 const T* dc, const T* __restrict__ gates,
                                 const T* __restrict__ c_prev, const T* __restrict__ c_new,
                                 T* __restrict__ dgates, T* dc_prev, int64_t B, int64_t H) {
-  using acc_t = at::opmath_type<T>;
   const int64_t total = B * H;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
        k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t b = k / H, j = k % H;
-    const T* g = gates + b * 4 * H + j;
-    T* dg = dgates + b * 4 * H + j;
-    const acc_t dh = load_or_zero(dh_a, k) + load_or_zero(dh_b, k);
-    acc_t di, df, dgg, dout;
-    const acc_t dcp = cell_backward(
-        dh, load_or_zero(dc, k), static_cast<acc_t>(g[0]), static_cast<acc_t>(g[H]),
-        static_cast<acc_t>(g[2 * H]), static_cast<acc_t>(g[3 * H]),
-        static_cast<acc_t>(c_prev[k]), tanh_(static_cast<acc_t>(c_new[k])), di, df, dgg, dout);
-    dc_prev[k] = static_cast<T>(dcp);  // may alias dc: read above, written once here
-    dg[0] = static_cast<T>(di);
-    dg[H] = static_cast<T>(df);
-    dg[2 * H] = static_cast<T>(dgg);
-    dg[3 * H] = static_cast<T>(dout);
+    const int64_t b = k / H, j = k % H, r = b * H;
+    // dc_prev may alias dc: backward_unit reads dc[j] before writing dc_prev[j].
+    backward_unit<T, at::opmath_type<T>>(dh_a ? dh_a + r : nullptr, dh_b ? dh_b + r : nullptr,
+                                         dc ? dc + r : nullptr, gates + 4 * r, c_prev + r,
+                                         c_new + r, dgates + 4 * r, dc_prev + r, H, j);
   }
 }
 
