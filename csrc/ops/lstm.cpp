@@ -10,9 +10,10 @@
 // into its slice of the preallocated gate buffer and runs the pointwise
 // kernel, which writes h_t straight into the output and c_t into the saved
 // cell buffer. Backward through time is one loop over the saved gates that
-// fills the gate-gradient matrix of all steps (T, B, 4H); the input and
-// weight gradients are then whole-sequence products and the bias gradient its
-// column sum.
+// fills the gate-gradient matrix of all steps (T, B, 4H) and accumulates the
+// recurrent weight's gradient step by step (while the step's gate gradient is
+// in cache); the input and input-weight gradients are then whole-sequence
+// products and the bias gradient its column sum.
 #include "ops/lstm.h"
 
 #include "common/checks.h"
@@ -224,10 +225,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
   const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
+  // grad_w_hh = sum_t dgates_t^T h_{t-1}, accumulated step by step while
+  // dgates_t is still in cache.
+  at::Tensor grad_w_hh = at::empty({4 * H, H}, input.options());
+  const at::Tensor h0c = h0.contiguous(), out_c = output.contiguous();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? s : T - 1 - s;  // forward steps, last first
     const bool first = reverse ? t == T - 1 : t == 0;
-    const at::Tensor c_prev = first ? c0c : c_all.select(0, reverse ? t + 1 : t - 1);
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    const at::Tensor c_prev = first ? c0c : c_all.select(0, t_prev);
     at::Tensor dg_t = dgates.select(0, t);
     if (B > 0) {
       k.backward(go.defined() ? go.select(0, t) : at::Tensor(), dh_rec, dc, g_all.select(0, t),
@@ -237,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     mm_into(k, dh_buf, dg_t, w_hh, false, w_hh_packed.get());
     dh_rec = dh_buf;
+    mm_into(k, grad_w_hh, dg_t.t(), first ? h0c : out_c.select(0, t_prev), s > 0);
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});
@@ -244,18 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_input =
       input_grad ? mm(k, dg2, w_ih).view({T, B, I}) : at::empty({0}, input.options());
   at::Tensor grad_w_ih = mm(k, dg2.t(), input.contiguous().view({T * B, I}));
-  // grad_w_hh = sum_t dgates_t^T h_{t-1}: the step that reads h0, plus one
-  // product over the other steps, whose previous hidden states are a
-  // contiguous slice of the output.
-  const at::Tensor out_c = output.contiguous();
-  const int64_t t_first = reverse ? T - 1 : 0;
-  at::Tensor grad_w_hh = mm(k, dgates.select(0, t_first).t(), h0);
-  if (T > 1) {
-    const at::Tensor dg_rest = reverse ? dgates.narrow(0, 0, T - 1) : dgates.narrow(0, 1, T - 1);
-    const at::Tensor h_rest = reverse ? out_c.narrow(0, 1, T - 1) : out_c.narrow(0, 0, T - 1);
-    mm_into(k, grad_w_hh, dg_rest.reshape({(T - 1) * B, 4 * H}).t(),
-            h_rest.reshape({(T - 1) * B, H}), true);
-  }
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dg2, grad_b);
   return {grad_input, dh_buf, dc, grad_w_ih, grad_w_hh, grad_b};
