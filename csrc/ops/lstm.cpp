@@ -11,9 +11,8 @@
 // kernel, which writes h_t straight into the output and c_t into the saved
 // cell buffer. Backward through time is one loop over the saved gates that
 // fills the gate-gradient matrix of all steps (T, B, 4H) and accumulates the
-// recurrent weight's gradient step by step (while the step's gate gradient is
-// in cache); the input and input-weight gradients are then whole-sequence
-// products and the bias gradient its column sum.
+// weight gradients and the input gradient step by step (while the step's
+// gate gradient is in cache); the bias gradient is its column sum.
 #include "ops/lstm.h"
 
 #include "common/checks.h"
@@ -225,10 +224,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
   const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
-  // grad_w_hh = sum_t dgates_t^T h_{t-1}, accumulated step by step while
-  // dgates_t is still in cache.
+  // The weight gradients grad_w_hh = sum_t dgates_t^T h_{t-1} and
+  // grad_w_ih = sum_t dgates_t^T x_t, and grad_input_t = dgates_t W_ih, are
+  // computed step by step while dgates_t is still in cache.
   at::Tensor grad_w_hh = at::empty({4 * H, H}, input.options());
-  const at::Tensor h0c = h0.contiguous(), out_c = output.contiguous();
+  at::Tensor grad_w_ih = at::empty({4 * H, I}, input.options());
+  // Without input_grad (the input is data) grad_input is an empty placeholder.
+  at::Tensor grad_input = at::empty(input_grad ? at::IntArrayRef{T, B, I} : at::IntArrayRef{0},
+                                    input.options());
+  const std::shared_ptr<const void> w_ih_packed = input_grad ? pack(k, w_ih) : nullptr;
+  const at::Tensor h0c = h0.contiguous(), out_c = output.contiguous(), x = input.contiguous();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? s : T - 1 - s;  // forward steps, last first
     const bool first = reverse ? t == T - 1 : t == 0;
@@ -244,13 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     mm_into(k, dh_buf, dg_t, w_hh, false, w_hh_packed.get());
     dh_rec = dh_buf;
     mm_into(k, grad_w_hh, dg_t.t(), first ? h0c : out_c.select(0, t_prev), s > 0);
+    mm_into(k, grad_w_ih, dg_t.t(), x.select(0, t), s > 0);
+    if (input_grad) mm_into(k, grad_input.select(0, t), dg_t, w_ih, false, w_ih_packed.get());
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});
-  // Without input_grad (the input is data) grad_input is an empty placeholder.
-  at::Tensor grad_input =
-      input_grad ? mm(k, dg2, w_ih).view({T, B, I}) : at::empty({0}, input.options());
-  at::Tensor grad_w_ih = mm(k, dg2.t(), input.contiguous().view({T * B, I}));
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dg2, grad_b);
   return {grad_input, dh_buf, dc, grad_w_ih, grad_w_hh, grad_b};
