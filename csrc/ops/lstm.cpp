@@ -181,8 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     at::Tensor g_t = gates.select(0, t);
     at::Tensor c_t = cells.select(0, t);
     at::Tensor h_t = output.select(0, t);
-    mm_into(k, g_t, h_prev, w_hh_t, true, w_hh_packed.get());
-    if (B > 0) k.forward(g_t, bih, bhh, c_prev, c_t, h_t);
+    const bool fused = B > 0 && k.step_forward && w_hh_packed &&
+                       k.step_forward(g_t, h_prev, w_hh_packed.get(), bih, bhh, c_prev, c_t, h_t);
+    if (!fused) {
+      mm_into(k, g_t, h_prev, w_hh_t, true, w_hh_packed.get());
+      if (B > 0) k.forward(g_t, bih, bhh, c_prev, c_t, h_t);
+    }
     h_prev = h_t;
     c_prev = c_t;
   }
@@ -240,17 +244,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t t_prev = reverse ? t + 1 : t - 1;
     const at::Tensor c_prev = first ? c0c : c_all.select(0, t_prev);
     at::Tensor dg_t = dgates.select(0, t);
-    if (B > 0) {
-      k.backward(go.defined() ? go.select(0, t) : at::Tensor(), dh_rec, dc, g_all.select(0, t),
-                 c_prev, c_all.select(0, t), dg_t, dc);
-    } else {
-      dg_t.zero_();
+    const at::Tensor go_t = go.defined() ? go.select(0, t) : at::Tensor();
+    at::Tensor gx_t = input_grad ? grad_input.select(0, t) : at::Tensor();
+    const bool fused = B > 0 && k.step_backward && w_hh_packed && (!input_grad || w_ih_packed) &&
+                       k.step_backward(go_t, dh_rec, dc, g_all.select(0, t), c_prev,
+                                       c_all.select(0, t), dg_t, dc, w_hh_packed.get(), dh_buf,
+                                       input_grad ? w_ih_packed.get() : nullptr, gx_t);
+    if (!fused) {
+      if (B > 0) {
+        k.backward(go_t, dh_rec, dc, g_all.select(0, t), c_prev, c_all.select(0, t), dg_t, dc);
+      } else {
+        dg_t.zero_();
+      }
+      mm_into(k, dh_buf, dg_t, w_hh, false, w_hh_packed.get());
+      if (input_grad) mm_into(k, gx_t, dg_t, w_ih, false, w_ih_packed.get());
     }
-    mm_into(k, dh_buf, dg_t, w_hh, false, w_hh_packed.get());
     dh_rec = dh_buf;
     mm_into(k, grad_w_hh, dg_t.t(), first ? h0c : out_c.select(0, t_prev), s > 0);
     mm_into(k, grad_w_ih, dg_t.t(), x.select(0, t), s > 0);
-    if (input_grad) mm_into(k, grad_input.select(0, t), dg_t, w_ih, false, w_ih_packed.get());
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});

@@ -132,6 +132,20 @@ struct Kernels {
   // b prepared once for many products with the same right-hand side (the
   // recurrent weight of every time step); may return nullptr.
   std::shared_ptr<const void> (*pack)(const at::Tensor& b);
+  // Optional fused time steps (nullptr, or false when they do not handle
+  // these tensors: the driver then runs the products and forward/backward).
+  // step_forward: gates += h_prev W_hh^T (w_hh_t_packed = pack(W_hh^T)), then
+  // forward. step_backward: backward, then dh_prev = dgates W_hh (w_hh_packed
+  // = pack(W_hh)) and, when grad_x is defined, grad_x = dgates W_ih
+  // (w_ih_packed = pack(W_ih)). dh_prev may be the tensor passed as dh_b.
+  bool (*step_forward)(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
+                       const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
+                       at::Tensor& c_new, at::Tensor& h_new);
+  bool (*step_backward)(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
+                        const at::Tensor& gates, const at::Tensor& c_prev,
+                        const at::Tensor& c_new, at::Tensor& dgates, at::Tensor& dc_prev,
+                        const void* w_hh_packed, at::Tensor& dh_prev, const void* w_ih_packed,
+                        at::Tensor& grad_x);
 };
 
 // (hy, cy, gates)

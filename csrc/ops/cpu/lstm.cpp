@@ -165,8 +165,68 @@ std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
   return packed;
 }
 
+// One parallel region per time step: each thread runs the product and the
+// pointwise pass on its own rows (row b of the gates needs only row b of h),
+// so no barrier separates them and the rows are still in cache.
+bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
+                      const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
+                      at::Tensor& c_new, at::Tensor& h_new) {
+  if (gates.scalar_type() != at::kFloat || w_hh_t_packed == nullptr) return false;
+  const auto& w = *static_cast<const gemm::PackedB*>(w_hh_t_packed);
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  float* g = gates.data_ptr<float>();
+  const float* h = h_prev.data_ptr<float>();
+  const float* bih = ptr_or_null<float>(b_ih);
+  const float* bhh = ptr_or_null<float>(b_hh);
+  const float* c = c_prev.data_ptr<float>();
+  float* cn = c_new.data_ptr<float>();
+  float* hn = h_new.data_ptr<float>();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
+    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
+  });
+  return true;
+}
+
+// The backward step in one parallel region: pointwise backward of a thread's
+// rows, then their rows of dh_prev = dgates W_hh and grad_x = dgates W_ih.
+bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
+                       const at::Tensor& gates, const at::Tensor& c_prev,
+                       const at::Tensor& c_new, at::Tensor& dgates, at::Tensor& dc_prev,
+                       const void* w_hh_packed, at::Tensor& dh_prev, const void* w_ih_packed,
+                       at::Tensor& grad_x) {
+  if (gates.scalar_type() != at::kFloat || w_hh_packed == nullptr ||
+      (grad_x.defined() && w_ih_packed == nullptr)) {
+    return false;
+  }
+  const auto& w_hh = *static_cast<const gemm::PackedB*>(w_hh_packed);
+  const auto* w_ih = static_cast<const gemm::PackedB*>(w_ih_packed);
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  const float* pa = ptr_or_null<float>(dh_a);
+  const float* pb = ptr_or_null<float>(dh_b);
+  const float* pc = ptr_or_null<float>(dc);
+  const float* g = gates.data_ptr<float>();
+  const float* c = c_prev.data_ptr<float>();
+  const float* cn = c_new.data_ptr<float>();
+  float* dg = dgates.data_ptr<float>();
+  float* dcp = dc_prev.data_ptr<float>();
+  float* dh = dh_prev.data_ptr<float>();
+  float* gx = grad_x.defined() ? grad_x.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    // Reads rows b0..b1 of dh_b before the product below overwrites them.
+    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
+    gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
+    if (gx) {
+      gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
+                          false);
+    }
+  });
+  return true;
+}
+
 const Kernels kCpuKernels{&forward_cpu_kernel, &backward_cpu_kernel, &column_sum_cpu_kernel,
-                          &matmul_cpu, &pack_cpu};
+                          &matmul_cpu,         &pack_cpu,            &step_forward_cpu,
+                          &step_backward_cpu};
 
 void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||

@@ -132,32 +132,37 @@ void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k
   });
 }
 
-// Every (row panel, column panel) tile of one k-block; threads split the
-// tiles. A is either packed (ap != nullptr) or read in place (rows contiguous
-// in k, the k-block starting at a_direct + m * rsa); the rows past M of an
-// edge tile repeat the last row and are not stored.
+// Tile t (column panel t / mp, row panel t % mp) of one k-block. A is either
+// packed (ap != nullptr) or read in place (rows contiguous in k, the k-block
+// starting at a_direct + m * rsa); the rows past M of an edge tile repeat the
+// last row and are not stored.
+void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct,
+          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate) {
+  const int64_t mp = ceil_div(M, kMr);
+  const int64_t q = t / mp, p = t % mp;
+  const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+  const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+  const float* rows[kMr];
+  for (int64_t i = 0; i < kMr; ++i) {
+    rows[i] = ap ? ap + p * kc * kMr + i : a_direct + (m0 + std::min(i, mr - 1)) * rsa;
+  }
+  float* c = C + m0 * ldc + n0;
+  if (ap) {
+    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
+                      accumulate);
+  } else {
+    micro_kernel<1>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
+                    accumulate);
+  }
+}
+
+// Every tile of one k-block; threads split the tiles.
 void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct, int64_t rsa,
            const float* bp, float* C, int64_t ldc, bool accumulate) {
-  const int64_t mp = ceil_div(M, kMr), np = ceil_div(N, kNr);
+  const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
   const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, kMr * kNr * kc));
-  at::parallel_for(0, mp * np, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t q = t / mp, p = t % mp;
-      const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
-      const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
-      const float* rows[kMr];
-      for (int64_t i = 0; i < kMr; ++i) {
-        rows[i] = ap ? ap + p * kc * kMr + i : a_direct + (m0 + std::min(i, mr - 1)) * rsa;
-      }
-      float* c = C + m0 * ldc + n0;
-      if (ap) {
-        micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr),
-                          low_mask(nr - 16), accumulate);
-      } else {
-        micro_kernel<1>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr),
-                        low_mask(nr - 16), accumulate);
-      }
-    }
+  at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate);
   });
 }
 
@@ -199,6 +204,24 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
   }
 #else
   (void)M, (void)A, (void)rsa, (void)csa, (void)B, (void)C, (void)ldc, (void)accumulate;
+#endif
+}
+
+void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, float* C,
+                   int64_t ldc, bool accumulate) {
+#if HG_LSTM_AVX512
+  const int64_t K = B.K, N = B.N;
+  if (M == 0 || N == 0 || K == 0) return;
+  const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const float* bp = B.data.data() + block_offset(k0, N);
+    for (int64_t t = 0; t < count; ++t) {
+      tile(t, M, N, std::min(kKc, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
+           accumulate || k0 > 0);
+    }
+  }
+#else
+  (void)M, (void)A, (void)rsa, (void)B, (void)C, (void)ldc, (void)accumulate;
 #endif
 }
 

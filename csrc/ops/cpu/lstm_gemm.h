@@ -33,6 +33,11 @@ void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, Pack
 void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& B, float* C,
             int64_t ldc, bool accumulate);
 
+// The same on the calling thread only, for A with rows contiguous in k
+// (K > 0 assumed); used inside a parallel region that splits the rows.
+void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, float* C,
+                   int64_t ldc, bool accumulate);
+
 // The same with B strided (packed internally, block by block).
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
             const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc, bool accumulate);

@@ -129,7 +129,7 @@ void column_sum_cuda_kernel(const at::Tensor& m, at::Tensor& out) {
 
 // Matrix products: at::mm / addmm_ in the driver (no hooks).
 const Kernels kCudaKernels{&forward_cuda_kernel, &backward_cuda_kernel, &column_sum_cuda_kernel,
-                           nullptr, nullptr};
+                           nullptr, nullptr, nullptr, nullptr};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
