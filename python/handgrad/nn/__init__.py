@@ -3,5 +3,6 @@
 from .conv import Conv2d
 from .loss import CrossEntropyLoss
 from .pooling import MaxPool2d
+from .rnn import LSTM, LSTMCell
 
-__all__ = ["Conv2d", "CrossEntropyLoss", "MaxPool2d"]
+__all__ = ["Conv2d", "CrossEntropyLoss", "LSTM", "LSTMCell", "MaxPool2d"]

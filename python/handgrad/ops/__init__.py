@@ -7,6 +7,7 @@ public function. Adding an op adds one line to this list.
 
 from .conv2d import conv2d
 from .cross_entropy import cross_entropy
+from .lstm import lstm_cell, lstm_layer
 from .max_pool2d import max_pool2d
 
-__all__ = ["conv2d", "cross_entropy", "max_pool2d"]
+__all__ = ["conv2d", "cross_entropy", "lstm_cell", "lstm_layer", "max_pool2d"]

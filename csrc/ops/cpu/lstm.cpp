@@ -1,0 +1,283 @@
+// lstm, CPU kernels.
+//
+// Algorithm: the gate matrix of a step, gates = x W_ih^T + h W_hh^T (computed
+// by the driver in ops/lstm.cpp with at::mm / at::addmm_, i.e. BLAS), goes
+// through ONE fused pointwise pass per row: add both biases, sigmoid / tanh /
+// sigmoid / sigmoid on the [i | f | g | o] blocks, c' = f c + i g,
+// h' = o tanh(c'); the activated gates overwrite the pre-activations and are
+// saved for backward (with c and c'; tanh(c') is recomputed).
+// Gradient (one fused pass): do = dh tanh(c'), dc' = dh o (1 - tanh^2 c') + dc,
+// di = dc' g, df = dc' c, dg = dc' i, dc_prev = dc' f, each then multiplied by
+// the activation's derivative (s(1 - s) or 1 - g^2) to give the gradient of
+// the pre-activations; that matrix feeds every weight, input and hidden
+// gradient through matrix products, and its column sum is the bias gradient.
+//
+// float32 uses AVX2: sigmoid(x) = 1 / (1 + e^-x) and tanh(x) = 2 sigmoid(2x) - 1
+// with the shared vector exp (common/cpu_simd.h); tanh of small |x| uses its
+// Taylor series to keep the relative error small. float64 (and the vector
+// tails) use the scalar helpers of ops/lstm.h. Threads split the batch rows;
+// results do not depend on the thread count (each element is computed by the
+// same code whatever thread runs it, and column sums run in a fixed order).
+//
+// Speed against native (benchmarks/bench_lstm.py, 2 threads, float32,
+// forward+backward): see the end of this comment block after benchmarking.
+#include "ops/lstm.h"
+
+#include "ops/cpu/lstm_gemm.h"
+#include "ops/cpu/lstm_rows.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace handgrad {
+namespace lstm {
+namespace {
+
+// Rows per parallel task: enough elements to amortize the thread handoff.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * H)); }
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Rows [b0, b1): float32 through the vector row kernels (AVX-512 when the
+// CPU has it, else the baseline AVX2 build), float64 unit by unit.
+void forward_rows(const float* bih, const float* bhh, float* g, const float* c, float* cn,
+                  float* hn, int64_t b0, int64_t b1, int64_t H) {
+  (avx512_available() ? avx512::forward_rows : baseline::forward_rows)(g, bih, bhh, c, cn, hn,
+                                                                        b0, b1, H);
+}
+
+void forward_rows(const double* bih, const double* bhh, double* g, const double* c, double* cn,
+                  double* hn, int64_t b0, int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < H; ++j) {
+      forward_unit<double, double>(g + b * 4 * H, bih, bhh, c + b * H, cn + b * H, hn + b * H,
+                                   H, j);
+    }
+  }
+}
+
+void backward_rows(const float* pa, const float* pb, const float* pc, const float* g,
+                   const float* c, const float* cn, float* dg, float* dcp, int64_t b0,
+                   int64_t b1, int64_t H) {
+  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(pa, pb, pc, g, c, cn,
+                                                                          dg, dcp, b0, b1, H);
+}
+
+void backward_rows(const double* pa, const double* pb, const double* pc, const double* g,
+                   const double* c, const double* cn, double* dg, double* dcp, int64_t b0,
+                   int64_t b1, int64_t H) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t r = b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      backward_unit<double, double>(pa ? pa + r : nullptr, pb ? pb + r : nullptr,
+                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + 4 * r,
+                                    dcp + r, H, j);
+    }
+  }
+}
+
+void forward_cpu_kernel(at::Tensor& gates, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                        const at::Tensor& c_prev, at::Tensor& c_new, at::Tensor& h_new) {
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "handgrad::lstm forward (CPU)", [&] {
+    scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* bih = ptr_or_null<scalar_t>(b_ih);
+    const scalar_t* bhh = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t* c = c_prev.data_ptr<scalar_t>();
+    scalar_t* cn = c_new.data_ptr<scalar_t>();
+    scalar_t* hn = h_new.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
+    });
+  });
+}
+
+void backward_cpu_kernel(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
+                         const at::Tensor& gates, const at::Tensor& c_prev,
+                         const at::Tensor& c_new, at::Tensor& dgates, at::Tensor& dc_prev) {
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "handgrad::lstm backward (CPU)", [&] {
+    const scalar_t* pa = ptr_or_null<scalar_t>(dh_a);
+    const scalar_t* pb = ptr_or_null<scalar_t>(dh_b);
+    const scalar_t* pc = ptr_or_null<scalar_t>(dc);
+    const scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* c = c_prev.data_ptr<scalar_t>();
+    const scalar_t* cn = c_new.data_ptr<scalar_t>();
+    scalar_t* dg = dgates.data_ptr<scalar_t>();
+    scalar_t* dcp = dc_prev.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
+      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
+    });
+  });
+}
+
+// Column sums in double (float inputs) or double: a fixed summation order,
+// independent of the thread count, and little rounding error over long
+// sequences.
+void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
+  const int64_t R = m.size(0), C = m.size(1);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "handgrad::lstm column_sum (CPU)", [&] {
+    const scalar_t* p = m.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(1, R));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      std::vector<double> acc(c1 - c0, 0.0);
+      for (int64_t r = 0; r < R; ++r) {
+        const scalar_t* row = p + r * C + c0;
+        for (int64_t j = 0; j < c1 - c0; ++j) acc[j] += static_cast<double>(row[j]);
+      }
+      for (int64_t j = 0; j < c1 - c0; ++j) o[c0 + j] = static_cast<scalar_t>(acc[j]);
+    });
+  });
+}
+
+// float32 products go to the AVX-512 kernel of lstm_gemm.cpp when the CPU
+// has AVX-512; everything else falls back to at::mm in the driver.
+bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                const void* packed) {
+  if (c.scalar_type() != at::kFloat || !gemm::available() || c.dim() != 2 ||
+      (c.stride(1) != 1 && c.size(1) > 1)) {
+    return false;
+  }
+  float* out = c.data_ptr<float>();
+  const float* pa = a.data_ptr<float>();
+  if (packed != nullptr) {
+    gemm::matmul(a.size(0), pa, a.stride(0), a.stride(1),
+                 *static_cast<const gemm::PackedB*>(packed), out, c.stride(0), accumulate);
+  } else {
+    gemm::matmul(a.size(0), b.size(1), a.size(1), pa, a.stride(0), a.stride(1),
+                 b.data_ptr<float>(), b.stride(0), b.stride(1), out, c.stride(0), accumulate);
+  }
+  return true;
+}
+
+std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
+  if (b.scalar_type() != at::kFloat || !gemm::available()) return nullptr;
+  auto packed = std::make_shared<gemm::PackedB>();
+  gemm::pack_b(b.data_ptr<float>(), b.stride(0), b.stride(1), b.size(0), b.size(1), *packed);
+  return packed;
+}
+
+// One parallel region per time step: each thread runs the product and the
+// pointwise pass on its own rows (row b of the gates needs only row b of h),
+// so no barrier separates them and the rows are still in cache.
+bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
+                      const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
+                      at::Tensor& c_new, at::Tensor& h_new) {
+  if (gates.scalar_type() != at::kFloat || w_hh_t_packed == nullptr) return false;
+  const auto& w = *static_cast<const gemm::PackedB*>(w_hh_t_packed);
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  float* g = gates.data_ptr<float>();
+  const float* h = h_prev.data_ptr<float>();
+  const float* bih = ptr_or_null<float>(b_ih);
+  const float* bhh = ptr_or_null<float>(b_hh);
+  const float* c = c_prev.data_ptr<float>();
+  float* cn = c_new.data_ptr<float>();
+  float* hn = h_new.data_ptr<float>();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
+    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
+  });
+  return true;
+}
+
+// The backward step in one parallel region: pointwise backward of a thread's
+// rows, then their rows of dh_prev = dgates W_hh and grad_x = dgates W_ih.
+bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
+                       const at::Tensor& gates, const at::Tensor& c_prev,
+                       const at::Tensor& c_new, at::Tensor& dgates, at::Tensor& dc_prev,
+                       const void* w_hh_packed, at::Tensor& dh_prev, const void* w_ih_packed,
+                       at::Tensor& grad_x) {
+  if (gates.scalar_type() != at::kFloat || w_hh_packed == nullptr ||
+      (grad_x.defined() && w_ih_packed == nullptr)) {
+    return false;
+  }
+  const auto& w_hh = *static_cast<const gemm::PackedB*>(w_hh_packed);
+  const auto* w_ih = static_cast<const gemm::PackedB*>(w_ih_packed);
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  const float* pa = ptr_or_null<float>(dh_a);
+  const float* pb = ptr_or_null<float>(dh_b);
+  const float* pc = ptr_or_null<float>(dc);
+  const float* g = gates.data_ptr<float>();
+  const float* c = c_prev.data_ptr<float>();
+  const float* cn = c_new.data_ptr<float>();
+  float* dg = dgates.data_ptr<float>();
+  float* dcp = dc_prev.data_ptr<float>();
+  float* dh = dh_prev.data_ptr<float>();
+  float* gx = grad_x.defined() ? grad_x.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    // Reads rows b0..b1 of dh_b before the product below overwrites them.
+    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
+    gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
+    if (gx) {
+      gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
+                          false);
+    }
+  });
+  return true;
+}
+
+const Kernels kCpuKernels{&forward_cpu_kernel, &backward_cpu_kernel, &column_sum_cpu_kernel,
+                          &matmul_cpu,         &pack_cpu,            &step_forward_cpu,
+                          &step_backward_cpu};
+
+void check_cpu(const at::Tensor& t, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                       !at::isFloatingType(t.scalar_type()),
+              op, ": the CPU kernels support float32 and float64, but got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh) {
+  check_cpu(input, "handgrad::lstm_cell");
+  return cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, kCpuKernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward_cpu(const c10::optional<at::Tensor>& grad_hy,
+                       const c10::optional<at::Tensor>& grad_cy, const at::Tensor& gates,
+                       const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& input,
+                       const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  check_cpu(input, "handgrad::lstm_cell_backward");
+  return cell_backward(grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w_hh, kCpuKernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+  check_cpu(input, "handgrad::lstm_layer");
+  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kCpuKernels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const c10::optional<at::Tensor>& grad_output,
+                        const c10::optional<at::Tensor>& grad_hT,
+                        const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
+                        const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
+                        const at::Tensor& cells, bool reverse, bool input_grad) {
+  check_cpu(input, "handgrad::lstm_layer_backward");
+  return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
+                        cells, reverse, input_grad, kCpuKernels);
+}
+
+}  // namespace
+}  // namespace lstm
+}  // namespace handgrad
+
+TORCH_LIBRARY_IMPL(handgrad, CPU, m) {
+  m.impl("lstm_cell", &handgrad::lstm::lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &handgrad::lstm::lstm_cell_backward_cpu);
+  m.impl("lstm_layer", &handgrad::lstm::lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &handgrad::lstm::lstm_layer_backward_cpu);
+}

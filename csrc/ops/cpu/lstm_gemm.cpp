@@ -1,0 +1,237 @@
+// The LSTM's AVX-512 float32 matrix product (see lstm_gemm.h for why).
+//
+// Blocking: K in blocks of kKc; B packed into panels of kNr = 32 columns
+// (kc x 32 floats each, zero-padded past N), A into panels of kMr rows
+// (zero-padded past M). The micro-kernel keeps a kMr x 32 tile of C in
+// 2 kMr zmm registers: per k it loads two vectors of B, broadcasts kMr
+// values of A and issues 2 kMr FMAs. Edge tiles store only the valid rows,
+// and the valid columns through masked loads/stores. Threads split the tiles; every
+// element of C is summed in the same order whatever the thread count.
+#include "ops/cpu/lstm_gemm.h"
+#include "ops/cpu/lstm_rows.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HG_LSTM_AVX512 1
+#define HG_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,fma")))
+#else
+#define HG_LSTM_AVX512 0
+#endif
+
+namespace handgrad {
+namespace lstm {
+namespace gemm {
+namespace {
+
+constexpr int64_t kMr = 8;
+constexpr int64_t kNr = 32;
+constexpr int64_t kKc = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Packed offset of k-block starting at k0 (all earlier blocks hold k0 rows of every panel).
+int64_t block_offset(int64_t k0, int64_t N) { return k0 * ceil_div(N, kNr) * kNr; }
+
+void pack_b_block(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t kc, int64_t N,
+                  float* out) {
+  const int64_t panels = ceil_div(N, kNr);
+  at::parallel_for(0, panels, 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      float* dst = out + q * kc * kNr;
+      const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = B + (k0 + k) * rsb + n0 * csb;
+        float* d = dst + k * kNr;
+        if (csb == 1) {
+          std::memcpy(d, src, nr * sizeof(float));
+        } else {
+          for (int64_t j = 0; j < nr; ++j) d[j] = src[j * csb];
+        }
+        for (int64_t j = nr; j < kNr; ++j) d[j] = 0.0f;
+      }
+    }
+  });
+}
+
+#if HG_LSTM_AVX512
+
+// The first n (clamped to 0..16) lanes of a 16-float vector.
+__mmask16 low_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32], Bp packed; A(i, k)
+// is rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
+// packed panel).
+template <int64_t kStep>
+HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const float* bp,
+                                   float* C, int64_t ldc, int64_t mr, __mmask16 mask0,
+                                   __mmask16 mask1, bool accumulate) {
+  __m512 c0[kMr], c1[kMr];
+  const float* a[kMr];
+#pragma GCC unroll 16
+  for (int i = 0; i < kMr; ++i) {
+    c0[i] = _mm512_setzero_ps();
+    c1[i] = _mm512_setzero_ps();
+    a[i] = rows[i];
+  }
+  if (accumulate) {  // C is read after the k loop: fetch it meanwhile
+#pragma GCC unroll 16
+    for (int i = 0; i < kMr; ++i) {
+      if (i >= mr) break;
+      _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + 16), _MM_HINT_T0);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(bp);
+    const __m512 b1 = _mm512_loadu_ps(bp + 16);
+    bp += kNr;
+#pragma GCC unroll 16
+    for (int i = 0; i < kMr; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i][k * kStep]);
+      c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+  // Fully unrolled, so the accumulators stay in registers.
+#pragma GCC unroll 16
+  for (int i = 0; i < kMr; ++i) {
+    if (i >= mr) break;
+    float* c = C + i * ldc;
+    __m512 v0 = c0[i], v1 = c1[i];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, c));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, c + 16));
+    }
+    _mm512_mask_storeu_ps(c, mask0, v0);
+    _mm512_mask_storeu_ps(c + 16, mask1, v1);
+  }
+}
+
+// A's k-block [k0, k0 + kc) as row panels of kMr rows: panel p holds
+// A[p*kMr + i, k0 + k] at p*kc*kMr + k*kMr + i (zero past the last row).
+void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k0, int64_t kc,
+                  float* out) {
+  const int64_t panels = ceil_div(M, kMr);
+  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = out + p * kc * kMr;
+      const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = A + m0 * rsa + (k0 + k) * csa;
+        for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = i < mr ? src[i * rsa] : 0.0f;
+      }
+    }
+  });
+}
+
+// Tile t (column panel t / mp, row panel t % mp) of one k-block. A is either
+// packed (ap != nullptr) or read in place (rows contiguous in k, the k-block
+// starting at a_direct + m * rsa); the rows past M of an edge tile repeat the
+// last row and are not stored.
+void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct,
+          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate) {
+  const int64_t mp = ceil_div(M, kMr);
+  const int64_t q = t / mp, p = t % mp;
+  const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+  const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+  const float* rows[kMr];
+  for (int64_t i = 0; i < kMr; ++i) {
+    rows[i] = ap ? ap + p * kc * kMr + i : a_direct + (m0 + std::min(i, mr - 1)) * rsa;
+  }
+  float* c = C + m0 * ldc + n0;
+  if (ap) {
+    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
+                      accumulate);
+  } else {
+    micro_kernel<1>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
+                    accumulate);
+  }
+}
+
+// Every tile of one k-block; threads split the tiles.
+void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct, int64_t rsa,
+           const float* bp, float* C, int64_t ldc, bool accumulate) {
+  const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
+  const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, kMr * kNr * kc));
+  at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate);
+  });
+}
+
+#endif  // HG_LSTM_AVX512
+
+}  // namespace
+
+bool available() { return HG_LSTM_AVX512 && avx512_available(); }
+
+void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out) {
+  out.K = K;
+  out.N = N;
+  out.data.resize(static_cast<size_t>(block_offset(K, N)));
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    pack_b_block(B, rsb, csb, k0, std::min(kKc, K - k0), N, out.data.data() + block_offset(k0, N));
+  }
+}
+
+void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& B, float* C,
+            int64_t ldc, bool accumulate) {
+#if HG_LSTM_AVX512
+  const int64_t K = B.K, N = B.N;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    }
+    return;
+  }
+  // Rows of A contiguous in k are read in place; otherwise (a transposed
+  // view) each k-block is packed first.
+  std::vector<float> packed_a;
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kKc)));
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
+    tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa,
+          B.data.data() + block_offset(k0, N), C, ldc, accumulate || k0 > 0);
+  }
+#else
+  (void)M, (void)A, (void)rsa, (void)csa, (void)B, (void)C, (void)ldc, (void)accumulate;
+#endif
+}
+
+void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, float* C,
+                   int64_t ldc, bool accumulate) {
+#if HG_LSTM_AVX512
+  const int64_t K = B.K, N = B.N;
+  if (M == 0 || N == 0 || K == 0) return;
+  const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const float* bp = B.data.data() + block_offset(k0, N);
+    for (int64_t t = 0; t < count; ++t) {
+      tile(t, M, N, std::min(kKc, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
+           accumulate || k0 > 0);
+    }
+  }
+#else
+  (void)M, (void)A, (void)rsa, (void)B, (void)C, (void)ldc, (void)accumulate;
+#endif
+}
+
+void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+            const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc, bool accumulate) {
+  PackedB packed;
+  pack_b(B, rsb, csb, K, N, packed);
+  matmul(M, A, rsa, csa, packed, C, ldc, accumulate);
+}
+
+}  // namespace gemm
+}  // namespace lstm
+}  // namespace handgrad
