@@ -22,6 +22,9 @@ def _sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     torch._check(query.dim() >= 2 and key.dim() == query.dim() and value.dim() == query.dim(),
                  lambda: "handgrad::scaled_dot_product_attention: query, key and value need the "
                          "same number (at least 2) of dimensions")
+    torch._check(key.device == query.device and value.device == query.device,
+                 lambda: "handgrad::scaled_dot_product_attention: expected query, key and value "
+                         "to be on the same device")
     torch._check(key.shape[-1] == query.shape[-1],
                  lambda: "handgrad::scaled_dot_product_attention: query and key must have the "
                          "same head size")
@@ -62,6 +65,15 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rng):
 
 torch.library.register_autograd("handgrad::scaled_dot_product_attention", _backward,
                                 setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("handgrad::scaled_dot_product_attention does not support double "
+                              "backward")
+
+
+torch.library.register_autograd("handgrad::scaled_dot_product_attention_backward",
+                                _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
