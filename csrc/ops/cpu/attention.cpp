@@ -381,7 +381,9 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
                     const at::Tensor& mask_t, at::Tensor& gq_t, at::Tensor& gk_t,
                     at::Tensor& gv_t, const Problem& p) {
   // D = rowsum(dO o O): one value per query row (O(L) memory).
-  std::vector<T> D(p.batch * p.heads_q * p.L);
+  // (A tensor, so the benchmarks' allocator tracking sees it.)
+  at::Tensor D_t = at::empty({p.batch * p.heads_q * p.L}, q_t.options());
+  T* D = D_t.data_ptr<T>();
   const Rows<T> dO(go_t), O(out_t);
   at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -397,7 +399,7 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
   });
   const BackwardData<T> d{&p, Rows<T>(q_t), Rows<T>(k_t), Rows<T>(v_t), dO, Rows<T>(gq_t),
                           Rows<T>(gk_t), Rows<T>(gv_t), MaskView<T>(mask_t),
-                          lse_t.data_ptr<T>(), D.data()};
+                          lse_t.data_ptr<T>(), D};
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t q_tiles = (p.L + kBlockQ - 1) / kBlockQ;
   const int64_t k_tiles = (p.S + kBlockKBwd - 1) / kBlockKBwd;
