@@ -24,6 +24,7 @@ SHAPES = [
     ((3, 2, 2, 5, 6), (3, 2, 2, 8, 6), (3, 2, 2, 8, 6), False),  # two batch dimensions
     ((5, 7, 4), (5, 9, 4), (5, 9, 3), False),                    # no batch dimension
     ((7, 4), (9, 4), (9, 3), False),                             # 2-D
+    ((1, 2, 300, 4), (1, 2, 1100, 4), (1, 2, 1100, 3), False),   # several forward key tiles
 ]
 
 
@@ -99,6 +100,19 @@ def test_custom_scale_and_empty(device):
     q, k, v = make_qkv(((0, 2, 5, 4), (0, 2, 6, 4), (0, 2, 6, 3)), torch.float64, device)
     out, grads = assert_matches_native(call(sdpa), call(F.scaled_dot_product_attention), [q, k, v])
     assert out[0].shape == (0, 2, 5, 3)
+
+
+def test_rows_whose_first_key_tiles_are_masked(device):
+    # Online softmax: a row sees nothing in the first key tiles, then some keys.
+    q, k, v = make_qkv(((1, 2, 20, 4), (1, 2, 1300, 4), (1, 2, 1300, 5), False), torch.float64,
+                       device)
+    m = torch.rand(20, 1300, device=device) > 0.5
+    m[:10, :1200] = False
+    m[15] = False  # and one row that sees nothing at all
+    assert_matches_native(call(sdpa, m), call(F.scaled_dot_product_attention, m), [q, k, v])
+    m[:10, 1200:] = False
+    m[:10, 0] = True  # only the very first key
+    assert_matches_native(call(sdpa, m), call(F.scaled_dot_product_attention, m), [q, k, v])
 
 
 def test_fully_masked_rows_match_native(device):
@@ -387,3 +401,31 @@ def test_mixed_devices_meta():
     q, k, v = make_qkv(SHAPES[0], torch.float32)
     with pytest.raises(RuntimeError, match="same device"):
         sdpa(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize("shapes", [((1, 2, 150, 8), (1, 2, 700, 8), (1, 2, 700, 6), False),
+                                    ((2, 4, 70, 8), (2, 2, 300, 8), (2, 2, 300, 6), True)],
+                         ids=str)
+def test_dropout_gradients_match_explicit_reference(device, shapes):
+    # The keep pattern depends on (seed, head, row, column) only, so a call
+    # with value = I under the same seed exposes it; the reference then
+    # differentiates softmax(...) o Z / (1 - p) @ V with torch's autograd.
+    p = 0.25
+    q, k, v = make_qkv(shapes, torch.float64, device)
+    S = k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    torch.manual_seed(11)
+    eye = torch.eye(S, dtype=torch.float64, device=device).expand(*k.shape[:2], S, S)
+    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p, enable_gqa=shapes[3]) != 0
+
+    def reference(q, k, v):
+        kk = k.repeat_interleave(group, dim=1)
+        vv = v.repeat_interleave(group, dim=1)
+        probs = torch.softmax(q @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return (probs * kept / (1 - p)) @ vv
+
+    def mine(q, k, v):
+        torch.manual_seed(11)
+        return sdpa(q, k, v, dropout_p=p, enable_gqa=shapes[3])
+
+    assert_matches_native(mine, reference, [q, k, v])

@@ -107,8 +107,11 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
   gemm_loops(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-constexpr int64_t kBlockQ = 64;       // query rows per tile
-constexpr int64_t kBlockK = 128;      // keys per forward tile
+// Tile sizes (measured: within noise of each other from 64x128 to 256x512;
+// these were the best single-thread forward+backward at the target shapes).
+constexpr int64_t kBlockQ = 128;      // query rows per forward tile
+constexpr int64_t kBlockK = 512;      // keys per forward tile
+constexpr int64_t kBlockQBwd = 128;   // query rows per backward tile
 constexpr int64_t kBlockKBwd = 64;    // keys per backward tile
 
 // A (B, H, rows, features) tensor with a dense feature dimension.
@@ -299,7 +302,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> s, dp, z;
   explicit Scratch(bool dropout)
-      : s(kBlockQ * kBlockKBwd), dp(kBlockQ * kBlockKBwd), z(dropout ? kBlockQ * kBlockKBwd : 0) {}
+      : s(kBlockQBwd * kBlockKBwd), dp(kBlockQBwd * kBlockKBwd), z(dropout ? kBlockQBwd * kBlockKBwd : 0) {}
 };
 
 // One (query tile, key tile) pair of head (b, h): recomputes P and dS and
@@ -311,7 +314,7 @@ void backward_tile(const BackwardData<T>& d, Scratch<T>& w, int64_t b, int64_t h
   const int64_t hk = h / (p.heads_q / p.heads_kv), bh = b * p.heads_q + h;
   const int64_t ld = kBlockKBwd;
   TileCtx<T> c{&p, &d.mask, b, h, bh, d.Q.at(b, h, q0), d.Q.sr, d.K.at(b, hk, k0), d.K.sr,
-               q0, std::min(kBlockQ, p.L - q0), k0, std::min(kBlockKBwd, p.S - k0)};
+               q0, std::min(kBlockQBwd, p.L - q0), k0, std::min(kBlockKBwd, p.S - k0)};
   T* s = w.s.data();
   T* dp = w.dp.data();
   const bool dropout = p.dropout.p > 0.0f;
@@ -369,10 +372,10 @@ void backward_tile(const BackwardData<T>& d, Scratch<T>& w, int64_t b, int64_t h
 }
 
 // First query tile that can see key k0 (causal: rows i >= k0).
-inline int64_t first_q_tile(const Problem& p, int64_t k0) { return p.causal ? k0 / kBlockQ : 0; }
+inline int64_t first_q_tile(const Problem& p, int64_t k0) { return p.causal ? k0 / kBlockQBwd : 0; }
 // One past the last key a query tile starting at q0 can see.
 inline int64_t key_end(const Problem& p, int64_t q0) {
-  return p.causal ? std::min(p.S, q0 + kBlockQ) : p.S;
+  return p.causal ? std::min(p.S, q0 + kBlockQBwd) : p.S;
 }
 
 template <typename T>
@@ -401,7 +404,7 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
                           Rows<T>(gk_t), Rows<T>(gv_t), MaskView<T>(mask_t),
                           lse_t.data_ptr<T>(), D};
   const int64_t group = p.heads_q / p.heads_kv;
-  const int64_t q_tiles = (p.L + kBlockQ - 1) / kBlockQ;
+  const int64_t q_tiles = (p.L + kBlockQBwd - 1) / kBlockQBwd;
   const int64_t k_tiles = (p.S + kBlockKBwd - 1) / kBlockKBwd;
   const bool dropout = p.dropout.p > 0.0f;
 
@@ -414,7 +417,7 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           for (int64_t g = 0; g < group; ++g) {
             for (int64_t qt = first_q_tile(p, kt * kBlockKBwd); qt < q_tiles; ++qt) {
-              backward_tile(d, w, b, hk * group + g, qt * kBlockQ, kt * kBlockKBwd, true, true);
+              backward_tile(d, w, b, hk * group + g, qt * kBlockQBwd, kt * kBlockKBwd, true, true);
             }
           }
         }
@@ -431,7 +434,7 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
       const int64_t b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t qt = first_q_tile(p, kt * kBlockKBwd); qt < q_tiles; ++qt) {
-          backward_tile(d, w, b, hk * group + g, qt * kBlockQ, kt * kBlockKBwd, true, false);
+          backward_tile(d, w, b, hk * group + g, qt * kBlockQBwd, kt * kBlockKBwd, true, false);
         }
       }
     }
@@ -441,9 +444,9 @@ void backward_typed(const at::Tensor& go_t, const at::Tensor& q_t, const at::Ten
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, qt = task % q_tiles;
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-      const int64_t k_stop = key_end(p, qt * kBlockQ);
+      const int64_t k_stop = key_end(p, qt * kBlockQBwd);
       for (int64_t k0 = 0; k0 < k_stop; k0 += kBlockKBwd) {
-        backward_tile(d, w, b, h, qt * kBlockQ, k0, false, true);
+        backward_tile(d, w, b, h, qt * kBlockQBwd, k0, false, true);
       }
     }
   });
