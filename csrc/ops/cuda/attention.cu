@@ -90,6 +90,35 @@ __device__ __forceinline__ acc_t dropout_factor(const Problem& p, int64_t bh, in
   return keep(p.dropout, bh, i, j) ? static_cast<acc_t>(keep_scale(p.dropout.p)) : acc_t(0);
 }
 
+// Thread t's own row (of n features) into column t of a [n][width] shared
+// array (column-major, so a warp's threads hit different banks); zeros for
+// threads past the last row (row == nullptr).
+template <typename T, typename acc_t>
+__device__ __forceinline__ void own_row(const T* row, int64_t n, acc_t* dst, int width, int t) {
+  for (int64_t e = 0; e < n; ++e) dst[e * width + t] = row != nullptr ? static_cast<acc_t>(row[e]) : acc_t(0);
+}
+
+// Rows r0 .. r0+n-1 of head (b, h) of A and B into row-major shared tiles,
+// staged by the whole block between two barriers.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void stage_rows(const Rows<const T>& A, const Rows<const T>& B,
+                                           int64_t b, int64_t h, int64_t r0, int n, int64_t ea,
+                                           int64_t eb, acc_t* a_s, acc_t* b_s) {
+  __syncthreads();
+  for (int64_t x = threadIdx.x; x < int64_t(n) * ea; x += blockDim.x) {
+    a_s[x] = static_cast<acc_t>(A.at(b, h, r0 + x / ea)[x % ea]);
+  }
+  for (int64_t x = threadIdx.x; x < int64_t(n) * eb; x += blockDim.x) {
+    b_s[x] = static_cast<acc_t>(B.at(b, h, r0 + x / eb)[x % eb]);
+  }
+  __syncthreads();
+}
+
+// One past the last key the query tile starting at q0 can see.
+__device__ __forceinline__ int64_t tile_key_end(const Problem& p, int64_t q0) {
+  return p.causal ? imin(p.S, imin(p.L, q0 + kBlockQ)) : p.S;
+}
+
 // ------------------------------------------------------------- forward
 
 template <typename T, typename acc_t>
@@ -107,23 +136,15 @@ __global__ void forward_kernel_impl(Rows<const T> Q, Rows<const T> K, Rows<const
   const int64_t q0 = qt * kBlockQ, i = q0 + t;
   const bool active = i < p.L;
 
-  for (int64_t e = 0; e < p.E; ++e) q_s[e * kBlockQ + t] = active ? static_cast<acc_t>(Q.at(b, h, i)[e]) : acc_t(0);
-  for (int64_t e = 0; e < p.Ev; ++e) acc[e * kBlockQ + t] = acc_t(0);
+  own_row(active ? Q.at(b, h, i) : nullptr, p.E, q_s, kBlockQ, t);
+  own_row<T, acc_t>(nullptr, p.Ev, acc, kBlockQ, t);
   acc_t m = -inf<acc_t>(), l = 0;
   acc_t s[kBlockK];
 
-  const int64_t last_row = imin(p.L, q0 + kBlockQ) - 1;
-  const int64_t k_end = p.causal ? imin(p.S, last_row + 1) : p.S;
+  const int64_t k_end = tile_key_end(p, q0);
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int nk = static_cast<int>(imin(kBlockK, k_end - k0));
-    __syncthreads();
-    for (int64_t x = t; x < int64_t(nk) * p.E; x += blockDim.x) {
-      k_s[x] = static_cast<acc_t>(K.at(b, hk, k0 + x / p.E)[x % p.E]);
-    }
-    for (int64_t x = t; x < int64_t(nk) * p.Ev; x += blockDim.x) {
-      v_s[x] = static_cast<acc_t>(V.at(b, hk, k0 + x / p.Ev)[x % p.Ev]);
-    }
-    __syncthreads();
+    stage_rows(K, V, b, hk, k0, nk, p.E, p.Ev, k_s, v_s);
     if (!active) continue;
     acc_t tile_max = -inf<acc_t>();
     for (int j = 0; j < nk; ++j) {
@@ -186,8 +207,6 @@ __global__ void dkdv_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, R
   acc_t* dv = dk + p.E * kBlockKV;                  // [Ev][kBlockKV]
   acc_t* q_s = dv + p.Ev * kBlockKV;                // [kBlockQB][E]
   acc_t* do_s = q_s + kBlockQB * p.E;               // [kBlockQB][Ev]
-  acc_t* lse_s = do_s + kBlockQB * p.Ev;            // [kBlockQB]
-  acc_t* d_s = lse_s + kBlockQB;                    // [kBlockQB]
 
   const int64_t bhk = blockIdx.x / k_tiles, kt = blockIdx.x % k_tiles;
   const int64_t b = bhk / p.heads_kv, hk = bhk % p.heads_kv;
@@ -195,39 +214,24 @@ __global__ void dkdv_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, R
   const int t = threadIdx.x;
   const int64_t k0 = kt * kBlockKV, j = k0 + t;
   const bool active = j < p.S;
-  for (int64_t e = 0; e < p.E; ++e) {
-    k_s[e * kBlockKV + t] = active ? static_cast<acc_t>(K.at(b, hk, j)[e]) : acc_t(0);
-    dk[e * kBlockKV + t] = 0;
-  }
-  for (int64_t e = 0; e < p.Ev; ++e) {
-    v_s[e * kBlockKV + t] = active ? static_cast<acc_t>(V.at(b, hk, j)[e]) : acc_t(0);
-    dv[e * kBlockKV + t] = 0;
-  }
+  own_row(active ? K.at(b, hk, j) : nullptr, p.E, k_s, kBlockKV, t);
+  own_row(active ? V.at(b, hk, j) : nullptr, p.Ev, v_s, kBlockKV, t);
+  own_row<T, acc_t>(nullptr, p.E, dk, kBlockKV, t);
+  own_row<T, acc_t>(nullptr, p.Ev, dv, kBlockKV, t);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t first_row = p.causal ? (k0 / kBlockQB) * kBlockQB : 0;
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g, bh = b * p.heads_q + h;
     for (int64_t r0 = first_row; r0 < p.L; r0 += kBlockQB) {
       const int nq = static_cast<int>(imin(kBlockQB, p.L - r0));
-      __syncthreads();
-      for (int64_t x = t; x < int64_t(nq) * p.E; x += blockDim.x) {
-        q_s[x] = static_cast<acc_t>(Q.at(b, h, r0 + x / p.E)[x % p.E]);
-      }
-      for (int64_t x = t; x < int64_t(nq) * p.Ev; x += blockDim.x) {
-        do_s[x] = static_cast<acc_t>(dO.at(b, h, r0 + x / p.Ev)[x % p.Ev]);
-      }
-      if (t < nq) {
-        lse_s[t] = lse[bh * p.L + r0 + t];
-        d_s[t] = D[bh * p.L + r0 + t];
-      }
-      __syncthreads();
+      stage_rows(Q, dO, b, h, r0, nq, p.E, p.Ev, q_s, do_s);
       if (!active) continue;
       for (int r = 0; r < nq; ++r) {
         const int64_t i = r0 + r;
         acc_t dot = 0;
         for (int64_t e = 0; e < p.E; ++e) dot += q_s[r * p.E + e] * k_s[e * kBlockKV + t];
         const acc_t s = score<T, acc_t>(dot, p, mask, b, h, i, j);
-        const acc_t prob = exp(s - lse_s[r]);
+        const acc_t prob = exp(s - lse[bh * p.L + i]);  // same address for the block: broadcast
         if (prob == acc_t(0)) continue;
         const acc_t z = dropout_factor<acc_t>(p, bh, i, j);
         acc_t dp = 0;
@@ -236,7 +240,7 @@ __global__ void dkdv_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, R
           dv[e * kBlockKV + t] += prob * z * go;
           dp += go * v_s[e * kBlockKV + t];
         }
-        const acc_t ds = prob * (dp * z - d_s[r]) * scale;
+        const acc_t ds = prob * (dp * z - D[bh * p.L + i]) * scale;
         for (int64_t e = 0; e < p.E; ++e) dk[e * kBlockKV + t] += ds * q_s[r * p.E + e];
       }
     }
@@ -265,28 +269,16 @@ __global__ void dq_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, Row
   const int t = threadIdx.x;
   const int64_t q0 = qt * kBlockQ, i = q0 + t;
   const bool active = i < p.L;
-  for (int64_t e = 0; e < p.E; ++e) {
-    q_s[e * kBlockQ + t] = active ? static_cast<acc_t>(Q.at(b, h, i)[e]) : acc_t(0);
-    dq[e * kBlockQ + t] = 0;
-  }
-  for (int64_t e = 0; e < p.Ev; ++e) {
-    do_s[e * kBlockQ + t] = active ? static_cast<acc_t>(dO.at(b, h, i)[e]) : acc_t(0);
-  }
+  own_row(active ? Q.at(b, h, i) : nullptr, p.E, q_s, kBlockQ, t);
+  own_row(active ? dO.at(b, h, i) : nullptr, p.Ev, do_s, kBlockQ, t);
+  own_row<T, acc_t>(nullptr, p.E, dq, kBlockQ, t);
   const acc_t row_lse = active ? lse[bh * p.L + i] : acc_t(0);
   const acc_t row_d = active ? D[bh * p.L + i] : acc_t(0);
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const int64_t last_row = imin(p.L, q0 + kBlockQ) - 1;
-  const int64_t k_end = p.causal ? imin(p.S, last_row + 1) : p.S;
+  const int64_t k_end = tile_key_end(p, q0);
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int nk = static_cast<int>(imin(kBlockK, k_end - k0));
-    __syncthreads();
-    for (int64_t x = t; x < int64_t(nk) * p.E; x += blockDim.x) {
-      k_s[x] = static_cast<acc_t>(K.at(b, hk, k0 + x / p.E)[x % p.E]);
-    }
-    for (int64_t x = t; x < int64_t(nk) * p.Ev; x += blockDim.x) {
-      v_s[x] = static_cast<acc_t>(V.at(b, hk, k0 + x / p.Ev)[x % p.Ev]);
-    }
-    __syncthreads();
+    stage_rows(K, V, b, hk, k0, nk, p.E, p.Ev, k_s, v_s);
     if (!active) continue;
     for (int jj = 0; jj < nk; ++jj) {
       const int64_t j = k0 + jj;
@@ -365,8 +357,7 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor
                                                        D.data_ptr<acc_t>(), p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const size_t smem_kv = sizeof(acc_t) * (2 * (p.E + p.Ev) * kBlockKV +
-                                            kBlockQB * (p.E + p.Ev) + 2 * kBlockQB);
+    const size_t smem_kv = sizeof(acc_t) * (2 * (p.E + p.Ev) * kBlockKV + kBlockQB * (p.E + p.Ev));
     auto kv_kernel = dkdv_kernel<scalar_t, acc_t>;
     allow_smem(kv_kernel, smem_kv, "handgrad::scaled_dot_product_attention_backward");
     kv_kernel<<<static_cast<unsigned>(p.batch * p.heads_kv * k_tiles), kBlockKV, smem_kv, stream>>>(
