@@ -114,6 +114,19 @@ __device__ __forceinline__ void stage_rows(const Rows<const T>& A, const Rows<co
   __syncthreads();
 }
 
+// The (batch*head, query tile) of this block and the query row of this thread.
+struct QueryTile {
+  int64_t bh, b, h, hk, q0, i;
+  __device__ QueryTile(const Problem& p, int64_t q_tiles) {
+    bh = blockIdx.x / q_tiles;
+    b = bh / p.heads_q;
+    h = bh % p.heads_q;
+    hk = h / (p.heads_q / p.heads_kv);
+    q0 = (blockIdx.x % q_tiles) * kBlockQ;
+    i = q0 + threadIdx.x;
+  }
+};
+
 // One past the last key the query tile starting at q0 can see.
 __device__ __forceinline__ int64_t tile_key_end(const Problem& p, int64_t q0) {
   return p.causal ? imin(p.S, imin(p.L, q0 + kBlockQ)) : p.S;
@@ -130,10 +143,9 @@ __global__ void forward_kernel_impl(Rows<const T> Q, Rows<const T> K, Rows<const
   acc_t* k_s = acc + p.Ev * kBlockQ;                // [kBlockK][E]
   acc_t* v_s = k_s + kBlockK * p.E;                 // [kBlockK][Ev]
 
-  const int64_t bh = blockIdx.x / q_tiles, qt = blockIdx.x % q_tiles;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q, hk = h / (p.heads_q / p.heads_kv);
+  const QueryTile tile(p, q_tiles);
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk, q0 = tile.q0, i = tile.i;
   const int t = threadIdx.x;
-  const int64_t q0 = qt * kBlockQ, i = q0 + t;
   const bool active = i < p.L;
 
   own_row(active ? Q.at(b, h, i) : nullptr, p.E, q_s, kBlockQ, t);
@@ -264,10 +276,9 @@ __global__ void dq_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, Row
   acc_t* k_s = dq + p.E * kBlockQ;                  // [kBlockK][E]
   acc_t* v_s = k_s + kBlockK * p.E;                 // [kBlockK][Ev]
 
-  const int64_t bh = blockIdx.x / q_tiles, qt = blockIdx.x % q_tiles;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q, hk = h / (p.heads_q / p.heads_kv);
+  const QueryTile tile(p, q_tiles);
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk, q0 = tile.q0, i = tile.i;
   const int t = threadIdx.x;
-  const int64_t q0 = qt * kBlockQ, i = q0 + t;
   const bool active = i < p.L;
   own_row(active ? Q.at(b, h, i) : nullptr, p.E, q_s, kBlockQ, t);
   own_row(active ? dO.at(b, h, i) : nullptr, p.Ev, do_s, kBlockQ, t);
