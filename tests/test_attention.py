@@ -100,6 +100,10 @@ def test_custom_scale_and_empty(device):
     q, k, v = make_qkv(((0, 2, 5, 4), (0, 2, 6, 4), (0, 2, 6, 3)), torch.float64, device)
     out, grads = assert_matches_native(call(sdpa), call(F.scaled_dot_product_attention), [q, k, v])
     assert out[0].shape == (0, 2, 5, 3)
+    for shapes in (((2, 2, 5, 4), (2, 2, 0, 4), (2, 2, 0, 3)),   # no keys: output 0
+                   ((2, 2, 0, 4), (2, 2, 6, 4), (2, 2, 6, 3))):  # no queries
+        q, k, v = make_qkv(shapes, torch.float64, device)
+        assert_matches_native(call(sdpa), call(F.scaled_dot_product_attention), [q, k, v])
 
 
 def test_rows_whose_first_key_tiles_are_masked(device):
