@@ -104,6 +104,20 @@ def test_extreme_logits(device, kind, dtype, smoothing):
                               [x.requires_grad_(), t], rtol=1e-5, atol=1e-4)
 
 
+def test_probabilities_of_another_dtype_promote_like_native(device):
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    p = torch.rand(4, 5, device=device, dtype=torch.float64, requires_grad=True)
+    (loss,), _ = assert_matches_native(ce(H, None, -100, "mean", 0.1),
+                                       ce(F.cross_entropy, None, -100, "mean", 0.1), [x, p])
+    assert loss.dtype == torch.float64
+
+
+def test_byte_targets_are_class_indices(device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.tensor([0, 1, 4, 2], dtype=torch.uint8, device=device)
+    torch.testing.assert_close(H(x, t), F.cross_entropy(x, t))
+
+
 def test_nan_and_infinity_propagate_like_native(device):
     x = torch.randn(4, 6, device=device)
     x[0, 2] = float("nan")

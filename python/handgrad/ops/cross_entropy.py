@@ -66,4 +66,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if target.dtype != input.dtype and target.is_floating_point():
+        # Probabilities of another dtype: compute in the promoted one, as native does.
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
+        weight = None if weight is None else weight.to(dtype)
     return _FORWARD(input, target, weight, ignore_index, reduction, label_smoothing)[0]
