@@ -31,9 +31,10 @@
 // float16/bfloat16 are computed in float32 and rounded at the end.
 //
 // Speed against native (benchmarks/bench_attention.py --threads 2, float32,
-// forward+backward, native / handgrad, noisy shared 2-core machine):
-// (8,4,256,64) 1.01x, (2,8,2048,64) 1.01x, causal 1.13x, (32,4,65,32) 1.44x;
-// forward alone 0.9-1.0x, backward 1.0-1.4x. Peak memory of forward+backward
+// forward+backward, native / handgrad, two runs on a noisy shared 2-core
+// machine): (8,4,256,64) 1.01-1.48x, (2,8,2048,64) 1.01-1.23x, causal
+// 1.13-1.16x, (32,4,65,32) 1.44-1.45x; forward alone 0.95-1.1x (1 thread,
+// CPU time), backward 1.0-1.5x. Peak memory of forward+backward
 // at batch 1, 8 heads, E 64: 8.1 / 16.1 / 32.3 MB at L = 1024 / 2048 / 4096
 // (linear in L; native's CPU flash path: 12.0 / 22.1 / 42.1 MB).
 #include "ops/attention.h"

@@ -24,6 +24,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     so the output and the returned weights share one dropout pattern and
     gradients flow through both. Use need_weights=False for the O(L)-memory
     path.
+
+    One difference from native: a query row that every mask hides gets a
+    zero output (and zero weights), which is what native returns with
+    need_weights=False; native's need_weights=True path returns NaN there.
     """
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
