@@ -249,6 +249,9 @@ def test_lstm_cell_state_dict_and_bad_input():
                                (torch.zeros(2, 4), torch.zeros(2, 4)), mine.weight_ih, mine.weight_hh)
     with pytest.raises(ValueError, match="Expected input to be 1D or 2D"):
         mine(torch.randn(1, 2, 3))
+    half = copy_module(native, handgrad.nn.LSTMCell).half()
+    with pytest.raises(TypeError, match="CPU kernels support float32 and float64"):
+        half(torch.randn(2, 3, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="w_hh of shape"):
         handgrad.ops.lstm_cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 4)),
                                mine.weight_ih, torch.randn(16, 5))
@@ -337,6 +340,10 @@ def test_opcheck(device):
                       (None, None, torch.randn_like(cT))]:
             torch.library.opcheck(torch.ops.handgrad.lstm_layer_backward.default,
                                   (*grads, *detached, out.detach(), gates, cells, reverse))
+        # input_grad=False: the input is data, grad_input is an empty placeholder.
+        torch.library.opcheck(torch.ops.handgrad.lstm_layer_backward.default,
+                              (torch.randn_like(out), None, None, *detached, out.detach(), gates,
+                               cells, reverse, False))
 
 
 def test_torch_compile_cell_fullgraph(device):
@@ -419,3 +426,19 @@ def test_baseline_cpu_kernels_without_avx512():
     done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_cuda(device, dtype):
+    if device.type != "cuda":
+        pytest.skip("float16 / bfloat16 kernels are CUDA only (the CPU raises TypeError)")
+    native = nn.LSTM(8, 16, num_layers=2, bidirectional=True, device=device)
+    mine = copy_module(native, handgrad.nn.LSTM)
+    x = torch.randn(6, 4, 8, device=device)
+    ref, _ = native(x)  # float32 reference
+    out, (h, c) = mine.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.float().sum(), list(mine.parameters()))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
