@@ -226,9 +226,10 @@ def test_lstm_cell_noncontiguous_inputs(device):
     w_hh = torch.randn(2, 8, **f64).t()
     b = torch.randn(16, **f64)[::2]
     inputs = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
-    assert_matches_native(lambda x, h, c, wi, wh, b: handgrad.ops.lstm_cell(x, (h, c), wi, wh, b, b),
-                          lambda x, h, c, wi, wh, b: torch.lstm_cell(x, (h, c), wi, wh, b, b),
-                          inputs, atol=1e-10, rtol=1e-8)
+    assert_matches_native(
+        lambda x, h, c, wi, wh, b: handgrad.ops.lstm_cell(x, (h, c), wi, wh, b, b),
+        lambda x, h, c, wi, wh, b: torch.lstm_cell(x, (h, c), wi, wh, b, b),
+        inputs, atol=1e-10, rtol=1e-8)
 
 
 def test_lstm_cell_state_dict_and_bad_input():
@@ -246,7 +247,8 @@ def test_lstm_cell_state_dict_and_bad_input():
         mine(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating-point"):
         handgrad.ops.lstm_cell(torch.ones(2, 3, dtype=torch.long),
-                               (torch.zeros(2, 4), torch.zeros(2, 4)), mine.weight_ih, mine.weight_hh)
+                               (torch.zeros(2, 4), torch.zeros(2, 4)), mine.weight_ih,
+                               mine.weight_hh)
     with pytest.raises(ValueError, match="Expected input to be 1D or 2D"):
         mine(torch.randn(1, 2, 3))
     half = copy_module(native, handgrad.nn.LSTMCell).half()
