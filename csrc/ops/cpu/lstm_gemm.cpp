@@ -51,6 +51,18 @@ void pack_b_block(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t 
     for (int64_t q = q0; q < q1; ++q) {
       float* dst = out + q * kc * kNr;
       const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+      if (csb != 1 && rsb == 1) {
+        // A transposed matrix (a weight W^T): walk each of its rows once.
+        for (int64_t j = 0; j < kNr; ++j) {
+          if (j >= nr) {
+            for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = 0.0f;
+            continue;
+          }
+          const float* src = B + k0 + (n0 + j) * csb;
+          for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = src[k];
+        }
+        continue;
+      }
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = B + (k0 + k) * rsb + n0 * csb;
         float* d = dst + k * kNr;
