@@ -217,8 +217,9 @@ def test_lstm_cell_float32_matches_native(device, shape):
         assert_all_close(collect(mine), collect(native), **F32)
 
 
-def test_lstm_cell_noncontiguous_inputs(device):
-    f64 = dict(device=device, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_cell_noncontiguous_inputs(device, dtype):
+    f64 = dict(device=device, dtype=dtype)
     x = torch.randn(3, 6, **f64)[:, ::2]
     h = torch.randn(2, 3, **f64).t()
     c = torch.randn(3, 4, **f64)[:, 1:3]
@@ -226,9 +227,10 @@ def test_lstm_cell_noncontiguous_inputs(device):
     w_hh = torch.randn(2, 8, **f64).t()
     b = torch.randn(16, **f64)[::2]
     inputs = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
-    assert_matches_native(lambda x, h, c, wi, wh, b: handgrad.ops.lstm_cell(x, (h, c), wi, wh, b, b),
-                          lambda x, h, c, wi, wh, b: torch.lstm_cell(x, (h, c), wi, wh, b, b),
-                          inputs, atol=1e-10, rtol=1e-8)
+    assert_matches_native(
+        lambda x, h, c, wi, wh, b: handgrad.ops.lstm_cell(x, (h, c), wi, wh, b, b),
+        lambda x, h, c, wi, wh, b: torch.lstm_cell(x, (h, c), wi, wh, b, b),
+        inputs, **(F32 if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-8)))
 
 
 def test_lstm_cell_state_dict_and_bad_input():
@@ -246,9 +248,13 @@ def test_lstm_cell_state_dict_and_bad_input():
         mine(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating-point"):
         handgrad.ops.lstm_cell(torch.ones(2, 3, dtype=torch.long),
-                               (torch.zeros(2, 4), torch.zeros(2, 4)), mine.weight_ih, mine.weight_hh)
+                               (torch.zeros(2, 4), torch.zeros(2, 4)), mine.weight_ih,
+                               mine.weight_hh)
     with pytest.raises(ValueError, match="Expected input to be 1D or 2D"):
         mine(torch.randn(1, 2, 3))
+    half = copy_module(native, handgrad.nn.LSTMCell).half()
+    with pytest.raises(TypeError, match="CPU kernels support float32 and float64"):
+        half(torch.randn(2, 3, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="w_hh of shape"):
         handgrad.ops.lstm_cell(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 4)),
                                mine.weight_ih, torch.randn(16, 5))
@@ -337,6 +343,10 @@ def test_opcheck(device):
                       (None, None, torch.randn_like(cT))]:
             torch.library.opcheck(torch.ops.handgrad.lstm_layer_backward.default,
                                   (*grads, *detached, out.detach(), gates, cells, reverse))
+        # input_grad=False: the input is data, grad_input is an empty placeholder.
+        torch.library.opcheck(torch.ops.handgrad.lstm_layer_backward.default,
+                              (torch.randn_like(out), None, None, *detached, out.detach(), gates,
+                               cells, reverse, False))
 
 
 def test_torch_compile_cell_fullgraph(device):
@@ -419,3 +429,19 @@ def test_baseline_cpu_kernels_without_avx512():
     done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_cuda(device, dtype):
+    if device.type != "cuda":
+        pytest.skip("float16 / bfloat16 kernels are CUDA only (the CPU raises TypeError)")
+    native = nn.LSTM(8, 16, num_layers=2, bidirectional=True, device=device)
+    mine = copy_module(native, handgrad.nn.LSTM)
+    x = torch.randn(6, 4, 8, device=device)
+    ref, _ = native(x)  # float32 reference
+    out, (h, c) = mine.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.float().sum(), list(mine.parameters()))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)

@@ -4,15 +4,16 @@
 // the same Python-visible errors), run the matrix products (the backend's
 // own product when it provides one -- the CPU's AVX-512 kernel in
 // cpu/lstm_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
-// products, allowed by the project rules) and call the backend's fused pointwise kernels. The layer's
-// time loop is here, in C++: the input projection of all time steps is one
-// product (T*B, I) x (I, 4H); each step adds one (B, H) x (H, 4H) product
-// into its slice of the preallocated gate buffer and runs the pointwise
-// kernel, which writes h_t straight into the output and c_t into the saved
-// cell buffer. Backward through time is one loop over the saved gates that
-// fills the gate-gradient matrix of all steps (T, B, 4H) and accumulates the
-// weight gradients and the input gradient step by step (while the step's
-// gate gradient is in cache); the bias gradient is its column sum.
+// products, allowed by the project rules) and call the backend's fused
+// pointwise kernels. The layer's time loop is here, in C++: the input
+// projection of all time steps is one product (T*B, I) x (I, 4H); each step
+// adds one (B, H) x (H, 4H) product into its slice of the preallocated gate
+// buffer and runs the pointwise kernel (or the backend's fused step), which
+// writes h_t straight into the output and c_t into the saved cell buffer.
+// Backward through time is one loop over the saved gates that fills the
+// gate-gradient matrix of all steps (T, B, 4H) and accumulates the weight
+// gradients and the input gradient step by step (while the step's gate
+// gradient is in cache); the bias gradient is its column sum.
 #include "ops/lstm.h"
 
 #include "common/checks.h"
@@ -41,8 +42,9 @@ int64_t check_parameters(const at::Tensor& input, const at::Tensor& w_ih, const 
   const int64_t H = w_hh.size(1);
   TORCH_CHECK(H > 0, op, ": the hidden size (w_hh.size(1)) must be positive, but w_hh has shape ",
               w_hh.sizes());
-  TORCH_CHECK(w_hh.size(0) == 4 * H, op, ": expected w_hh of shape (4*hidden_size, hidden_size) = (",
-              4 * H, ", ", H, "), but got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.size(0) == 4 * H, op,
+              ": expected w_hh of shape (4*hidden_size, hidden_size) = (", 4 * H, ", ", H,
+              "), but got ", w_hh.sizes());
   TORCH_CHECK(w_ih.size(0) == 4 * H, op, ": expected w_ih to have 4*hidden_size = ", 4 * H,
               " rows, but got shape ", w_ih.sizes());
   TORCH_CHECK(input.size(-1) == w_ih.size(1), op,
@@ -122,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
   mm_into(k, gates, hx, w_hh.t(), true);
   at::Tensor hy = at::empty({B, H}, input.options());
   at::Tensor cy = at::empty({B, H}, input.options());
-  if (B > 0) k.forward(gates, defined_or_empty(b_ih), defined_or_empty(b_hh), cx.contiguous(), cy, hy);
+  if (B > 0) {
+    k.forward(gates, defined_or_empty(b_ih), defined_or_empty(b_hh), cx.contiguous(), cy, hy);
+  }
   return {hy, cy, gates};
 }
 
@@ -228,16 +232,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
   const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
-  // The weight gradients grad_w_hh = sum_t dgates_t^T h_{t-1} and
-  // grad_w_ih = sum_t dgates_t^T x_t, and grad_input_t = dgates_t W_ih, are
-  // computed step by step while dgates_t is still in cache.
-  at::Tensor grad_w_hh = at::empty({4 * H, H}, input.options());
-  at::Tensor grad_w_ih = at::empty({4 * H, I}, input.options());
+  // The weight gradients [grad_w_hh | grad_w_ih] = sum_t dgates_t^T [h_{t-1} | x_t]
+  // (one product per step, over the step's previous hidden state and input
+  // laid side by side in hx) and grad_input_t = dgates_t W_ih are computed
+  // step by step while dgates_t is still in cache.
+  at::Tensor grad_w = at::empty({4 * H, H + I}, input.options());
+  at::Tensor hx = at::empty({T, B, H + I}, input.options());
+  hx.narrow(2, H, I).copy_(input);
+  hx.select(0, reverse ? T - 1 : 0).narrow(1, 0, H).copy_(h0);
+  if (T > 1) {
+    hx.narrow(0, reverse ? 0 : 1, T - 1)
+        .narrow(2, 0, H)
+        .copy_(output.narrow(0, reverse ? 1 : 0, T - 1));
+  }
   // Without input_grad (the input is data) grad_input is an empty placeholder.
   at::Tensor grad_input = at::empty(input_grad ? at::IntArrayRef{T, B, I} : at::IntArrayRef{0},
                                     input.options());
   const std::shared_ptr<const void> w_ih_packed = input_grad ? pack(k, w_ih) : nullptr;
-  const at::Tensor h0c = h0.contiguous(), out_c = output.contiguous(), x = input.contiguous();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? s : T - 1 - s;  // forward steps, last first
     const bool first = reverse ? t == T - 1 : t == 0;
@@ -260,14 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (input_grad) mm_into(k, gx_t, dg_t, w_ih, false, w_ih_packed.get());
     }
     dh_rec = dh_buf;
-    mm_into(k, grad_w_hh, dg_t.t(), first ? h0c : out_c.select(0, t_prev), s > 0);
-    mm_into(k, grad_w_ih, dg_t.t(), x.select(0, t), s > 0);
+    mm_into(k, grad_w, dg_t.t(), hx.select(0, t), s > 0);
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dg2, grad_b);
-  return {grad_input, dh_buf, dc, grad_w_ih, grad_w_hh, grad_b};
+  return {grad_input, dh_buf, dc, grad_w.narrow(1, H, I).contiguous(),
+          grad_w.narrow(1, 0, H).contiguous(), grad_b};
 }
 
 }  // namespace lstm
@@ -291,7 +302,7 @@ TORCH_LIBRARY_FRAGMENT(handgrad, m) {
   m.def(
       "lstm_layer_backward(Tensor? grad_output, Tensor? grad_hT, Tensor? grad_cT, Tensor input, "
       "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor output, Tensor gates, "
-      "Tensor cells, bool reverse, bool input_grad=True) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)",
+      "Tensor cells, bool reverse, bool input_grad=True) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)",
       {at::Tag::pt2_compliant_tag});
 }

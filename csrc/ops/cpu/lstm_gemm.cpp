@@ -34,16 +34,35 @@ constexpr int64_t kKc = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Panels per packing task: at least 64K floats.
+int64_t pack_grain(int64_t panel_floats) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, panel_floats));
+}
+
 // Packed offset of k-block starting at k0 (all earlier blocks hold k0 rows of every panel).
 int64_t block_offset(int64_t k0, int64_t N) { return k0 * ceil_div(N, kNr) * kNr; }
 
 void pack_b_block(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t kc, int64_t N,
                   float* out) {
   const int64_t panels = ceil_div(N, kNr);
-  at::parallel_for(0, panels, 4, [&](int64_t q0, int64_t q1) {
+  // Packing is cheap next to the product: small blocks (the per-step ones of
+  // the time loop) are packed on one thread, sparing a parallel region.
+  at::parallel_for(0, panels, pack_grain(kc * kNr), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       float* dst = out + q * kc * kNr;
       const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+      if (csb != 1 && rsb == 1) {
+        // A transposed matrix (a weight W^T): walk each of its rows once.
+        for (int64_t j = 0; j < kNr; ++j) {
+          if (j >= nr) {
+            for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = 0.0f;
+            continue;
+          }
+          const float* src = B + k0 + (n0 + j) * csb;
+          for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = src[k];
+        }
+        continue;
+      }
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = B + (k0 + k) * rsb + n0 * csb;
         float* d = dst + k * kNr;
@@ -120,7 +139,7 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
 void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k0, int64_t kc,
                   float* out) {
   const int64_t panels = ceil_div(M, kMr);
-  at::parallel_for(0, panels, 8, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, panels, pack_grain(kc * kMr), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* dst = out + p * kc * kMr;
       const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);

@@ -57,8 +57,8 @@ def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=False):
 @torch.library.register_fake("handgrad::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output,
                               gates, cells, reverse, input_grad=True):
-    return (input.new_empty(input.shape if input_grad else (0,)), input.new_empty(h0.shape), input.new_empty(c0.shape),
-            input.new_empty(w_ih.shape), input.new_empty(w_hh.shape),
+    return (input.new_empty(input.shape if input_grad else (0,)), input.new_empty(h0.shape),
+            input.new_empty(c0.shape), input.new_empty(w_ih.shape), input.new_empty(w_hh.shape),
             input.new_empty((w_ih.shape[0],)))
 
 
