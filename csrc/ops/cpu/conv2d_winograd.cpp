@@ -7,24 +7,31 @@
 // the tile is y_t = A^T [U (.) V_t] A, so per point xi of the 4x4 transform
 // domain the convolution becomes one matrix product over channels:
 //   M[xi][co][t] = sum_ci U[xi][co][ci] V[xi][ci][t]
-// -- 16 products (at::bmm, the only BLAS call here) doing 2.25x fewer
-// multiply-adds than im2col's one. The transforms use only 0, +-1, +-1/2,
+// -- 16 products doing 2.25x fewer multiply-adds than im2col's one: for
+// float32 on a CPU with AVX-512 the project's AVX-512 product
+// (common/cpu_gemm.h: the BLAS behind at::mm runs AVX2 code on AMD, native
+// conv2d oneDNN's AVX-512), one call per point; else at::bmm / baddbmm_
+// (BLAS, the only BLAS calls here). The transforms use only 0, +-1, +-1/2,
 // so float32 rounding stays close to the direct sum's.
 // Gradients: the map is linear, so backward runs its adjoint exactly:
 //   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
 //   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
-// Batch chunks run in parallel (each product single-threaded); the weight
+// Batch chunks run in parallel (each product single-threaded: nested
+// at::parallel_for runs inline); the weight
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
 // Speed (benchmarks/bench_conv2d.py --threads 2): (128,256,4,4)->512 k3 p1
 // forward+backward 1.11x native (im2col + at::mm measured 0.97x there).
 #include "ops/cpu/conv2d_cpu.h"
 
+#include "common/cpu_gemm.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -261,6 +268,28 @@ void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry
   }
 }
 
+// out[xi] = a[xi] b[xi], or out[xi] += a[xi] b[xi] (accumulate), for the 16
+// points: the AVX-512 product for float32 when the CPU has it, else BLAS.
+void products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (out.scalar_type() != at::kFloat || !cpu_gemm::available()) {
+    if (accumulate) {
+      out.baddbmm_(a, b);
+    } else {
+      at::bmm_out(out, a, b);
+    }
+    return;
+  }
+  for (int xi = 0; xi < kPoints; ++xi) {
+    at::Tensor o = out[xi];
+    if (cpu_gemm::mm(o, a[xi], b[xi], accumulate)) continue;
+    if (accumulate) {
+      o.addmm_(a[xi], b[xi]);
+    } else {
+      at::mm_out(o, a[xi], b[xi]);
+    }
+  }
+}
+
 template <typename F>
 void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
   const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
@@ -288,7 +317,7 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
     transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
-    at::bmm_out(m, u, v);
+    products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
   });
 }
@@ -307,7 +336,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
     transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
-    at::bmm_out(dv, ut, dm);
+    products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
   });
 }
@@ -336,7 +365,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
         transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
         transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
-        acc.baddbmm_(dm, v.transpose(1, 2));
+        products(acc, dm, v.transpose(1, 2), true);
       }
     }
   });
