@@ -45,7 +45,11 @@ namespace winograd {
 namespace {
 
 constexpr int kPoints = 16;                       // 4x4 transform domain
-constexpr int64_t kMaxChunkFloats = 3 << 18;      // V and M of one chunk (~3 MB of float)
+// V and M of one chunk (~12 MB of float32): up to kMaxTiles tiles per product
+// (its N; its K in the weight gradient, whose 16 accumulated dU blocks are
+// read and written once per chunk). At (128,256,4,4)->512 going from 64 to
+// 256 tiles cut the weight gradient by ~15%.
+constexpr int64_t kMaxChunkFloats = 3 << 20;
 constexpr int64_t kMaxTiles = 256;
 constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
@@ -136,33 +140,35 @@ at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g) {
   return u;
 }
 
-// Zero-padded planes of one image: [channel][padded_h][padded_w].
+// The zero-padded plane of one image channel: [padded_h][padded_w].
 template <typename T>
-void pad_image(const View4<T>& x, int64_t n, const Geometry& g, const Tiling& t, T* pad) {
-  const int64_t plane = t.padded_h * t.padded_w;
-  std::fill(pad, pad + g.in_channels * plane, T(0));
+void pad_plane(const View4<T>& x, int64_t n, int64_t c, const Geometry& g, const Tiling& t,
+               T* pad) {
+  std::fill(pad, pad + t.padded_h * t.padded_w, T(0));
   const int64_t rows = std::min(g.h.in_size, t.padded_h - g.h.pad_begin);
   const int64_t cols = std::min(g.w.in_size, t.padded_w - g.w.pad_begin);
-  for (int64_t c = 0; c < g.in_channels; ++c) {
-    const T* src = x.plane(n, c);
-    T* dst = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
-    for (int64_t h = 0; h < rows; ++h) {
-      for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
-    }
+  const T* src = x.plane(n, c);
+  T* dst = pad + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+  for (int64_t h = 0; h < rows; ++h) {
+    for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
   }
 }
+
+// The transform loops run channel by channel and, within a channel, over the
+// chunk's tiles in order, so each of the 16 rows V[xi][c][:] (M, dM, dV
+// alike) is written or read front to back.
 
 // V[xi][c][tile] for the chunk's tiles (tile = image * per_image + th * cols + tw).
 template <typename T>
 void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geometry& g,
                      const Tiling& t, T* pad, T* v, int64_t tiles) {
-  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
-  for (int64_t i = 0; i < images; ++i) {
-    pad_image(x, first + i, g, t, pad);
-    for (int64_t c = 0; c < C; ++c) {
+  const int64_t C = g.in_channels;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < images; ++i) {
+      pad_plane(x, first + i, c, g, t, pad);
       for (int64_t th = 0; th < t.rows; ++th) {
         for (int64_t tw = 0; tw < t.cols; ++tw) {
-          const T* d = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
+          const T* d = pad + 2 * th * t.padded_w + 2 * tw;
           T rows[kPoints], full[kPoints];
           for (int col = 0; col < 4; ++col) input_1d(d + col, t.padded_w, rows + col, 4);
           for (int r = 0; r < 4; ++r) input_1d(rows + r * 4, 1, full + r * 4, 1);
@@ -179,8 +185,8 @@ template <typename T>
 void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, const Geometry& g,
                            const Tiling& t, T* dm, int64_t tiles) {
   const int64_t K = g.out_channels;
-  for (int64_t i = 0; i < images; ++i) {
-    for (int64_t co = 0; co < K; ++co) {
+  for (int64_t co = 0; co < K; ++co) {
+    for (int64_t i = 0; i < images; ++i) {
       const T* plane = go.plane(first + i, co);
       for (int64_t th = 0; th < t.rows; ++th) {
         for (int64_t tw = 0; tw < t.cols; ++tw) {
@@ -208,10 +214,10 @@ template <typename T>
 void store_output(const T* m, const T* bias, int64_t first, int64_t images, const Geometry& g,
                   const Tiling& t, int64_t tiles, const View4<T>& y) {
   const int64_t K = g.out_channels;
-  for (int64_t i = 0; i < images; ++i) {
-    for (int64_t co = 0; co < K; ++co) {
+  for (int64_t co = 0; co < K; ++co) {
+    const T b = bias ? bias[co] : T(0);
+    for (int64_t i = 0; i < images; ++i) {
       T* plane = y.plane(first + i, co);
-      const T b = bias ? bias[co] : T(0);
       for (int64_t th = 0; th < t.rows; ++th) {
         for (int64_t tw = 0; tw < t.cols; ++tw) {
           const int64_t tile = i * t.per_image() + th * t.cols + tw;
@@ -233,14 +239,15 @@ void store_output(const T* m, const T* bias, int64_t first, int64_t images, cons
   }
 }
 
-// dx = sum over tiles of B dV B^T placed at the tile's patch, cropped to the input.
+// dx = sum over tiles of B dV B^T placed at the tile's patch, cropped to the
+// input; pad holds one padded plane.
 template <typename T>
 void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry& g,
                       const Tiling& t, int64_t tiles, T* pad, const View4<T>& dx) {
-  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
-  for (int64_t i = 0; i < images; ++i) {
-    std::fill(pad, pad + C * plane, T(0));
-    for (int64_t c = 0; c < C; ++c) {
+  const int64_t C = g.in_channels;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < images; ++i) {
+      std::fill(pad, pad + t.padded_h * t.padded_w, T(0));
       for (int64_t th = 0; th < t.rows; ++th) {
         for (int64_t tw = 0; tw < t.cols; ++tw) {
           const int64_t tile = i * t.per_image() + th * t.cols + tw;
@@ -248,14 +255,14 @@ void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry
           for (int xi = 0; xi < kPoints; ++xi) full[xi] = dv[(xi * C + c) * tiles + tile];
           for (int col = 0; col < 4; ++col) input_adjoint_1d(full + col, 4, rows + col, 4);
           for (int r = 0; r < 4; ++r) input_adjoint_1d(rows + r * 4, 1, d + r * 4, 1);
-          T* patch = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
+          T* patch = pad + 2 * th * t.padded_w + 2 * tw;
           for (int r = 0; r < 4; ++r) {
             for (int col = 0; col < 4; ++col) patch[r * t.padded_w + col] += d[r * 4 + col];
           }
         }
       }
       T* out = dx.plane(first + i, c);
-      const T* inner = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+      const T* inner = pad + g.h.pad_begin * t.padded_w + g.w.pad_begin;
       for (int64_t h = 0; h < g.h.in_size; ++h) {
         for (int64_t w = 0; w < g.w.in_size; ++w) {
           // Input positions past the tiles' reach get no gradient (they are
@@ -313,7 +320,7 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    std::vector<T> pad(t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
     transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
@@ -332,7 +339,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    std::vector<T> pad(t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
     transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
@@ -355,7 +362,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
-    std::vector<T> pad(C * t.padded_h * t.padded_w);
+    std::vector<T> pad(t.padded_h * t.padded_w);
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
