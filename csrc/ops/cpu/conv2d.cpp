@@ -29,10 +29,11 @@
 // 5, --reps 10 --max-seconds 5 --modes fwdbwd) the small-channel cases
 // measured 0.6-2x at 1 and 2 threads. The large-channel layers, 1 | 2
 // threads, before -> after the switch from at::mm/at::bmm (MKL, AVX2 code on
-// AMD) to the AVX-512 GEMM:
-//   (128,64,16,16)->128 k3p1 (gemm)    0.56x -> 0.98x | 0.59x -> 1.05x
-//   (128,256,4,4)->512 k3p1 (winograd) 0.49x -> 0.75x | 0.48x -> 0.80x
-//   (128,40,12,12)->80 k5 (gemm)       0.56x -> 0.91x | 0.49x -> 0.91x
+// AMD) to the AVX-512 GEMM (and, for Winograd, lane-vectorized transforms);
+// ranges are two runs of the same code:
+//   (128,64,16,16)->128 k3p1 (gemm)    0.56x -> 0.90-0.98x | 0.59x -> 0.84-1.05x
+//   (128,256,4,4)->512 k3p1 (winograd) 0.49x -> 0.92x      | 0.48x -> 0.97x
+//   (128,40,12,12)->80 k5 (gemm)       0.56x -> 0.91-0.92x | 0.49x -> 0.91-0.93x
 // native runs oneDNN's AVX-512 convolutions near the core's peak; the rest of
 // the gap is im2col / packing / the Winograd transforms (memory-bound).
 // channels_last at (128,64,16,16)->128 runs at 0.61x: native computes NHWC

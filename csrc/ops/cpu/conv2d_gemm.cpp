@@ -24,9 +24,10 @@
 // or any view) without copies.
 //
 // Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5, 1 | 2 threads): (128,64,16,16)->128 k3 p1 0.98x |
-// 1.05x native, (128,40,12,12)->80 k5 0.91x | 0.91x (with at::mm, MKL's AVX2
-// code: 0.56x | 0.59x and 0.56x | 0.49x). See cpu/conv2d.cpp for the rest.
+// fwdbwd, AMD EPYC Zen 5, 1 | 2 threads, two runs): (128,64,16,16)->128 k3 p1
+// 0.90-0.98x | 0.84-1.05x native, (128,40,12,12)->80 k5 0.91-0.92x |
+// 0.91-0.93x (with at::mm, MKL's AVX2 code: 0.56x | 0.59x and 0.56x |
+// 0.49x). See cpu/conv2d.cpp for the rest.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"

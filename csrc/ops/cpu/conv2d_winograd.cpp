@@ -21,10 +21,11 @@
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
 // Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5): (128,256,4,4)->512 k3 p1 forward+backward 0.75x
-// native at 1 thread, 0.80x at 2 (with at::bmm, MKL's AVX2 code: 0.49x,
-// 0.48x). The transforms (scalar, memory-bound) are most of the remaining
-// gap. Peak memory 2-3x native's (a chunk's V and M, up to ~12 MB a thread).
+// fwdbwd, AMD EPYC Zen 5): (128,256,4,4)->512 k3 p1 forward+backward 0.92x
+// native at 1 thread, 0.97x at 2 (with at::bmm, MKL's AVX2 code, and one
+// tile at a time through the transforms: 0.49x, 0.48x). The transforms
+// (memory-bound) are most of the remaining gap. Peak memory 2.3x native's at
+// 1 thread, 3x at 2 (a chunk's V and M, up to ~12 MB a thread).
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
