@@ -89,6 +89,7 @@ def make_cases(device):
         case((128, 1, 28, 28), 4, 3, 1),
         case((128, 64, 16, 16), 128, 3, 1, channels_last=True),
         case((128, 64, 32, 32), 64, 3, 1, stride=2),
+        case((128, 40, 12, 12), 80, 5),  # the MNIST CNN's second layer
     ]
 
 

@@ -1,5 +1,9 @@
 """handgrad.ops.conv2d and handgrad.nn.Conv2d against torch.nn.functional.conv2d."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +166,41 @@ def test_deterministic(device, cfg):
     again = torch.autograd.grad(fn(x, w, b).square().sum(), (x, w, b))
     for a, c in zip(first, again):
         assert torch.equal(a, c)
+
+
+_PRODUCTS_SCRIPT = """
+import torch, torch.nn.functional as F, handgrad
+torch.manual_seed(0)
+cases = [  # (input shape, weight shape, padding, groups)
+    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # im2col path: K = 576 (3 k-blocks), edge tiles
+    ((2, 96, 5, 5), (40, 48, 3, 3), 2, 2),    # im2col path with groups, no NCHW view of the output
+    ((3, 128, 6, 5), (136, 128, 3, 3), 1, 1),  # Winograd path: 16 products, partial tiles
+]
+for x_shape, w_shape, padding, groups in cases:
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
+        w = (torch.randn(w_shape, dtype=dtype) / (w_shape[1] * 9) ** 0.5).requires_grad_()
+        b = torch.randn(w_shape[0], dtype=dtype, requires_grad=True)
+        results = []
+        for fn in (handgrad.ops.conv2d, F.conv2d):
+            y = fn(x, w, b, 1, padding, 1, groups)
+            results.append([y, *torch.autograd.grad(y.sin().sum(), (x, w, b))])
+        for a, r in zip(*results):
+            torch.testing.assert_close(a, r, atol=tol, rtol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_cpu_matrix_products_with_and_without_avx512(avx512):
+    # float32 products run the AVX-512 kernel (common/cpu_gemm.h) when the CPU
+    # has it, at::mm / at::bmm otherwise; HANDGRAD_CPU_AVX512=0 forces the
+    # latter, so both are compared with native here (the first only differs
+    # from the second on an AVX-512 machine).
+    env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
+    done = subprocess.run([sys.executable, "-c", _PRODUCTS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def _opcheck_cases(device):

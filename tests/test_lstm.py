@@ -423,9 +423,9 @@ print("ok")
 
 def test_baseline_cpu_kernels_without_avx512():
     # The float32 kernels pick AVX-512 at run time when the CPU has it;
-    # HANDGRAD_LSTM_AVX512=0 forces the baseline (AVX2) pointwise kernels and
+    # HANDGRAD_CPU_AVX512=0 forces the baseline (AVX2) pointwise kernels and
     # at::mm, so both paths are tested on an AVX-512 machine.
-    env = dict(os.environ, HANDGRAD_LSTM_AVX512="0")
+    env = dict(os.environ, HANDGRAD_CPU_AVX512="0")
     done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -3,7 +3,7 @@
 // The drivers validate every argument (so CPU, CUDA and LibTorch callers get
 // the same Python-visible errors), run the matrix products (the backend's
 // own product when it provides one -- the CPU's AVX-512 kernel in
-// cpu/lstm_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
+// common/cpu_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
 // products, allowed by the project rules) and call the backend's fused
 // pointwise kernels. The layer's time loop is here, in C++: the input
 // projection of all time steps is one product (T*B, I) x (I, 4H); each step

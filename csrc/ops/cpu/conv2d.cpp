@@ -4,10 +4,13 @@
 //  * direct (cpu/conv2d_direct.cpp): AVX2 register-blocked correlations over
 //    zero-padded, stride-phase-split image planes; for small channel counts
 //    (LeNet/MNIST-style layers), where a matrix product is too thin for BLAS.
-//  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3) with at::bmm; for 3x3,
-//    stride-1 layers with >= 128 channels in and out.
-//  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks + at::mm;
-//    other large-channel layers.
+//  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3), 16 matrix products;
+//    for 3x3, stride-1 layers with >= 128 channels in and out.
+//  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks + one
+//    matrix product each; other large-channel layers.
+//  The matrix products of both run the AVX-512 float32 GEMM of
+//  common/cpu_gemm.h when the CPU has AVX-512 (at::mm's BLAS runs AVX2 code
+//  on AMD), else at::mm / at::bmm; HANDGRAD_CPU_AVX512=0 forces the latter.
 // Gradients: forward y = W * x + b (correlation); dx = full correlation of dy
 // with the flipped kernel; dW = correlation of x with dy; db = sum of dy over
 // batch and pixels (below). Saved for backward: input and weight only.
@@ -18,12 +21,22 @@
 // --max-seconds 12; "first" = the images need no gradient, as in a network):
 //   (4,3,32,32)->6 k5 first 170x   (128,3,32,32)->6 k5 first 1.70x
 //   (128,6,14,14)->16 k5 2.63x     (128,3,32,32)->64 k3p1 first 1.95x
-//   (128,64,16,16)->128 k3p1 1.27x (128,256,4,4)->512 k3p1 1.11x
 //   (128,1,28,28)->40 k5 first 2.30x (128,1,28,28)->4 k3p1 first 2.52x
 //   (128,4,14,14)->8 k3p1 2.51x
 // (The tiny first case is mostly native's per-call threading cost on a busy
 // machine; handgrad keeps work below ~2M multiply-adds on one thread.)
-// channels_last at (128,64,16,16)->128 runs at 0.64x: native computes NHWC
+// Those numbers came from a busier moment; on a quieter machine (AMD EPYC Zen
+// 5, --reps 10 --max-seconds 5 --modes fwdbwd) the small-channel cases
+// measured 0.6-2x at 1 and 2 threads. The large-channel layers, 1 | 2
+// threads, before -> after the switch from at::mm/at::bmm (MKL, AVX2 code on
+// AMD) to the AVX-512 GEMM (and, for Winograd, lane-vectorized transforms);
+// ranges are two runs of the same code:
+//   (128,64,16,16)->128 k3p1 (gemm)    0.56x -> 0.90-0.98x | 0.59x -> 0.84-1.05x
+//   (128,256,4,4)->512 k3p1 (winograd) 0.49x -> 0.92x      | 0.48x -> 0.97x
+//   (128,40,12,12)->80 k5 (gemm)       0.56x -> 0.91-0.92x | 0.49x -> 0.91-0.93x
+// native runs oneDNN's AVX-512 convolutions near the core's peak; the rest of
+// the gap is im2col / packing / the Winograd transforms (memory-bound).
+// channels_last at (128,64,16,16)->128 runs at 0.61x: native computes NHWC
 // directly, these paths transpose to NCHW.
 #include "ops/cpu/conv2d_cpu.h"
 

@@ -7,24 +7,35 @@
 // the tile is y_t = A^T [U (.) V_t] A, so per point xi of the 4x4 transform
 // domain the convolution becomes one matrix product over channels:
 //   M[xi][co][t] = sum_ci U[xi][co][ci] V[xi][ci][t]
-// -- 16 products (at::bmm, the only BLAS call here) doing 2.25x fewer
-// multiply-adds than im2col's one. The transforms use only 0, +-1, +-1/2,
+// -- 16 products doing 2.25x fewer multiply-adds than im2col's one: for
+// float32 on a CPU with AVX-512 the project's AVX-512 product
+// (common/cpu_gemm.h: the BLAS behind at::mm runs AVX2 code on AMD, native
+// conv2d oneDNN's AVX-512), one call per point; else at::bmm / baddbmm_
+// (BLAS, the only BLAS calls here). The transforms use only 0, +-1, +-1/2,
 // so float32 rounding stays close to the direct sum's.
 // Gradients: the map is linear, so backward runs its adjoint exactly:
 //   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
 //   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
-// Batch chunks run in parallel (each product single-threaded); the weight
+// Batch chunks run in parallel (each product single-threaded: nested
+// at::parallel_for runs inline); the weight
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
-// Speed (benchmarks/bench_conv2d.py --threads 2): (128,256,4,4)->512 k3 p1
-// forward+backward 1.11x native (im2col + at::mm measured 0.97x there).
+// Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
+// fwdbwd, AMD EPYC Zen 5): (128,256,4,4)->512 k3 p1 forward+backward 0.92x
+// native at 1 thread, 0.97x at 2 (with at::bmm, MKL's AVX2 code, and one
+// tile at a time through the transforms: 0.49x, 0.48x). The transforms
+// (memory-bound) are most of the remaining gap. Peak memory 2.3x native's at
+// 1 thread, 3x at 2 (a chunk's V and M, up to ~12 MB a thread).
 #include "ops/cpu/conv2d_cpu.h"
+
+#include "common/cpu_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -38,7 +49,11 @@ namespace winograd {
 namespace {
 
 constexpr int kPoints = 16;                       // 4x4 transform domain
-constexpr int64_t kMaxChunkFloats = 3 << 18;      // V and M of one chunk (~3 MB of float)
+// V and M of one chunk (~12 MB of float32): up to kMaxTiles tiles per product
+// (its N; its K in the weight gradient, whose 16 accumulated dU blocks are
+// read and written once per chunk). At (128,256,4,4)->512 going from 64 to
+// 256 tiles cut the weight gradient by ~15%.
+constexpr int64_t kMaxChunkFloats = 3 << 20;
 constexpr int64_t kMaxTiles = 256;
 constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
@@ -129,39 +144,77 @@ at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g) {
   return u;
 }
 
-// Zero-padded planes of one image: [channel][padded_h][padded_w].
+// Tiles go through the transforms kLanes at a time: the tile
+// values are gathered into lane arrays, transformed in a loop over the lanes
+// (which the compiler vectorizes) and the 16 rows of M / dM are read or
+// written as contiguous runs.
+constexpr int64_t kLanes = 16;
+
+// (image, th, tw) of consecutive tiles, starting at tile t0.
+struct TileCursor {
+  int64_t i, th, tw;
+  TileCursor(int64_t t0, const Tiling& t)
+      : i(t0 / t.per_image()), th(t0 % t.per_image() / t.cols), tw(t0 % t.cols) {}
+  void next(const Tiling& t) {
+    if (++tw == t.cols) {
+      tw = 0;
+      if (++th == t.rows) {
+        th = 0;
+        ++i;
+      }
+    }
+  }
+};
+
+// The zero-padded planes of channel c of the chunk's images:
+// [image][padded_h][padded_w].
 template <typename T>
-void pad_image(const View4<T>& x, int64_t n, const Geometry& g, const Tiling& t, T* pad) {
+void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, const Geometry& g,
+                const Tiling& t, T* pad) {
   const int64_t plane = t.padded_h * t.padded_w;
-  std::fill(pad, pad + g.in_channels * plane, T(0));
+  std::fill(pad, pad + images * plane, T(0));
   const int64_t rows = std::min(g.h.in_size, t.padded_h - g.h.pad_begin);
   const int64_t cols = std::min(g.w.in_size, t.padded_w - g.w.pad_begin);
-  for (int64_t c = 0; c < g.in_channels; ++c) {
-    const T* src = x.plane(n, c);
-    T* dst = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+  for (int64_t i = 0; i < images; ++i) {
+    const T* src = x.plane(first + i, c);
+    T* dst = pad + i * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
     for (int64_t h = 0; h < rows; ++h) {
       for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
     }
   }
 }
 
-// V[xi][c][tile] for the chunk's tiles (tile = image * per_image + th * cols + tw).
+// The transform loops run channel by channel and, within a channel, over the
+// chunk's tiles in order, so each of the 16 rows V[xi][c][:] (M, dM, dV
+// alike) is written or read front to back.
+
+// V[xi][c][tile] for the chunk's tiles (tile = image * per_image + th * cols
+// + tw); pad holds one padded plane per image.
 template <typename T>
 void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geometry& g,
                      const Tiling& t, T* pad, T* v, int64_t tiles) {
   const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
-  for (int64_t i = 0; i < images; ++i) {
-    pad_image(x, first + i, g, t, pad);
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t th = 0; th < t.rows; ++th) {
-        for (int64_t tw = 0; tw < t.cols; ++tw) {
-          const T* d = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
-          T rows[kPoints], full[kPoints];
-          for (int col = 0; col < 4; ++col) input_1d(d + col, t.padded_w, rows + col, 4);
-          for (int r = 0; r < 4; ++r) input_1d(rows + r * 4, 1, full + r * 4, 1);
-          const int64_t tile = i * t.per_image() + th * t.cols + tw;
-          for (int xi = 0; xi < kPoints; ++xi) v[(xi * C + c) * tiles + tile] = full[xi];
+  for (int64_t c = 0; c < C; ++c) {
+    pad_planes(x, first, images, c, g, t, pad);
+    for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
+      const int64_t n = std::min(kLanes, tiles - t0);
+      T d[kPoints][kLanes], full[kPoints][kLanes];
+      TileCursor at(t0, t);
+      for (int64_t l = 0; l < n; ++l, at.next(t)) {
+        const T* p = pad + at.i * plane + 2 * at.th * t.padded_w + 2 * at.tw;
+        for (int r = 0; r < 4; ++r) {
+          for (int col = 0; col < 4; ++col) d[r * 4 + col][l] = p[r * t.padded_w + col];
         }
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        T dl[kPoints], rows[kPoints], f[kPoints];
+        for (int j = 0; j < kPoints; ++j) dl[j] = d[j][l];
+        for (int col = 0; col < 4; ++col) input_1d(dl + col, 4, rows + col, 4);
+        for (int r = 0; r < 4; ++r) input_1d(rows + r * 4, 1, f + r * 4, 1);
+        for (int xi = 0; xi < kPoints; ++xi) full[xi][l] = f[xi];
+      }
+      for (int xi = 0; xi < kPoints; ++xi) {
+        std::copy(full[xi], full[xi] + n, v + (xi * C + c) * tiles + t0);
       }
     }
   }
@@ -171,26 +224,33 @@ void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geo
 template <typename T>
 void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, const Geometry& g,
                            const Tiling& t, T* dm, int64_t tiles) {
+  (void)images;
   const int64_t K = g.out_channels;
-  for (int64_t i = 0; i < images; ++i) {
-    for (int64_t co = 0; co < K; ++co) {
-      const T* plane = go.plane(first + i, co);
-      for (int64_t th = 0; th < t.rows; ++th) {
-        for (int64_t tw = 0; tw < t.cols; ++tw) {
-          T y[4];
-          for (int r = 0; r < 2; ++r) {
-            for (int c = 0; c < 2; ++c) {
-              const int64_t oh = 2 * th + r, ow = 2 * tw + c;
-              y[r * 2 + c] = (oh < g.h.out_size && ow < g.w.out_size)
-                                 ? plane[oh * go.sh + ow * go.sw] : T(0);
-            }
+  for (int64_t co = 0; co < K; ++co) {
+    for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
+      const int64_t n = std::min(kLanes, tiles - t0);
+      T y[4][kLanes];
+      TileCursor at(t0, t);
+      for (int64_t l = 0; l < n; ++l, at.next(t)) {
+        const T* plane = go.plane(first + at.i, co);
+        for (int r = 0; r < 2; ++r) {
+          for (int c = 0; c < 2; ++c) {
+            const int64_t oh = 2 * at.th + r, ow = 2 * at.tw + c;
+            y[r * 2 + c][l] = (oh < g.h.out_size && ow < g.w.out_size)
+                                  ? plane[oh * go.sh + ow * go.sw] : T(0);
           }
-          T rows[2 * 4], full[kPoints];
-          for (int c = 0; c < 2; ++c) output_adjoint_1d(y + c, 2, rows + c, 2);  // 4 x 2
-          for (int r = 0; r < 4; ++r) output_adjoint_1d(rows + r * 2, 1, full + r * 4, 1);
-          const int64_t tile = i * t.per_image() + th * t.cols + tw;
-          for (int xi = 0; xi < kPoints; ++xi) dm[(xi * K + co) * tiles + tile] = full[xi];
         }
+      }
+      T full[kPoints][kLanes];
+      for (int64_t l = 0; l < n; ++l) {
+        T yl[4], rows[2 * 4], f[kPoints];
+        for (int j = 0; j < 4; ++j) yl[j] = y[j][l];
+        for (int c = 0; c < 2; ++c) output_adjoint_1d(yl + c, 2, rows + c, 2);  // 4 x 2
+        for (int r = 0; r < 4; ++r) output_adjoint_1d(rows + r * 2, 1, f + r * 4, 1);
+        for (int xi = 0; xi < kPoints; ++xi) full[xi][l] = f[xi];
+      }
+      for (int xi = 0; xi < kPoints; ++xi) {
+        std::copy(full[xi], full[xi] + n, dm + (xi * K + co) * tiles + t0);
       }
     }
   }
@@ -200,25 +260,30 @@ void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, co
 template <typename T>
 void store_output(const T* m, const T* bias, int64_t first, int64_t images, const Geometry& g,
                   const Tiling& t, int64_t tiles, const View4<T>& y) {
+  (void)images;
   const int64_t K = g.out_channels;
-  for (int64_t i = 0; i < images; ++i) {
-    for (int64_t co = 0; co < K; ++co) {
-      T* plane = y.plane(first + i, co);
-      const T b = bias ? bias[co] : T(0);
-      for (int64_t th = 0; th < t.rows; ++th) {
-        for (int64_t tw = 0; tw < t.cols; ++tw) {
-          const int64_t tile = i * t.per_image() + th * t.cols + tw;
-          T full[kPoints], rows[2 * 4], out[4];
-          for (int xi = 0; xi < kPoints; ++xi) full[xi] = m[(xi * K + co) * tiles + tile];
-          for (int c = 0; c < 4; ++c) output_1d(full + c, 4, rows + c, 4);  // 2 x 4
-          for (int r = 0; r < 2; ++r) output_1d(rows + r * 4, 1, out + r * 2, 1);
-          for (int r = 0; r < 2; ++r) {
-            for (int c = 0; c < 2; ++c) {
-              const int64_t oh = 2 * th + r, ow = 2 * tw + c;
-              if (oh < g.h.out_size && ow < g.w.out_size) {
-                plane[oh * y.sh + ow * y.sw] = out[r * 2 + c] + b;
-              }
-            }
+  for (int64_t co = 0; co < K; ++co) {
+    const T b = bias ? bias[co] : T(0);
+    for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
+      const int64_t n = std::min(kLanes, tiles - t0);
+      T full[kPoints][kLanes], out[4][kLanes];
+      for (int xi = 0; xi < kPoints; ++xi) {
+        std::copy(m + (xi * K + co) * tiles + t0, m + (xi * K + co) * tiles + t0 + n, full[xi]);
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        T f[kPoints], rows[2 * 4], o[4];
+        for (int xi = 0; xi < kPoints; ++xi) f[xi] = full[xi][l];
+        for (int c = 0; c < 4; ++c) output_1d(f + c, 4, rows + c, 4);  // 2 x 4
+        for (int r = 0; r < 2; ++r) output_1d(rows + r * 4, 1, o + r * 2, 1);
+        for (int j = 0; j < 4; ++j) out[j][l] = o[j] + b;
+      }
+      TileCursor at(t0, t);
+      for (int64_t l = 0; l < n; ++l, at.next(t)) {
+        T* plane = y.plane(first + at.i, co);
+        for (int r = 0; r < 2; ++r) {
+          for (int c = 0; c < 2; ++c) {
+            const int64_t oh = 2 * at.th + r, ow = 2 * at.tw + c;
+            if (oh < g.h.out_size && ow < g.w.out_size) plane[oh * y.sh + ow * y.sw] = out[r * 2 + c][l];
           }
         }
       }
@@ -226,14 +291,15 @@ void store_output(const T* m, const T* bias, int64_t first, int64_t images, cons
   }
 }
 
-// dx = sum over tiles of B dV B^T placed at the tile's patch, cropped to the input.
+// dx = sum over tiles of B dV B^T placed at the tile's patch, cropped to the
+// input; pad holds one padded plane.
 template <typename T>
 void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry& g,
                       const Tiling& t, int64_t tiles, T* pad, const View4<T>& dx) {
-  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
-  for (int64_t i = 0; i < images; ++i) {
-    std::fill(pad, pad + C * plane, T(0));
-    for (int64_t c = 0; c < C; ++c) {
+  const int64_t C = g.in_channels;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < images; ++i) {
+      std::fill(pad, pad + t.padded_h * t.padded_w, T(0));
       for (int64_t th = 0; th < t.rows; ++th) {
         for (int64_t tw = 0; tw < t.cols; ++tw) {
           const int64_t tile = i * t.per_image() + th * t.cols + tw;
@@ -241,14 +307,14 @@ void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry
           for (int xi = 0; xi < kPoints; ++xi) full[xi] = dv[(xi * C + c) * tiles + tile];
           for (int col = 0; col < 4; ++col) input_adjoint_1d(full + col, 4, rows + col, 4);
           for (int r = 0; r < 4; ++r) input_adjoint_1d(rows + r * 4, 1, d + r * 4, 1);
-          T* patch = pad + c * plane + 2 * th * t.padded_w + 2 * tw;
+          T* patch = pad + 2 * th * t.padded_w + 2 * tw;
           for (int r = 0; r < 4; ++r) {
             for (int col = 0; col < 4; ++col) patch[r * t.padded_w + col] += d[r * 4 + col];
           }
         }
       }
       T* out = dx.plane(first + i, c);
-      const T* inner = pad + c * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+      const T* inner = pad + g.h.pad_begin * t.padded_w + g.w.pad_begin;
       for (int64_t h = 0; h < g.h.in_size; ++h) {
         for (int64_t w = 0; w < g.w.in_size; ++w) {
           // Input positions past the tiles' reach get no gradient (they are
@@ -257,6 +323,28 @@ void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry
           out[h * dx.sh + w * dx.sw] = covered ? inner[h * t.padded_w + w] : T(0);
         }
       }
+    }
+  }
+}
+
+// out[xi] = a[xi] b[xi], or out[xi] += a[xi] b[xi] (accumulate), for the 16
+// points: the AVX-512 product for float32 when the CPU has it, else BLAS.
+void products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (out.scalar_type() != at::kFloat || !cpu_gemm::available()) {
+    if (accumulate) {
+      out.baddbmm_(a, b);
+    } else {
+      at::bmm_out(out, a, b);
+    }
+    return;
+  }
+  for (int xi = 0; xi < kPoints; ++xi) {
+    at::Tensor o = out[xi];
+    if (cpu_gemm::mm(o, a[xi], b[xi], accumulate)) continue;
+    if (accumulate) {
+      o.addmm_(a[xi], b[xi]);
+    } else {
+      at::mm_out(o, a[xi], b[xi]);
     }
   }
 }
@@ -284,11 +372,11 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
     transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
-    at::bmm_out(m, u, v);
+    products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
   });
 }
@@ -303,11 +391,11 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(g.in_channels * t.padded_h * t.padded_w);
+    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
     transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
-    at::bmm_out(dv, ut, dm);
+    products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
   });
 }
@@ -326,7 +414,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
-    std::vector<T> pad(C * t.padded_h * t.padded_w);
+    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
@@ -336,7 +424,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
         transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
         transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
-        acc.baddbmm_(dm, v.transpose(1, 2));
+        products(acc, dm, v.transpose(1, 2), true);
       }
     }
   });

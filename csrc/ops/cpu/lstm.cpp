@@ -1,7 +1,7 @@
 // lstm, CPU kernels.
 //
 // Algorithm: a step's gate matrix, gates = x W_ih^T + h W_hh^T (the driver in
-// ops/lstm.cpp runs the products: the AVX-512 kernel of lstm_gemm.cpp for
+// ops/lstm.cpp runs the products: the AVX-512 kernel of common/cpu_gemm.cpp for
 // float32 when the CPU has AVX-512, at::mm otherwise), goes through ONE fused
 // pointwise pass per row: add both biases, sigmoid / sigmoid / tanh / sigmoid
 // on the [i | f | g | o] blocks, c' = f c + i g, h' = o tanh(c'); the
@@ -32,7 +32,7 @@
 // --threads 2 wall-clock runs on the shared machine were too noisy to quote.
 #include "ops/lstm.h"
 
-#include "ops/cpu/lstm_gemm.h"
+#include "common/cpu_gemm.h"
 #include "ops/cpu/lstm_rows.h"
 
 #include <ATen/Dispatch.h>
@@ -147,30 +147,25 @@ void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
   });
 }
 
-// float32 products go to the AVX-512 kernel of lstm_gemm.cpp when the CPU
-// has AVX-512; everything else falls back to at::mm in the driver.
+// float32 products go to the AVX-512 kernel of common/cpu_gemm.cpp when the
+// CPU has AVX-512; everything else falls back to at::mm in the driver.
 bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const void* packed) {
-  if (c.scalar_type() != at::kFloat || !gemm::available() || c.dim() != 2 ||
+  if (packed == nullptr) return cpu_gemm::mm(c, a, b, accumulate);
+  if (c.scalar_type() != at::kFloat || !cpu_gemm::available() || c.dim() != 2 ||
       (c.stride(1) != 1 && c.size(1) > 1)) {
     return false;
   }
-  float* out = c.data_ptr<float>();
-  const float* pa = a.data_ptr<float>();
-  if (packed != nullptr) {
-    gemm::matmul(a.size(0), pa, a.stride(0), a.stride(1),
-                 *static_cast<const gemm::PackedB*>(packed), out, c.stride(0), accumulate);
-  } else {
-    gemm::matmul(a.size(0), b.size(1), a.size(1), pa, a.stride(0), a.stride(1),
-                 b.data_ptr<float>(), b.stride(0), b.stride(1), out, c.stride(0), accumulate);
-  }
+  cpu_gemm::matmul(a.size(0), a.data_ptr<float>(), a.stride(0), a.stride(1),
+                   *static_cast<const cpu_gemm::PackedB*>(packed), c.data_ptr<float>(),
+                   c.stride(0), accumulate);
   return true;
 }
 
 std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
-  if (b.scalar_type() != at::kFloat || !gemm::available()) return nullptr;
-  auto packed = std::make_shared<gemm::PackedB>();
-  gemm::pack_b(b.data_ptr<float>(), b.stride(0), b.stride(1), b.size(0), b.size(1), *packed);
+  if (b.scalar_type() != at::kFloat || !cpu_gemm::available()) return nullptr;
+  auto packed = std::make_shared<cpu_gemm::PackedB>();
+  cpu_gemm::pack_b(b.data_ptr<float>(), b.stride(0), b.stride(1), b.size(0), b.size(1), *packed);
   return packed;
 }
 
@@ -181,7 +176,7 @@ bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w
                       const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
                       at::Tensor& c_new, at::Tensor& h_new) {
   if (gates.scalar_type() != at::kFloat || w_hh_t_packed == nullptr) return false;
-  const auto& w = *static_cast<const gemm::PackedB*>(w_hh_t_packed);
+  const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_hh_t_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
   float* g = gates.data_ptr<float>();
   const float* h = h_prev.data_ptr<float>();
@@ -191,7 +186,7 @@ bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w
   float* cn = c_new.data_ptr<float>();
   float* hn = h_new.data_ptr<float>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
+    cpu_gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
     forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
   });
   return true;
@@ -208,8 +203,8 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
       (grad_x.defined() && w_ih_packed == nullptr)) {
     return false;
   }
-  const auto& w_hh = *static_cast<const gemm::PackedB*>(w_hh_packed);
-  const auto* w_ih = static_cast<const gemm::PackedB*>(w_ih_packed);
+  const auto& w_hh = *static_cast<const cpu_gemm::PackedB*>(w_hh_packed);
+  const auto* w_ih = static_cast<const cpu_gemm::PackedB*>(w_ih_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
   const float* pa = ptr_or_null<float>(dh_a);
   const float* pb = ptr_or_null<float>(dh_b);
@@ -224,9 +219,9 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     // Reads rows b0..b1 of dh_b before the product below overwrites them.
     backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
-    gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
+    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
     if (gx) {
-      gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
+      cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
                           false);
     }
   });

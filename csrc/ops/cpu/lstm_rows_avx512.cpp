@@ -19,19 +19,16 @@
 #endif
 #include "ops/cpu/lstm_rows.inc"
 
-#include <cstdlib>
-#include <string>
+#include "common/cpu_gemm.h"
 
 namespace handgrad {
 namespace lstm {
 
 bool avx512_available() {
 #if LSTM_ROWS_WIDTH == 16
-  // HANDGRAD_LSTM_AVX512=0 forces the baseline kernels (to test them here).
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512dq") &&
-                         !(std::getenv("HANDGRAD_LSTM_AVX512") &&
-                           std::string(std::getenv("HANDGRAD_LSTM_AVX512")) == "0");
+  // cpu_gemm::available() checks AVX-512F/VL and HANDGRAD_CPU_AVX512=0 (which
+  // forces the baseline kernels, to test them here).
+  static const bool ok = cpu_gemm::available() && __builtin_cpu_supports("avx512dq");
   return ok;
 #else
   return false;

@@ -1,4 +1,5 @@
-// The LSTM's AVX-512 float32 matrix product (see lstm_gemm.h for why).
+// The AVX-512 float32 matrix product shared by the CPU kernels (see
+// cpu_gemm.h for why).
 //
 // Blocking: K in blocks of kKc; B packed into panels of kNr = 32 columns
 // (kc x 32 floats each, zero-padded past N), A into panels of kMr rows
@@ -7,25 +8,25 @@
 // values of A and issues 2 kMr FMAs. Edge tiles store only the valid rows,
 // and the valid columns through masked loads/stores. Threads split the tiles; every
 // element of C is summed in the same order whatever the thread count.
-#include "ops/cpu/lstm_gemm.h"
-#include "ops/cpu/lstm_rows.h"
+#include "common/cpu_gemm.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define HG_LSTM_AVX512 1
+#define HG_CPU_GEMM_AVX512 1
 #define HG_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,fma")))
 #else
-#define HG_LSTM_AVX512 0
+#define HG_CPU_GEMM_AVX512 0
 #endif
 
 namespace handgrad {
-namespace lstm {
-namespace gemm {
+namespace cpu_gemm {
 namespace {
 
 constexpr int64_t kMr = 8;
@@ -77,7 +78,7 @@ void pack_b_block(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t 
   });
 }
 
-#if HG_LSTM_AVX512
+#if HG_CPU_GEMM_AVX512
 
 // The first n (clamped to 0..16) lanes of a 16-float vector.
 __mmask16 low_mask(int64_t n) {
@@ -185,11 +186,20 @@ void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_dir
   });
 }
 
-#endif  // HG_LSTM_AVX512
+#endif  // HG_CPU_GEMM_AVX512
 
 }  // namespace
 
-bool available() { return HG_LSTM_AVX512 && avx512_available(); }
+bool available() {
+#if HG_CPU_GEMM_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         !(std::getenv("HANDGRAD_CPU_AVX512") &&
+                           std::string(std::getenv("HANDGRAD_CPU_AVX512")) == "0");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out) {
   out.K = K;
@@ -202,7 +212,7 @@ void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, Pack
 
 void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& B, float* C,
             int64_t ldc, bool accumulate) {
-#if HG_LSTM_AVX512
+#if HG_CPU_GEMM_AVX512
   const int64_t K = B.K, N = B.N;
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -228,7 +238,7 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
 
 void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, float* C,
                    int64_t ldc, bool accumulate) {
-#if HG_LSTM_AVX512
+#if HG_CPU_GEMM_AVX512
   const int64_t K = B.K, N = B.N;
   if (M == 0 || N == 0 || K == 0) return;
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
@@ -251,6 +261,17 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_
   matmul(M, A, rsa, csa, packed, C, ldc, accumulate);
 }
 
-}  // namespace gemm
-}  // namespace lstm
+bool mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (c.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat ||
+      b.scalar_type() != at::kFloat || !available() || c.dim() != 2 || a.dim() != 2 ||
+      b.dim() != 2 || (c.stride(1) != 1 && c.size(1) > 1)) {
+    return false;
+  }
+  matmul(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+         b.const_data_ptr<float>(), b.stride(0), b.stride(1), c.mutable_data_ptr<float>(),
+         c.stride(0), accumulate);
+  return true;
+}
+
+}  // namespace cpu_gemm
 }  // namespace handgrad

@@ -1,10 +1,15 @@
-// A float32 matrix product for the LSTM's CPU kernels: C (+)= A B.
+// A float32 matrix product for the CPU kernels (lstm, conv2d's gemm and
+// winograd paths): C (+)= A B.
 //
 // Why not at::mm: on this project's benchmark machine (AMD EPYC, Zen 5) the
-// BLAS behind at::mm runs its AVX2 code path, while native nn.LSTM (oneDNN)
-// uses AVX-512, i.e. twice the arithmetic per instruction. This product is
-// compiled for AVX-512 with a target attribute and used only when the CPU
-// reports AVX-512F at run time; elsewhere callers fall back to at::mm.
+// BLAS behind at::mm (MKL) runs its AVX2 code path on AMD, ~85 GFLOP/s per
+// core, while the native ops it is compared with (nn.LSTM, conv2d) run
+// oneDNN's AVX-512 kernels, i.e. twice the arithmetic per instruction. This
+// product is compiled for AVX-512 with a target attribute and used only when
+// the CPU reports AVX-512F/VL at run time; elsewhere (and for float64)
+// callers fall back to at::mm. HANDGRAD_CPU_AVX512=0 in the environment
+// turns it off (and the LSTM's AVX-512 pointwise kernels), so the fallback
+// paths can be tested on an AVX-512 machine.
 //
 // A and B are strided (any transposed view works: element (i, k) of A is at
 // A[i * rsa + k * csa]); C is row-major with leading dimension ldc. B can be
@@ -12,14 +17,17 @@
 // time step).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <vector>
 
 namespace handgrad {
-namespace lstm {
-namespace gemm {
+namespace cpu_gemm {
 
-bool available();  // AVX-512F present at run time (and compiled in)
+// AVX-512F and VL present at run time, compiled in, and not turned off by
+// HANDGRAD_CPU_AVX512=0 (read once).
+bool available();
 
 // B (K x N) rearranged into the layout the micro-kernel reads.
 struct PackedB {
@@ -42,6 +50,11 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
             const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc, bool accumulate);
 
-}  // namespace gemm
-}  // namespace lstm
+// Tensor form: c (+)= a b for 2-D float32 tensors (any strides for a and b,
+// c with unit column stride). Returns false without touching c when this
+// product does not apply (not float32, not available(), other layouts): the
+// caller then runs at::mm_out / at::addmm_out.
+bool mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+}  // namespace cpu_gemm
 }  // namespace handgrad
