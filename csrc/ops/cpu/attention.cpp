@@ -206,56 +206,6 @@ void dropout_factors(const TileCtx<T>& c, T* z, int64_t ldz) {
   }
 }
 
-// out[i] = e^(in[i] - shift) for a shift >= every in[i] (the row maximum),
-// so every argument is <= 0: the softmax exponential. Returns the sum.
-// Cheaper than simd::exp (no overflow path, one power-of-two scale): the
-// argument is clamped to [-87.3, 0], e^r on |r| <= ln2/2 is its degree-6
-// Taylor polynomial (relative error < 7e-8), results below the clamp are 0
-// and NaN propagates (max_ps returns its second operand for a NaN).
-inline float softmax_exp_sum(const float* in, float* out, int64_t n, float shift) {
-  int64_t i = 0;
-  float sum = 0.0f;
-#if HG_HAVE_AVX2
-  const __m256 s = _mm256_set1_ps(shift);
-  const __m256 lo = _mm256_set1_ps(-87.3365447504f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
-  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + simd::kFloatLanes <= n; i += simd::kFloatLanes) {
-    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(in + i), s);
-    const __m256 xc = _mm256_max_ps(lo, x);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, xc);
-    r = _mm256_fnmadd_ps(k, ln2_lo, r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
-    _mm256_storeu_ps(out + i, y);
-    acc = _mm256_add_ps(acc, y);
-  }
-  sum = simd::reduce_add(acc);
-#endif
-  for (; i < n; ++i) {
-    out[i] = std::exp(in[i] - shift);
-    sum += out[i];
-  }
-  return sum;
-}
-
-inline double softmax_exp_sum(const double* in, double* out, int64_t n, double shift) {
-  return simd::exp_shifted_sum(in, out, n, shift);
-}
-
 template <typename T>
 T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
@@ -312,7 +262,7 @@ void forward_typed(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tenso
             continue;
           }
           const T alpha = m[i] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(m[i] - m_new);
-          const T sum = softmax_exp_sum(row, row, c.nk, m_new);
+          const T sum = simd::exp_shifted_sum(row, row, c.nk, m_new);
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
           if (alpha != T(1)) {
@@ -376,7 +326,7 @@ void backward_tile(const BackwardData<T>& d, Scratch<T>& w, int64_t b, int64_t h
   scores(c, s, ld);
   const T* lse = d.lse + bh * p.L + q0;
   // P = e^(S - lse): arguments <= 0 (up to rounding), the softmax exponential.
-  for (int64_t i = 0; i < c.nq; ++i) softmax_exp_sum(s + i * ld, s + i * ld, c.nk, lse[i]);
+  for (int64_t i = 0; i < c.nq; ++i) simd::exp_shifted_sum(s + i * ld, s + i * ld, c.nk, lse[i]);
   const T* dO = d.dO.at(b, h, q0);
   const T* v = d.V.at(b, hk, k0);
   // pz = P o Z, needed for dV only
