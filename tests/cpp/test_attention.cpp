@@ -1,7 +1,7 @@
 // Calls handgrad::scaled_dot_product_attention (and its backward) through the
 // dispatcher, as a LibTorch user would, and compares them with ATen's
 // attention and with the gradient formulas written out with ATen matmuls.
-#include "build_info.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -10,20 +10,10 @@
 #include <string>
 #include <tuple>
 
-namespace {
-
-int failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::cout << (ok ? "ok    " : "FAILED") << "  " << what << "\n";
-  if (!ok) ++failures;
-}
-
-}  // namespace
+using handgrad_test::expect;
 
 int main() {
-  const handgrad::BuildInfo info = handgrad::build_info();
-  std::cout << "handgrad " << info.version << " (CUDA kernels: " << info.cuda_compiled << ")\n";
+  handgrad_test::print_build();
 
   using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   auto forward = c10::Dispatcher::singleton()
@@ -77,6 +67,5 @@ int main() {
   }
   expect(threw, "attn_mask with is_causal raises a clear error");
 
-  std::cout << (failures ? "FAILED\n" : "all passed\n");
-  return failures ? 1 : 0;
+  return handgrad_test::finish();
 }

@@ -1,6 +1,6 @@
 // Calls handgrad::lstm_cell and handgrad::lstm_layer through the dispatcher,
 // as a LibTorch user would, and compares them with ATen's lstm_cell / lstm.
-#include "build_info.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -8,22 +8,16 @@
 #include <iostream>
 #include <tuple>
 
+using handgrad_test::expect;
+
 namespace {
-
-int failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::cout << (ok ? "ok    " : "FAILED") << "  " << what << "\n";
-  if (!ok) ++failures;
-}
 
 bool close(const at::Tensor& a, const at::Tensor& b) { return a.allclose(b, 1e-4, 1e-5); }
 
 }  // namespace
 
 int main() {
-  const handgrad::BuildInfo info = handgrad::build_info();
-  std::cout << "handgrad " << info.version << " (CUDA kernels: " << info.cuda_compiled << ")\n";
+  handgrad_test::print_build();
 
   using Opt = c10::optional<at::Tensor>;
   auto cell = c10::Dispatcher::singleton()
@@ -71,6 +65,5 @@ int main() {
   }
   expect(threw, "a wrong input size raises a clear error");
 
-  std::cout << (failures ? "FAILED\n" : "all passed\n");
-  return failures ? 1 : 0;
+  return handgrad_test::finish();
 }

@@ -1,6 +1,6 @@
 // Calls handgrad::max_pool2d through the dispatcher, as a LibTorch user
 // would, and compares it with ATen's max_pool2d_with_indices.
-#include "build_info.h"
+#include "check.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -8,20 +8,10 @@
 #include <iostream>
 #include <tuple>
 
-namespace {
-
-int failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::cout << (ok ? "ok    " : "FAILED") << "  " << what << "\n";
-  if (!ok) ++failures;
-}
-
-}  // namespace
+using handgrad_test::expect;
 
 int main() {
-  const handgrad::BuildInfo info = handgrad::build_info();
-  std::cout << "handgrad " << info.version << " (CUDA kernels: " << info.cuda_compiled << ")\n";
+  handgrad_test::print_build();
 
   auto forward = c10::Dispatcher::singleton()
                      .findSchemaOrThrow("handgrad::max_pool2d", "")
@@ -55,6 +45,5 @@ int main() {
   }
   expect(threw, "kernel_size 0 raises a clear error");
 
-  std::cout << (failures ? "FAILED\n" : "all passed\n");
-  return failures ? 1 : 0;
+  return handgrad_test::finish();
 }
