@@ -3,6 +3,9 @@ against torch.nn.functional.scaled_dot_product_attention / torch.nn.MultiheadAtt
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +225,41 @@ def test_backward_is_deterministic(device):
             grads.append(torch.autograd.grad(o, (q, k, v), torch.ones_like(o)))
         for a, b in zip(*grads):
             assert torch.equal(a, b)
+
+
+_TILE_PRODUCTS_SCRIPT = r"""
+import torch, torch.nn.functional as F, handgrad
+torch.manual_seed(0)
+# (q, k, v shapes, causal, mask): every tile-product shape of forward and both
+# backward schemes, E past one k-block (256) of the AVX-512 product, edge tiles.
+cases = [((2, 4, 300, 64), (2, 4, 600, 64), (2, 4, 600, 64), False, False),
+         ((1, 2, 130, 300), (1, 2, 70, 300), (1, 2, 70, 40), True, False),
+         ((8, 4, 65, 32), (8, 4, 65, 32), (8, 4, 65, 32), False, True),
+         ((1, 1, 1, 3), (1, 1, 5, 3), (1, 1, 5, 1), False, True)]
+for qs, ks, vs, causal, masked in cases:
+    q, k, v = (torch.randn(s, requires_grad=True) for s in (qs, ks, vs))
+    mask = torch.rand(qs[-2], ks[-2]) > 0.3 if masked else None
+    if masked:
+        mask[:, 0] = True
+    results = []
+    for fn in (handgrad.ops.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        o = fn(q, k, v, attn_mask=mask, is_causal=causal)
+        results.append([o, *torch.autograd.grad(o.sin().sum(), (q, k, v))])
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_float32_tile_products_with_and_without_avx512(avx512):
+    # float32 tile products run the AVX-512 kernel of common/cpu_gemm.h when
+    # the CPU has it and the BLAS sgemm otherwise; HANDGRAD_CPU_AVX512=0 forces
+    # the latter, so both are compared with native on an AVX-512 machine.
+    env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
+    done = subprocess.run([sys.executable, "-c", _TILE_PRODUCTS_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_memory_linear_in_length(device):

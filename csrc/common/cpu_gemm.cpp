@@ -43,38 +43,43 @@ int64_t pack_grain(int64_t panel_floats) {
 // Packed offset of k-block starting at k0 (all earlier blocks hold k0 rows of every panel).
 int64_t block_offset(int64_t k0, int64_t N) { return k0 * ceil_div(N, kNr) * kNr; }
 
+// Column panels [q0, q1) of B's k-block [k0, k0 + kc), on the calling thread.
+void pack_b_panels(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t kc, int64_t N,
+                   float* out, int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    float* dst = out + q * kc * kNr;
+    const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
+    if (csb != 1 && rsb == 1) {
+      // A transposed matrix (a weight W^T): walk each of its rows once.
+      for (int64_t j = 0; j < kNr; ++j) {
+        if (j >= nr) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = 0.0f;
+          continue;
+        }
+        const float* src = B + k0 + (n0 + j) * csb;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = src[k];
+      }
+      continue;
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = B + (k0 + k) * rsb + n0 * csb;
+      float* d = dst + k * kNr;
+      if (csb == 1) {
+        std::memcpy(d, src, nr * sizeof(float));
+      } else {
+        for (int64_t j = 0; j < nr; ++j) d[j] = src[j * csb];
+      }
+      for (int64_t j = nr; j < kNr; ++j) d[j] = 0.0f;
+    }
+  }
+}
+
 void pack_b_block(const float* B, int64_t rsb, int64_t csb, int64_t k0, int64_t kc, int64_t N,
                   float* out) {
-  const int64_t panels = ceil_div(N, kNr);
   // Packing is cheap next to the product: small blocks (the per-step ones of
   // the time loop) are packed on one thread, sparing a parallel region.
-  at::parallel_for(0, panels, pack_grain(kc * kNr), [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      float* dst = out + q * kc * kNr;
-      const int64_t n0 = q * kNr, nr = std::min(kNr, N - n0);
-      if (csb != 1 && rsb == 1) {
-        // A transposed matrix (a weight W^T): walk each of its rows once.
-        for (int64_t j = 0; j < kNr; ++j) {
-          if (j >= nr) {
-            for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = 0.0f;
-            continue;
-          }
-          const float* src = B + k0 + (n0 + j) * csb;
-          for (int64_t k = 0; k < kc; ++k) dst[k * kNr + j] = src[k];
-        }
-        continue;
-      }
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = B + (k0 + k) * rsb + n0 * csb;
-        float* d = dst + k * kNr;
-        if (csb == 1) {
-          std::memcpy(d, src, nr * sizeof(float));
-        } else {
-          for (int64_t j = 0; j < nr; ++j) d[j] = src[j * csb];
-        }
-        for (int64_t j = nr; j < kNr; ++j) d[j] = 0.0f;
-      }
-    }
+  at::parallel_for(0, ceil_div(N, kNr), pack_grain(kc * kNr), [&](int64_t q0, int64_t q1) {
+    pack_b_panels(B, rsb, csb, k0, kc, N, out, q0, q1);
   });
 }
 
@@ -137,18 +142,23 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
 
 // A's k-block [k0, k0 + kc) as row panels of kMr rows: panel p holds
 // A[p*kMr + i, k0 + k] at p*kc*kMr + k*kMr + i (zero past the last row).
+// Row panels [p0, p1), times alpha, on the calling thread.
+void pack_a_panels(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k0, int64_t kc,
+                   float alpha, float* out, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* dst = out + p * kc * kMr;
+    const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = A + m0 * rsa + (k0 + k) * csa;
+      for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = i < mr ? alpha * src[i * rsa] : 0.0f;
+    }
+  }
+}
+
 void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k0, int64_t kc,
                   float* out) {
-  const int64_t panels = ceil_div(M, kMr);
-  at::parallel_for(0, panels, pack_grain(kc * kMr), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      float* dst = out + p * kc * kMr;
-      const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = A + m0 * rsa + (k0 + k) * csa;
-        for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = i < mr ? src[i * rsa] : 0.0f;
-      }
-    }
+  at::parallel_for(0, ceil_div(M, kMr), pack_grain(kc * kMr), [&](int64_t p0, int64_t p1) {
+    pack_a_panels(A, rsa, csa, M, k0, kc, 1.0f, out, p0, p1);
   });
 }
 
@@ -259,6 +269,37 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_
   PackedB packed;
   pack_b(B, rsb, csb, K, N, packed);
   matmul(M, A, rsa, csa, packed, C, ldc, accumulate);
+}
+
+void matmul_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t rsa,
+                 int64_t csa, const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc,
+                 bool accumulate) {
+#if HG_CPU_GEMM_AVX512
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    }
+    return;
+  }
+  const int64_t mp = ceil_div(M, kMr), np = ceil_div(N, kNr), kc_max = std::min(K, kKc);
+  // Grown to the largest tile a thread has seen, then reused: no allocation per call.
+  thread_local std::vector<float> a_panels, b_panels;
+  if (a_panels.size() < static_cast<size_t>(mp * kMr * kc_max)) a_panels.resize(mp * kMr * kc_max);
+  if (b_panels.size() < static_cast<size_t>(np * kNr * kc_max)) b_panels.resize(np * kNr * kc_max);
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    pack_a_panels(A, rsa, csa, M, k0, kc, alpha, a_panels.data(), 0, mp);
+    pack_b_panels(B, rsb, csb, k0, kc, N, b_panels.data(), 0, np);
+    for (int64_t t = 0; t < mp * np; ++t) {
+      tile(t, M, N, kc, a_panels.data(), nullptr, 0, b_panels.data(), C, ldc,
+           accumulate || k0 > 0);
+    }
+  }
+#else
+  (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)rsa, (void)csa, (void)B, (void)rsb,
+      (void)csb, (void)C, (void)ldc, (void)accumulate;
+#endif
 }
 
 bool mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {

@@ -1,5 +1,5 @@
 // A float32 matrix product for the CPU kernels (lstm, conv2d's gemm and
-// winograd paths): C (+)= A B.
+// winograd paths, attention's tiles): C (+)= A B.
 //
 // Why not at::mm: on this project's benchmark machine (AMD EPYC, Zen 5) the
 // BLAS behind at::mm (MKL) runs its AVX2 code path on AMD, ~85 GFLOP/s per
@@ -49,6 +49,14 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
 // The same with B strided (packed internally, block by block).
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
             const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc, bool accumulate);
+
+// C = alpha A B or C += alpha A B for small operands on the calling thread
+// only (the tiles of a flash-attention loop, inside a parallel region): A
+// (M x K) and B (K x N) any strides, both packed into per-thread scratch that
+// is reused from call to call; alpha is applied while packing A.
+void matmul_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t rsa,
+                 int64_t csa, const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc,
+                 bool accumulate);
 
 // Tensor form: c (+)= a b for 2-D float32 tensors (any strides for a and b,
 // c with unit column stride). Returns false without touching c when this

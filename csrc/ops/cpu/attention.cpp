@@ -22,23 +22,30 @@
 // the group's query heads are summed in a fixed order) -- and otherwise in
 // two passes, dK/dV over (batch, kv head, key tile) and dQ over
 // (batch*head, query tile), which recomputes the score tiles once more.
-// The tile products are plain matrix products done by BLAS (the sgemm_/dgemm_
-// that libtorch_cpu exports, called on raw pointers into per-thread scratch;
-// at::native::cpublas::gemm itself is not exported; a plain loop stands in
-// if a build of torch exports no BLAS); the
-// softmax, masking, dropout and reductions are the loops below, the
-// exponential is the AVX2 one of common/cpu_simd.h. float32 and float64;
-// float16/bfloat16 are computed in float32 and rounded at the end.
+// The tile products are plain matrix products. float32 ones run the AVX-512
+// product of common/cpu_gemm.h (cpu_gemm::matmul_tile: both operands packed
+// into per-thread scratch, the scale folded into the packing) when the CPU
+// has AVX-512: on the AMD EPYC benchmark machine MKL's sgemm runs its AVX2
+// path there, and native's CPU flash attention then ran exactly as fast as
+// ours. Elsewhere, and for float64, they are BLAS calls (the sgemm_/dgemm_
+// that libtorch_cpu exports, on raw pointers into per-thread scratch;
+// at::native::cpublas::gemm itself is not exported; a plain loop stands in if
+// a build of torch exports no BLAS). The softmax, masking, dropout and
+// reductions are the loops below, the exponential is the AVX2 one of
+// common/cpu_simd.h. float16/bfloat16 are computed in float32 and rounded at
+// the end.
 //
-// Speed against native (benchmarks/bench_attention.py --threads 2, float32,
-// forward+backward, native / handgrad, two runs on a noisy shared 2-core
-// machine): (8,4,256,64) 1.01-1.48x, (2,8,2048,64) 1.01-1.23x, causal
-// 1.13-1.16x, (32,4,65,32) 1.44-1.45x; forward alone 0.95-1.1x (1 thread,
-// CPU time), backward 1.0-1.5x. Peak memory of forward+backward
-// at batch 1, 8 heads, E 64: 8.1 / 16.1 / 32.3 MB at L = 1024 / 2048 / 4096
-// (linear in L; native's CPU flash path: 12.0 / 22.1 / 42.1 MB).
+// Speed against native (float32, forward+backward, native / handgrad,
+// `python benchmarks/bench_attention.py --threads 1 --reps 10`, AMD EPYC Zen 5,
+// the other core busy): (8,4,256,64) 1.64x, (2,8,2048,64) 1.64x, causal
+// 1.89x, (32,4,65,32) 1.25x; forward alone 1.3-1.8x. With MKL's sgemm for
+// the tiles (before the AVX-512 product) these were 0.99x, 0.99x, 1.15x and
+// 1.27x at 2 threads. Peak memory of forward+backward at batch 1, 8 heads,
+// E 64: 8.1 / 16.1 / 32.3 MB at L = 1024 / 2048 / 4096 (linear in L; native's
+// CPU flash path: 11.0 / 21.1 / 41.1 MB).
 #include "ops/attention.h"
 
+#include "common/cpu_gemm.h"
 #include "common/cpu_simd.h"
 
 #include <ATen/Dispatch.h>
@@ -99,6 +106,13 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
   const int ilb = static_cast<int>(std::max<int64_t>(1, ldb));
   const int ilc = static_cast<int>(std::max<int64_t>(1, ldc));
   if constexpr (std::is_same<T, float>::value) {
+    if (cpu_gemm::available() && (beta == 0.0f || beta == 1.0f)) {
+      // The same product read row-major: C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
+      const bool nb = tb == TransposeType::NoTranspose, na = ta == TransposeType::NoTranspose;
+      cpu_gemm::matmul_tile(n, m, k, alpha, b, nb ? ldb : 1, nb ? 1 : ldb, a, na ? lda : 1,
+                            na ? 1 : lda, c, ldc, beta != 0.0f);
+      return;
+    }
     if (sgemm_ != nullptr) {
       sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
       return;
