@@ -1,8 +1,9 @@
 // conv2d CPU: the two algorithms the CPU backend chooses between per shape
 // (cpu/conv2d.cpp picks one), and what they share.
 //
-//  * direct (cpu/conv2d_direct.cpp): hand-vectorized kernels over output
-//    pixels, for small channel counts, where a matrix product is too thin to
+//  * direct (cpu/conv2d_direct.cpp, kernels in conv2d_direct_kernels.inc for
+//    AVX2 and AVX-512): hand-vectorized kernels over output pixels, for small
+//    channel counts, where a matrix product is too thin to
 //    run at speed.
 //  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks plus at::mm,
 //    for large channel counts, where the BLAS matrix product is fastest.

@@ -9,8 +9,9 @@
 // on "wide" rows of `cols` pixels (the extra ones are dropped) turns the
 // convolution into correlations of long contiguous vectors:
 //   forward      y[co][j] = b[co] + sum_tap W[co][tap] * buf[offset[tap] + j]
-// computed by a register-blocked AVX2 kernel (4 output channels x 3 vectors
-// of pixels). The gradients use the same machinery:
+// computed by register-blocked vector kernels (cpu/conv2d_direct_kernels.inc:
+// AVX-512 blocks of 8 output channels x 3 vectors of 16 pixels when the CPU
+// has AVX-512, else AVX2 blocks of 4 x 3 vectors of 8). The gradients use the same machinery:
 //   grad_input   dx is the full correlation of dOut with the flipped kernel:
 //                dx[ci][ih][iw] = sum_(co,kh,kw) W[co][ci][kh][kw] *
 //                dOut[co][(ih + pad - kh*dil) / stride][...] (where it divides),
@@ -19,7 +20,8 @@
 //                weights W'[ci][(co, k-1-kh, k-1-kw)].
 //   grad_weight  dW[co][tap] = sum_n sum_j dOut_wide[co][j] * buf[offset[tap] + j]
 //                (dOut on wide rows, zero in the dropped columns): a register-
-//                blocked reduction (4 channels x 3 taps of vector accumulators).
+//                blocked reduction (4 channels x 6 taps (AVX-512) or 3 taps
+//                (AVX2) of vector accumulators).
 // Nothing is saved for backward but the input and weight. Parallel over
 // images; grad_weight sums fixed chunks of images in order, so results do not
 // depend on the thread count and are deterministic.
@@ -27,12 +29,16 @@
 // Speed: see cpu/conv2d.cpp for the measured numbers of the whole op
 // (benchmarks/bench_conv2d.py).
 #include "ops/cpu/conv2d_cpu.h"
+#include "ops/cpu/conv2d_direct_kernels.h"
+
+#include "common/cpu_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace handgrad {
@@ -40,10 +46,6 @@ namespace conv2d {
 namespace cpu {
 namespace direct {
 namespace {
-
-constexpr int kRowBlock = 4;     // output channels per register block
-constexpr int kVectorBlock = 3;  // vectors of pixels per register block
-constexpr int kTapBlock = 3;     // taps per register block of the weight gradient
 
 // Multiply-adds a parallel task should at least hold: below that, handing
 // work to another thread costs more than it saves (and on a busy machine a
@@ -110,93 +112,6 @@ void fill_planes(const View4<T>& src, int64_t n, int64_t src_h, int64_t src_w,
   }
 }
 
-// out[c][j] = init[c] + sum_k w[c * ldw + k] * buf[off[k] + j] for CB rows,
-// j in [0, length); length is a multiple of JV vectors.
-template <typename T, int CB, int JV>
-void correlate_rows(const T* buf, const int64_t* off, int64_t K, const T* w, int64_t ldw,
-                    const T* init, T* out, int64_t ldo, int64_t length) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int64_t step = JV * S::kLanes;
-  for (int64_t j0 = 0; j0 < length; j0 += step) {
-    V acc[CB][JV];
-    for (int c = 0; c < CB; ++c) {
-      const V start = S::set1(init ? init[c] : T(0));
-      for (int v = 0; v < JV; ++v) acc[c][v] = start;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const T* s = buf + off[k] + j0;
-      V x[JV];
-      for (int v = 0; v < JV; ++v) x[v] = S::load(s + v * S::kLanes);
-      for (int c = 0; c < CB; ++c) {
-        const V b = S::set1(w[c * ldw + k]);
-        for (int v = 0; v < JV; ++v) acc[c][v] = S::fma(b, x[v], acc[c][v]);
-      }
-    }
-    for (int c = 0; c < CB; ++c) {
-      for (int v = 0; v < JV; ++v) S::store(out + c * ldo + j0 + v * S::kLanes, acc[c][v]);
-    }
-  }
-}
-
-template <typename T>
-void correlate(const T* buf, const int64_t* off, int64_t K, const T* w, int64_t rows,
-               const T* init, T* out, int64_t length) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    correlate_rows<T, kRowBlock, kVectorBlock>(buf, off, K, w + r * K, K, init ? init + r : nullptr,
-                                               out + r * length, length, length);
-  }
-  for (; r < rows; ++r) {
-    correlate_rows<T, 1, kVectorBlock>(buf, off, K, w + r * K, K, init ? init + r : nullptr,
-                                       out + r * length, length, length);
-  }
-}
-
-// acc[c][t] += sum_j g[c * ldg + j] * buf[off[t] + j] for CB rows, KB taps.
-template <typename T, int CB, int KB>
-void reduce_block(const T* g, int64_t ldg, const T* buf, const int64_t* off, int64_t length,
-                  T* dw, int64_t lddw) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  V acc[CB][KB];
-  for (int c = 0; c < CB; ++c) {
-    for (int t = 0; t < KB; ++t) acc[c][t] = S::zero();
-  }
-  for (int64_t j = 0; j < length; j += S::kLanes) {
-    V x[KB];
-    for (int t = 0; t < KB; ++t) x[t] = S::load(buf + off[t] + j);
-    for (int c = 0; c < CB; ++c) {
-      const V gv = S::load(g + c * ldg + j);
-      for (int t = 0; t < KB; ++t) acc[c][t] = S::fma(gv, x[t], acc[c][t]);
-    }
-  }
-  for (int c = 0; c < CB; ++c) {
-    for (int t = 0; t < KB; ++t) dw[c * lddw + t] += S::sum(acc[c][t]);
-  }
-}
-
-template <typename T, int CB>
-void reduce_rows(const T* g, int64_t ldg, const T* buf, const int64_t* off, int64_t K,
-                 int64_t length, T* dw, int64_t lddw) {
-  int64_t k = 0;
-  for (; k + kTapBlock <= K; k += kTapBlock) {
-    reduce_block<T, CB, kTapBlock>(g, ldg, buf, off + k, length, dw + k, lddw);
-  }
-  for (; k < K; ++k) reduce_block<T, CB, 1>(g, ldg, buf, off + k, length, dw + k, lddw);
-}
-
-// dw[c][k] += sum_j g[c][j] * buf[off[k] + j]
-template <typename T>
-void reduce(const T* g, int64_t rows, const T* buf, const int64_t* off, int64_t K, int64_t length,
-            T* dw) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) {
-    reduce_rows<T, kRowBlock>(g + r * length, length, buf, off, K, length, dw + r * K, K);
-  }
-  for (; r < rows; ++r) reduce_rows<T, 1>(g + r * length, length, buf, off, K, length, dw + r * K, K);
-}
-
 // The planes the forward pass and the weight gradient read: the input, zero
 // padded, split into stride phases.
 Planes input_planes(const Geometry& g) {
@@ -219,10 +134,22 @@ std::vector<int64_t> tap_offsets(const Planes& p, int64_t channels, const Axis& 
   return off;
 }
 
-// Wide rows of `rows` x p.cols pixels, padded to whole register blocks.
+// The vector kernels for this CPU: AVX-512 when it has it (and
+// HANDGRAD_CPU_AVX512 is not 0), else the build's baseline (AVX2).
+template <typename T>
+const Kernels<T>& kernels() {
+  const bool wide = cpu_gemm::available();
+  if constexpr (std::is_same<T, float>::value) {
+    return wide ? avx512::kFloat : baseline::kFloat;
+  } else {
+    return wide ? avx512::kDouble : baseline::kDouble;
+  }
+}
+
+// Wide rows of `rows` x p.cols pixels, padded to whole vectors.
 template <typename T>
 int64_t wide_length(int64_t rows, const Planes& p) {
-  return round_up(rows * p.cols, kVectorBlock * Simd<T>::kLanes);
+  return round_up(rows * p.cols, kernels<T>().lanes);
 }
 
 template <typename T>
@@ -247,6 +174,7 @@ template <typename T>
 void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& output, const Geometry& g) {
   const View4<T> x = view_of<T>(input), y = view_of<T>(output);
+  const Kernels<T>& kern = kernels<T>();
   const T* w = weight.const_data_ptr<T>();
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   const Planes p = input_planes(g);
@@ -263,7 +191,7 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(x, n, g.h.in_size, g.w.in_size, p, place, buf.data(), buf_size);
       for (int64_t group = 0; group < g.groups; ++group) {
-        correlate(buf.data() + group * group_planes, off.data(), K, w + group * cout * K, cout,
+        kern.correlate(buf.data() + group * group_planes, off.data(), K, w + group * cout * K, cout,
                   b ? b + group * cout : nullptr, wide.data(), length);
         store_wide(wide.data(), cout, length, p.cols, y, n, group * cout, g.h.out_size,
                    g.w.out_size);
@@ -276,6 +204,7 @@ template <typename T>
 void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Geometry& g) {
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
+  const Kernels<T>& kern = kernels<T>();
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
   const int64_t cin = g.in_per_group(), cout = g.out_per_group();
   const int64_t K = cout * KH * KW;
@@ -309,7 +238,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(go, n, g.h.out_size, g.w.out_size, p, place, buf.data(), buf_size);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        correlate(buf.data() + grp * cout * p.plane(), off.data(), K, flipped.data() + grp * cin * K,
+        kern.correlate(buf.data() + grp * cout * p.plane(), off.data(), K, flipped.data() + grp * cin * K,
                   cin, static_cast<const T*>(nullptr), wide.data(), length);
         store_wide(wide.data(), cin, length, p.cols, dx, n, grp * cin, g.h.in_size, g.w.in_size);
       }
@@ -321,6 +250,7 @@ template <typename T>
 void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Geometry& g) {
   const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
+  const Kernels<T>& kern = kernels<T>();
   const Planes p = input_planes(g);
   const Placement place{1, 1, g.h.pad_begin, g.w.pad_begin};
   const std::vector<int64_t> off =
@@ -330,15 +260,17 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t buf_size = p.size() + length;
   const int64_t K = g.patch(), cout = g.out_per_group();
   const int64_t weights = g.out_channels * K;
-  // Fixed chunks of images, each summed by one task, then added in order.
+  // Fixed chunks of images, each summed by one task into vector partial sums
+  // (lanes per weight), then added lane by lane and chunk by chunk in order.
+  const int64_t lanes = kern.lanes;
   constexpr int64_t kChunks = 8;
   const int64_t chunks = std::min<int64_t>(
       {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(weights * length))});
-  std::vector<T> partial(chunks * weights, T(0));
+  std::vector<T> partial(chunks * weights * lanes, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> buf(buf_size), wide(g.out_channels * length, T(0));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      T* dw = partial.data() + chunk * weights;
+      T* dwl = partial.data() + chunk * weights * lanes;
       for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {
         fill_planes(x, n, g.h.in_size, g.w.in_size, p, place, buf.data(), buf_size);
         // dOut on wide rows; the dropped columns and the tail stay zero.
@@ -352,17 +284,22 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
           }
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          reduce(wide.data() + grp * cout * length, cout, buf.data() + grp * group_planes,
-                 off.data(), K, length, dw + grp * cout * K);
+          kern.reduce(wide.data() + grp * cout * length, cout, buf.data() + grp * group_planes,
+                      off.data(), K, length, dwl + grp * cout * K * lanes);
         }
       }
     }
   });
   T* out = grad_weight.mutable_data_ptr<T>();
-  std::copy(partial.begin(), partial.begin() + weights, out);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const T* src = partial.data() + chunk * weights;
-    for (int64_t i = 0; i < weights; ++i) out[i] += src[i];
+  for (int64_t i = 0; i < weights; ++i) {
+    T total = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const T* v = partial.data() + (chunk * weights + i) * lanes;
+      T s = 0;
+      for (int64_t l = 0; l < lanes; ++l) s += v[l];
+      total += s;
+    }
+    out[i] = total;
   }
 }
 
