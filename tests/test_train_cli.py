@@ -76,6 +76,17 @@ def test_resume_with_different_settings_is_refused(data_root, tmp_path):
     assert "batch_size=64 (now 32)" in proc.stderr
 
 
+def test_augment_changes_training_and_must_match_on_resume(data_root, tmp_path):
+    plain, augmented = str(tmp_path / "plain"), str(tmp_path / "augmented")
+    one_epoch = ["--epochs", "1", "--batch-size", "32", "--threads", "1", "--no-progress"]
+    train("mnist_cnn", "--data-root", data_root, "--out", plain, *one_epoch)
+    train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--augment", *one_epoch)
+    assert learning_curve(plain)[1][0]["train_loss"] != learning_curve(augmented)[1][0]["train_loss"]
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--resume",
+                 "--epochs", "2", "--batch-size", "32", "--no-progress", expect=2)
+    assert "augment=True (now False)" in proc.stderr
+
+
 def test_cifar_image_folder_and_native_backend(data_root, tmp_path):
     out = str(tmp_path / "lenet")
     proc = train("lenet5", "--data-root", data_root, "--out", out, "--backend", "native",

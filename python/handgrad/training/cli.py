@@ -35,6 +35,9 @@ def add_arguments(p):
                    help="autoencoders: std of Gaussian noise added to inputs (denoising)")
     p.add_argument("--d-steps", type=int, default=1,
                    help="GAN: discriminator steps per generator step")
+    p.add_argument("--augment", action="store_true",
+                   help="classifiers: random crop (4-pixel zero padding) + horizontal flip "
+                        "of the training images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -66,7 +69,7 @@ def run(args):
                              batch_size=args.batch_size, lr=args.lr, backend=args.backend,
                              out=args.out, seed=args.seed, resume=args.resume,
                              threads=args.threads, download=args.download, limit=args.limit,
-                             noise=args.noise, d_steps=args.d_steps,
+                             noise=args.noise, d_steps=args.d_steps, augment=args.augment,
                              progress=not args.no_progress)
         Run(config).fit()
     except (ValueError, DataNotFound) as e:

@@ -6,6 +6,8 @@ it native (``--backend native``), so both backends train the very same
 architecture and the same weights load into either.
 """
 
+import copy
+
 import torch
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -91,6 +93,13 @@ class ClassifierRecipe(Recipe):
 
     mean, std = MNIST_MEAN, MNIST_STD
     augment = False
+
+    def configured(self, config):
+        if not config.augment or self.augment:
+            return self
+        recipe = copy.copy(self)
+        recipe.augment = True
+        return recipe
 
     def prepare(self, images, labels, train, generator):
         x = normalize(images, self.mean, self.std)

@@ -43,6 +43,7 @@ class TrainConfig:
     limit: int = None  # use only the first N training images (quick runs)
     noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
     d_steps: int = 1  # GAN: discriminator steps per generator step
+    augment: bool = False  # classifiers: random crop + horizontal flip of training images
     progress: bool = True
 
     def resolved(self, recipe):
@@ -58,7 +59,7 @@ class TrainConfig:
     def identity(self):
         """What must match between a checkpoint and the run resuming it."""
         return {k: getattr(self, k) for k in ("model", "batch_size", "lr", "seed", "limit",
-                                              "noise", "d_steps")}
+                                              "noise", "d_steps", "augment")}
 
 
 def _subset(dataset, limit):
@@ -118,8 +119,11 @@ class Run:
         if saved is None:
             self.log("no checkpoint in %s; starting from epoch 1" % self.config.out)
             return
-        mismatched = {k: (v, saved["config"].get(k)) for k, v in self.config.identity().items()
-                      if saved["config"].get(k) != v}
+        # Settings added later are absent from older checkpoints: those ran with the default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        saved_config = {k: saved["config"].get(k, defaults[k]) for k in self.config.identity()}
+        mismatched = {k: (v, saved_config[k]) for k, v in self.config.identity().items()
+                      if saved_config[k] != v}
         if mismatched:
             raise ValueError("the checkpoint in %s was made with different settings: %s"
                              % (self.config.out, ", ".join("%s=%r (now %r)" % (k, old, new)
