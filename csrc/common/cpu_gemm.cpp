@@ -86,13 +86,15 @@ __mmask16 low_mask(int64_t n) {
                  : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32], Bp packed; A(i, k)
-// is rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
-// packed panel).
-template <int64_t kStep>
+// C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32]; A(i, k) is
+// rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
+// packed panel). Bp row k is at bp + k * ldb: packed (ldb = kNr, zero-padded
+// past N) or, with kDirectB, B itself read in place (masked loads: no read
+// past column N).
+template <int64_t kStep, bool kDirectB = false>
 HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const float* bp,
-                                   float* C, int64_t ldc, int64_t mr, __mmask16 mask0,
-                                   __mmask16 mask1, bool accumulate) {
+                                   int64_t ldb, float* C, int64_t ldc, int64_t mr,
+                                   __mmask16 mask0, __mmask16 mask1, bool accumulate) {
   __m512 c0[kMr], c1[kMr];
   const float* a[kMr];
 #pragma GCC unroll 16
@@ -110,9 +112,9 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
     }
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(bp);
-    const __m512 b1 = _mm512_loadu_ps(bp + 16);
-    bp += kNr;
+    const __m512 b0 = kDirectB ? _mm512_maskz_loadu_ps(mask0, bp) : _mm512_loadu_ps(bp);
+    const __m512 b1 = kDirectB ? _mm512_maskz_loadu_ps(mask1, bp + 16) : _mm512_loadu_ps(bp + 16);
+    bp += ldb;
 #pragma GCC unroll 16
     for (int i = 0; i < kMr; ++i) {
       const __m512 av = _mm512_set1_ps(a[i][k * kStep]);
@@ -156,8 +158,11 @@ void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k
 // packed (ap != nullptr) or read in place (rows contiguous in k, the k-block
 // starting at a_direct + m * rsa); the rows past M of an edge tile repeat the
 // last row and are not stored.
+// ldb = 0: bp is packed; else bp is the k-block's first row of B itself
+// (row-major, leading dimension ldb), read in place.
 void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct,
-          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate) {
+          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate,
+          int64_t ldb = 0) {
   const int64_t mp = ceil_div(M, kMr);
   const int64_t q = t / mp, p = t % mp;
   const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
@@ -167,22 +172,29 @@ void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const fl
     rows[i] = ap ? ap + p * kc * kMr + i : a_direct + (m0 + std::min(i, mr - 1)) * rsa;
   }
   float* c = C + m0 * ldc + n0;
-  if (ap) {
-    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
-                      accumulate);
+  const __mmask16 mask0 = low_mask(nr), mask1 = low_mask(nr - 16);
+  if (ldb != 0) {
+    if (ap) {
+      micro_kernel<kMr, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
+    } else {
+      micro_kernel<1, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
+    }
+  } else if (ap) {
+    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, kNr, c, ldc, mr, mask0, mask1, accumulate);
   } else {
-    micro_kernel<1>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
-                    accumulate);
+    micro_kernel<1>(kc, rows, bp + q * kc * kNr, kNr, c, ldc, mr, mask0, mask1, accumulate);
   }
 }
 
 // Every tile of one k-block; threads split the tiles.
 void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct, int64_t rsa,
-           const float* bp, float* C, int64_t ldc, bool accumulate) {
+           const float* bp, float* C, int64_t ldc, bool accumulate, int64_t ldb = 0) {
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
   const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, kMr * kNr * kc));
   at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate);
+    for (int64_t t = t0; t < t1; ++t) {
+      tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate, ldb);
+    }
   });
 }
 
@@ -251,6 +263,30 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
   }
 #else
   (void)M, (void)A, (void)rsa, (void)B, (void)C, (void)ldc, (void)accumulate;
+#endif
+}
+
+void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if HG_CPU_GEMM_AVX512
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    }
+    return;
+  }
+  std::vector<float> packed_a;
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kKc)));
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
+    tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa, B + k0 * ldb, C, ldc,
+          accumulate || k0 > 0, ldb);
+  }
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)rsa, (void)csa, (void)B, (void)ldb, (void)C,
+      (void)ldc, (void)accumulate;
 #endif
 }
 

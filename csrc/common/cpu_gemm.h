@@ -50,6 +50,12 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
             const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc, bool accumulate);
 
+// The same with B row-major (leading dimension ldb >= N), read in place
+// without packing: cheaper than packing when B is used once (a per-step
+// gradient product).
+void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
 // Tensor form: c (+)= a b for 2-D float32 tensors (any strides for a and b,
 // c with unit column stride). Returns false without touching c when this
 // product does not apply (not float32, not available(), other layouts): the

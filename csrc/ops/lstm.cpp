@@ -232,11 +232,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
   const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
-  // The weight gradients [grad_w_hh | grad_w_ih] = sum_t dgates_t^T [h_{t-1} | x_t]
-  // (one product per step, over the step's previous hidden state and input
-  // laid side by side in hx) and grad_input_t = dgates_t W_ih are computed
-  // step by step while dgates_t is still in cache.
-  at::Tensor grad_w = at::empty({4 * H, H + I}, input.options());
+  // The weight gradients, transposed: [grad_w_hh | grad_w_ih]^T =
+  // sum_t [h_{t-1} | x_t]^T dgates_t (one product per step, over the step's
+  // previous hidden state and input laid side by side in hx; dgates_t, the
+  // product's right operand, is read in place) and grad_input_t =
+  // dgates_t W_ih are computed step by step while dgates_t is still in cache.
+  at::Tensor grad_w_t = at::empty({H + I, 4 * H}, input.options());
   at::Tensor hx = at::empty({T, B, H + I}, input.options());
   hx.narrow(2, H, I).copy_(input);
   hx.select(0, reverse ? T - 1 : 0).narrow(1, 0, H).copy_(h0);
@@ -271,14 +272,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (input_grad) mm_into(k, gx_t, dg_t, w_ih, false, w_ih_packed.get());
     }
     dh_rec = dh_buf;
-    mm_into(k, grad_w, dg_t.t(), hx.select(0, t), s > 0);
+    mm_into(k, grad_w_t, hx.select(0, t).t(), dg_t, s > 0);
   }
 
   const at::Tensor dg2 = dgates.view({T * B, 4 * H});
   at::Tensor grad_b = at::empty({4 * H}, input.options());
   k.column_sum(dg2, grad_b);
-  return {grad_input, dh_buf, dc, grad_w.narrow(1, H, I).contiguous(),
-          grad_w.narrow(1, 0, H).contiguous(), grad_b};
+  return {grad_input, dh_buf, dc, grad_w_t.narrow(0, H, I).t().contiguous(),
+          grad_w_t.narrow(0, 0, H).t().contiguous(), grad_b};
 }
 
 }  // namespace lstm

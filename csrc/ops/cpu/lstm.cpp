@@ -151,7 +151,20 @@ void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
 // CPU has AVX-512; everything else falls back to at::mm in the driver.
 bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const void* packed) {
-  if (packed == nullptr) return cpu_gemm::mm(c, a, b, accumulate);
+  if (packed == nullptr) {
+    // B used once and already row-major (the per-step gate gradient of the
+    // weight-gradient products): read in place instead of packed.
+    if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+        b.scalar_type() == at::kFloat && cpu_gemm::available() && c.dim() == 2 &&
+        a.dim() == 2 && b.dim() == 2 && c.stride(1) == 1 && b.stride(1) == 1 &&
+        b.stride(0) >= b.size(1)) {
+      cpu_gemm::matmul_direct_b(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(),
+                                a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
+                                c.mutable_data_ptr<float>(), c.stride(0), accumulate);
+      return true;
+    }
+    return cpu_gemm::mm(c, a, b, accumulate);
+  }
   if (c.scalar_type() != at::kFloat || !cpu_gemm::available() || c.dim() != 2 ||
       (c.stride(1) != 1 && c.size(1) > 1)) {
     return false;
