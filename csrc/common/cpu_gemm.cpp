@@ -1,9 +1,10 @@
 // The AVX-512 float32 matrix product shared by the CPU kernels (see
 // cpu_gemm.h for why).
 //
-// Blocking: K in blocks of kKc; B packed into panels of kNr = 32 columns
-// (kc x 32 floats each, zero-padded past N), A into panels of kMr rows
-// (zero-padded past M). The micro-kernel keeps a kMr x 32 tile of C in
+// Blocking: K in blocks of kKc (one block up to 1.25 kKc); B packed into
+// panels of kNr = 32 columns (kc x 32 floats each, zero-padded past N), or
+// read in place (matmul_direct_b); A into panels of kMr rows (zero-padded
+// past M) or read in place. The micro-kernel keeps a kMr x 32 tile of C in
 // 2 kMr zmm registers: per k it loads two vectors of B, broadcasts kMr
 // values of A and issues 2 kMr FMAs. Edge tiles store only the valid rows,
 // and the valid columns through masked loads/stores. Threads split the tiles; every
@@ -32,6 +33,11 @@ namespace {
 constexpr int64_t kMr = 8;
 constexpr int64_t kNr = 32;
 constexpr int64_t kKc = 256;
+
+// The k-block size for depth K: kKc, or all of K when K is at most 1.25 kKc
+// (so K = 257, a product with a column of ones appended, is one block rather
+// than a second pass over C for a single k).
+int64_t k_block(int64_t K) { return K <= kKc + kKc / 4 ? K : kKc; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -146,6 +152,12 @@ void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k
     for (int64_t p = p0; p < p1; ++p) {
       float* dst = out + p * kc * kMr;
       const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+      if (rsa == 1 && mr == kMr) {  // A^T of a row-major matrix: kMr contiguous floats per k
+        for (int64_t k = 0; k < kc; ++k) {
+          std::memcpy(dst + k * kMr, A + m0 + (k0 + k) * csa, kMr * sizeof(float));
+        }
+        continue;
+      }
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = A + m0 * rsa + (k0 + k) * csa;
         for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = i < mr ? src[i * rsa] : 0.0f;
@@ -217,8 +229,9 @@ void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, Pack
   out.K = K;
   out.N = N;
   out.data.resize(static_cast<size_t>(block_offset(K, N)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    pack_b_block(B, rsb, csb, k0, std::min(kKc, K - k0), N, out.data.data() + block_offset(k0, N));
+  const int64_t kb = k_block(K);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    pack_b_block(B, rsb, csb, k0, std::min(kb, K - k0), N, out.data.data() + block_offset(k0, N));
   }
 }
 
@@ -236,9 +249,10 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
   // Rows of A contiguous in k are read in place; otherwise (a transposed
   // view) each k-block is packed first.
   std::vector<float> packed_a;
-  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kKc)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
+  const int64_t kb = k_block(K);
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
     if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
     tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa,
           B.data.data() + block_offset(k0, N), C, ldc, accumulate || k0 > 0);
@@ -254,10 +268,11 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
   const int64_t K = B.K, N = B.N;
   if (M == 0 || N == 0 || K == 0) return;
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+  const int64_t kb = k_block(K);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const float* bp = B.data.data() + block_offset(k0, N);
     for (int64_t t = 0; t < count; ++t) {
-      tile(t, M, N, std::min(kKc, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
+      tile(t, M, N, std::min(kb, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
            accumulate || k0 > 0);
     }
   }
@@ -277,9 +292,10 @@ void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs
     return;
   }
   std::vector<float> packed_a;
-  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kKc)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
+  const int64_t kb = k_block(K);
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
     if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
     tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa, B + k0 * ldb, C, ldc,
           accumulate || k0 > 0, ldb);

@@ -56,10 +56,12 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 // Rows [b0, b1): float32 through the vector row kernels (AVX-512 when the
 // CPU has it, else the baseline AVX2 build), float64 unit by unit.
+// h_copy (row stride ldh): a second destination of h_new, or nullptr.
 void forward_rows(const float* bih, const float* bhh, float* g, const float* c, float* cn,
-                  float* hn, int64_t b0, int64_t b1, int64_t H) {
+                  float* hn, int64_t b0, int64_t b1, int64_t H, float* h_copy = nullptr,
+                  int64_t ldh = 0) {
   (avx512_available() ? avx512::forward_rows : baseline::forward_rows)(g, bih, bhh, c, cn, hn,
-                                                                        b0, b1, H);
+                                                                        b0, b1, H, h_copy, ldh);
 }
 
 void forward_rows(const double* bih, const double* bhh, double* g, const double* c, double* cn,
@@ -185,22 +187,26 @@ std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
 // One parallel region per time step: each thread runs the product and the
 // pointwise pass on its own rows (row b of the gates needs only row b of h),
 // so no barrier separates them and the rows are still in cache.
-bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
-                      const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
-                      at::Tensor& c_new, at::Tensor& h_new) {
-  if (gates.scalar_type() != at::kFloat || w_hh_t_packed == nullptr) return false;
-  const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_hh_t_packed);
+bool step_forward_cpu(at::Tensor& gates, const at::Tensor& a, const void* w_packed,
+                      bool accumulate, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                      const at::Tensor& c_prev, at::Tensor& c_new, at::Tensor& h_new,
+                      at::Tensor& h_copy) {
+  if (gates.scalar_type() != at::kFloat || w_packed == nullptr || a.stride(1) != 1) return false;
+  const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
   float* g = gates.data_ptr<float>();
-  const float* h = h_prev.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  float* hc = h_copy.defined() ? h_copy.data_ptr<float>() : nullptr;
+  const int64_t ldh = h_copy.defined() ? h_copy.stride(0) : 0;
   const float* bih = ptr_or_null<float>(b_ih);
   const float* bhh = ptr_or_null<float>(b_hh);
   const float* c = c_prev.data_ptr<float>();
   float* cn = c_new.data_ptr<float>();
   float* hn = h_new.data_ptr<float>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    cpu_gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
-    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
+    cpu_gemm::matmul_serial(b1 - b0, ap + b0 * lda, lda, w, g + b0 * 4 * H, 4 * H, accumulate);
+    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H, hc, ldh);
   });
   return true;
 }
