@@ -94,13 +94,16 @@ __mmask16 low_mask(int64_t n) {
 
 // C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32]; A(i, k) is
 // rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
-// packed panel). Bp row k is at bp + k * ldb: packed (ldb = kNr, zero-padded
+// packed panel; kStep = 0: the run-time step astep, A^T of a row-major
+// matrix read in place, rows[i] = column i). Bp row k is at bp + k * ldb: packed (ldb = kNr, zero-padded
 // past N) or, with kDirectB, B itself read in place (masked loads: no read
 // past column N).
 template <int64_t kStep, bool kDirectB = false>
 HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const float* bp,
                                    int64_t ldb, float* C, int64_t ldc, int64_t mr,
-                                   __mmask16 mask0, __mmask16 mask1, bool accumulate) {
+                                   __mmask16 mask0, __mmask16 mask1, bool accumulate,
+                                   int64_t astep = 0) {
+  const int64_t step = kStep != 0 ? kStep : astep;
   __m512 c0[kMr], c1[kMr];
   const float* a[kMr];
 #pragma GCC unroll 16
@@ -123,7 +126,7 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
     bp += ldb;
 #pragma GCC unroll 16
     for (int i = 0; i < kMr; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i][k * kStep]);
+      const __m512 av = _mm512_set1_ps(a[i][k * step]);
       c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
       c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
     }
@@ -171,10 +174,12 @@ void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k
 // starting at a_direct + m * rsa); the rows past M of an edge tile repeat the
 // last row and are not stored.
 // ldb = 0: bp is packed; else bp is the k-block's first row of B itself
-// (row-major, leading dimension ldb), read in place.
+// (row-major, leading dimension ldb), read in place. A read in place has its
+// k-th element of row m at a_direct + m * rsa + k * a_kstep (a_kstep > 1:
+// a transposed view, with B read in place only).
 void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct,
           int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate,
-          int64_t ldb = 0) {
+          int64_t ldb = 0, int64_t a_kstep = 1) {
   const int64_t mp = ceil_div(M, kMr);
   const int64_t q = t / mp, p = t % mp;
   const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
@@ -188,6 +193,9 @@ void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const fl
   if (ldb != 0) {
     if (ap) {
       micro_kernel<kMr, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
+    } else if (a_kstep != 1) {
+      micro_kernel<0, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate,
+                            a_kstep);
     } else {
       micro_kernel<1, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
     }
@@ -200,12 +208,13 @@ void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const fl
 
 // Every tile of one k-block; threads split the tiles.
 void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct, int64_t rsa,
-           const float* bp, float* C, int64_t ldc, bool accumulate, int64_t ldb = 0) {
+           const float* bp, float* C, int64_t ldc, bool accumulate, int64_t ldb = 0,
+           int64_t a_kstep = 1) {
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
   const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, kMr * kNr * kc));
   at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate, ldb);
+      tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate, ldb, a_kstep);
     }
   });
 }
@@ -291,8 +300,16 @@ void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs
     }
     return;
   }
-  std::vector<float> packed_a;
   const int64_t kb = k_block(K);
+  if (rsa == 1 && csa != 1) {
+    // A^T of a row-major matrix (kMr consecutive floats per k): read in place.
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      tiles(M, N, std::min(kb, K - k0), nullptr, A + k0 * csa, 1, B + k0 * ldb, C, ldc,
+            accumulate || k0 > 0, ldb, csa);
+    }
+    return;
+  }
+  std::vector<float> packed_a;
   if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t kc = std::min(kb, K - k0);

@@ -274,14 +274,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = defined_or_empty(grad_output);
   const at::Tensor g_all = gates.contiguous(), c_all = cells.contiguous();
   const at::Tensor c0c = c0.contiguous();
-  // The gate gradient of one step (used by that step's products only).
-  at::Tensor dg_t = at::empty({B, 4 * H}, input.options());
+  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
+  // The gate gradient of one step (used by that step's products only). For
+  // the backend's fused steps its rows are padded by 16 elements: a row
+  // stride of 4H floats (a multiple of 1 KiB for the usual sizes) would map
+  // the rows the weight-gradient product reads down one column onto a few
+  // cache sets.
+  at::Tensor dg_t = w_hh_packed && k.step_backward
+                        ? at::empty({B, 4 * H + 16}, input.options()).narrow(1, 0, 4 * H)
+                        : at::empty({B, 4 * H}, input.options());
   // dc: gradient reaching the current step's cell; updated in place step by step.
   at::Tensor dc = grad_cT.has_value() && grad_cT->defined() ? grad_cT->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
-  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
   // The weight and bias gradients, transposed: [grad_w_hh | grad_w_ih | grad_b]^T =
   // sum_t [h_{t-1} | x_t | 1]^T dgates_t (one product per step, over the
   // step's previous hidden state, input and a column of ones laid side by

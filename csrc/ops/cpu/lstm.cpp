@@ -74,21 +74,22 @@ void forward_rows(const double* bih, const double* bhh, double* g, const double*
   }
 }
 
+// ldg: the row stride of dg (4H, or more: a padded buffer).
 void backward_rows(const float* pa, const float* pb, const float* pc, const float* g,
                    const float* c, const float* cn, float* dg, float* dcp, int64_t b0,
-                   int64_t b1, int64_t H) {
-  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(pa, pb, pc, g, c, cn,
-                                                                          dg, dcp, b0, b1, H);
+                   int64_t b1, int64_t H, int64_t ldg) {
+  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(
+      pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
 }
 
 void backward_rows(const double* pa, const double* pb, const double* pc, const double* g,
                    const double* c, const double* cn, double* dg, double* dcp, int64_t b0,
-                   int64_t b1, int64_t H) {
+                   int64_t b1, int64_t H, int64_t ldg) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t r = b * H;
     for (int64_t j = 0; j < H; ++j) {
       backward_unit<double, double>(pa ? pa + r : nullptr, pb ? pb + r : nullptr,
-                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + 4 * r,
+                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + b * ldg,
                                     dcp + r, H, j);
     }
   }
@@ -123,8 +124,9 @@ void backward_cpu_kernel(const at::Tensor& dh_a, const at::Tensor& dh_b, const a
     const scalar_t* cn = c_new.data_ptr<scalar_t>();
     scalar_t* dg = dgates.data_ptr<scalar_t>();
     scalar_t* dcp = dc_prev.data_ptr<scalar_t>();
+    const int64_t ldg = dgates.stride(0);
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
+      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
     });
   });
 }
@@ -235,13 +237,14 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   float* dcp = dc_prev.data_ptr<float>();
   float* dh = dh_prev.data_ptr<float>();
   float* gx = grad_x.defined() ? grad_x.data_ptr<float>() : nullptr;
+  const int64_t ldg = dgates.stride(0);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     // Reads rows b0..b1 of dh_b before the product below overwrites them.
-    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
-    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
+    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
+    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * H, H, false);
     if (gx) {
-      cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
-                          false);
+      cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, *w_ih, gx + b0 * w_ih->N, w_ih->N,
+                              false);
     }
   });
   return true;

@@ -19,7 +19,7 @@ bool avx512_available();
                     float* h_copy, int64_t ldh);                                                \
   void backward_rows(const float* dh_a, const float* dh_b, const float* dc, const float* gates, \
                      const float* c_prev, const float* c_new, float* dgates, float* dc_prev,   \
-                     int64_t b0, int64_t b1, int64_t H);                                       \
+                     int64_t b0, int64_t b1, int64_t H, int64_t ldg);                          \
   }
 
 HG_LSTM_ROWS_DECLARE(baseline)
