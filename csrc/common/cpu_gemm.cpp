@@ -301,8 +301,10 @@ void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs
     return;
   }
   const int64_t kb = k_block(K);
-  if (rsa == 1 && csa != 1) {
-    // A^T of a row-major matrix (kMr consecutive floats per k): read in place.
+  if (rsa == 1 && csa != 1 && csa % 128 != 0) {
+    // A^T of a row-major matrix (kMr consecutive floats per k): read in place
+    // (unless its rows are a multiple of 512 bytes apart: then the rows one
+    // tile reads share a few cache sets, and packing is faster).
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       tiles(M, N, std::min(kb, K - k0), nullptr, A + k0 * csa, 1, B + k0 * ldb, C, ldc,
             accumulate || k0 > 0, ldb, csa);

@@ -52,7 +52,10 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_
 
 // The same with B row-major (leading dimension ldb >= N), read in place
 // without packing: cheaper than packing when B is used once (a per-step
-// gradient product).
+// gradient product) and ldb is not a multiple of 128 floats (rows 512 bytes
+// apart or a multiple of that map onto a few cache sets; the caller decides).
+// A^T of a row-major matrix (rsa = 1) is read in place too when csa is not a
+// multiple of 128; other A are packed per k-block.
 void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
                      const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
 

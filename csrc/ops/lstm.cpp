@@ -5,15 +5,20 @@
 // own product when it provides one -- the CPU's AVX-512 kernel in
 // common/cpu_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
 // products, allowed by the project rules) and call the backend's fused
-// pointwise kernels. The layer's time loop is here, in C++: the input
-// projection of all time steps is one product (T*B, I) x (I, 4H); each step
-// adds one (B, H) x (H, 4H) product into its slice of the preallocated gate
-// buffer and runs the pointwise kernel (or the backend's fused step), which
-// writes h_t straight into the output and c_t into the saved cell buffer.
-// Backward through time is one loop over the saved gates that fills the
-// gate-gradient matrix of all steps (T, B, 4H) and accumulates the weight
-// gradients and the input gradient step by step (while the step's gate
-// gradient is in cache); the bias gradient is its column sum.
+// pointwise kernels. The layer's time loop is here, in C++. With the
+// backend's fused steps (the CPU's, float32) each step is ONE product,
+// [h_{t-1} | x_t | 1] (B, H+I+1) times [W_hh^T; W_ih^T; b_ih + b_hh] packed
+// once, followed on the same rows by the pointwise pass, which writes h_t
+// into the output, into the next step's operand row and c_t into the saved
+// cell buffer. Otherwise (CUDA, float64, a CPU without AVX-512) the
+// input projection of all time steps is one product (T*B, I) x (I, 4H) and
+// each step adds one (B, H) x (H, 4H) product into its slice of the gate
+// buffer before the pointwise kernel.
+// Backward through time is one loop over the saved gates; each step's gate
+// gradient (one reused (B, 4H) buffer) feeds, while in cache, dh_{t-1} =
+// dgates_t W_hh, grad_input_t = dgates_t W_ih, and the weight and bias
+// gradients, accumulated as [h_{t-1} | x_t | 1]^T dgates_t (the last row,
+// from the column of ones, is the bias gradient).
 #include "ops/lstm.h"
 
 #include "common/checks.h"

@@ -157,11 +157,13 @@ bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
                 const void* packed) {
   if (packed == nullptr) {
     // B used once and already row-major (the per-step gate gradient of the
-    // weight-gradient products): read in place instead of packed.
+    // layer's weight-gradient products, whose rows the driver pads): read in
+    // place instead of packed, unless its rows are a multiple of 512 bytes
+    // apart (they would share a few cache sets).
     if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
         b.scalar_type() == at::kFloat && cpu_gemm::available() && c.dim() == 2 &&
         a.dim() == 2 && b.dim() == 2 && c.stride(1) == 1 && b.stride(1) == 1 &&
-        b.stride(0) >= b.size(1)) {
+        b.stride(0) >= b.size(1) && b.stride(0) % 128 != 0) {
       cpu_gemm::matmul_direct_b(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(),
                                 a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
                                 c.mutable_data_ptr<float>(), c.stride(0), accumulate);
