@@ -1,35 +1,46 @@
 // lstm, CPU kernels.
 //
-// Algorithm: a step's gate matrix, gates = x W_ih^T + h W_hh^T (the driver in
-// ops/lstm.cpp runs the products: the AVX-512 kernel of common/cpu_gemm.cpp for
-// float32 when the CPU has AVX-512, at::mm otherwise), goes through ONE fused
-// pointwise pass per row: add both biases, sigmoid / sigmoid / tanh / sigmoid
-// on the [i | f | g | o] blocks, c' = f c + i g, h' = o tanh(c'); the
-// activated gates overwrite the pre-activations and are saved for backward
-// (with c and c'; tanh(c') is recomputed).
+// Algorithm: a step's gate matrix, gates = x W_ih^T + h W_hh^T + biases (the
+// driver in ops/lstm.cpp runs the products: the AVX-512 kernel of
+// common/cpu_gemm.cpp for float32 when the CPU has AVX-512, at::mm
+// otherwise; in the layer, one product per step over [h | x | 1] with the
+// biases as the last weight row), goes through ONE fused pointwise pass per
+// row: add the biases (when not already in the product), sigmoid / sigmoid /
+// tanh / sigmoid on the [i | f | g | o] blocks, c' = f c + i g,
+// h' = o tanh(c'); the activated gates overwrite the pre-activations and are
+// saved for backward (with c and c'; tanh(c') is recomputed).
 // Gradient (one fused pass): do = dh tanh(c'), dc' = dh o (1 - tanh^2 c') + dc,
 // di = dc' g, df = dc' c, dg = dc' i, dc_prev = dc' f, each then multiplied by
 // the activation's derivative (s(1 - s) or 1 - g^2) to give the gradient of
 // the pre-activations; that matrix feeds every weight, input and hidden
-// gradient through matrix products, and its column sum is the bias gradient.
+// gradient through matrix products; the bias gradient is its column sum (the
+// cell) or the ones-column row of the weight-gradient product (the layer).
 //
 // float32 rows run vectorized (lstm_rows.inc: AVX2, or AVX-512 when the CPU
-// has it); float64 and the vector tails use the scalar unit helpers of
-// ops/lstm.h. Inside the layer's time loop each step is one parallel region:
-// every thread computes the product and the pointwise pass of its own batch
-// rows (step_forward_cpu / step_backward_cpu). Results do not depend on the
-// thread count (each element is computed by the same code whatever thread
+// has it; tanh a rational approximation, sigmoid through e^x); float64 and
+// the vector tails use the scalar unit helpers of ops/lstm.h. Inside the
+// layer's time loop each step is one parallel region: every thread computes
+// the product and the pointwise pass of its own batch rows
+// (step_forward_cpu / step_backward_cpu); the weight-gradient product of a
+// step splits its tiles. Results do not depend on the thread count (each
+// element is computed by the same code, in the same order, whatever thread
 // runs it; column sums run in a fixed order).
 //
-// Speed against native (float32, forward+backward, benchmarks/bench_lstm.py;
-// median CPU time of one thread on a loaded 2-core AMD EPYC (Zen 5) VM, where
-// native nn.LSTM is oneDNN's fused AVX-512 RNN and torch.lstm_cell an
-// autograd graph of BLAS products and pointwise ops): cell (64, 28, 128)
-// 1.75x, cell (128, 256, 512) 1.9x; layer T28 B128 I28 H128: 1 layer 1.06x,
-// 2 layers 1.03x, 2 bidirectional layers 1.4x (forward alone ~0.9x, backward
-// ~1.1-1.4x). Peak memory of the layer: about half of native's. With
-// --threads 1 wall clock the harness agrees (1.82, 1.82, 1.03, 1.21, 1.52);
-// --threads 2 wall-clock runs on the shared machine were too noisy to quote.
+// Speed against native (float32, forward+backward; native nn.LSTM is oneDNN's
+// fused AVX-512 RNN, torch.lstm_cell an autograd graph of BLAS products and
+// pointwise ops), on a shared 2-core AMD EPYC (Zen 5) VM whose other
+// processes used 1-2 cores during the measurements, one thread, medians of
+// per-run thread CPU time over 60 interleaved runs,
+// `PYTHONPATH=python python benchmarks/lstm_thread_time.py` (the layer cases
+// of bench_lstm.py; wall clock on the loaded machine swung by 2x between
+// runs): layer T28 B128 I28 H128, 1 layer 1.21-1.22x (before this revision
+// 1.06-1.09x), 2 layers 1.12-1.13x (before 1.04-1.07x); forward alone ~1.0x
+// (1.00-1.03x, one run 0.87x; before 0.87-0.93x), the rest is backward.
+// Cells (same method): (64, 28, 128) ~1.7x, (128, 256, 512) ~1.65x. The
+// harness, `PYTHONPATH=python python benchmarks/bench_lstm.py --threads 1`
+// (wall clock), gave the layer 1.13-1.37x / 1.09-1.17x in its quieter runs
+// and single runs as far off as 0.79x / 1.9x when the other load shifted.
+// Peak memory of the layer: 36% (1 layer) to 40% (2 layers) of native's.
 #include "ops/lstm.h"
 
 #include "common/cpu_gemm.h"
