@@ -17,7 +17,7 @@
 // cell) or the ones-column row of the weight-gradient product (the layer).
 //
 // float32 rows run vectorized (lstm_rows.inc: AVX2, or AVX-512 when the CPU
-// has it; tanh a rational approximation, sigmoid through e^x); float64 and
+// has it; tanh and sigmoid through e^x); float64 and
 // the vector tails use the scalar unit helpers of ops/lstm.h. Inside the
 // layer's time loop each step is one parallel region: every thread computes
 // the product and the pointwise pass of its own batch rows
