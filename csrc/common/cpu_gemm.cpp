@@ -1,9 +1,10 @@
 // The AVX-512 float32 matrix product shared by the CPU kernels (see
 // cpu_gemm.h for why).
 //
-// Blocking: K in blocks of kKc; B packed into panels of kNr = 32 columns
-// (kc x 32 floats each, zero-padded past N), A into panels of kMr rows
-// (zero-padded past M). The micro-kernel keeps a kMr x 32 tile of C in
+// Blocking: K in blocks of kKc (one block up to 1.25 kKc); B packed into
+// panels of kNr = 32 columns (kc x 32 floats each, zero-padded past N), or
+// read in place (matmul_direct_b); A into panels of kMr rows (zero-padded
+// past M) or read in place. The micro-kernel keeps a kMr x 32 tile of C in
 // 2 kMr zmm registers: per k it loads two vectors of B, broadcasts kMr
 // values of A and issues 2 kMr FMAs. Edge tiles store only the valid rows,
 // and the valid columns through masked loads/stores. Threads split the tiles; every
@@ -32,6 +33,11 @@ namespace {
 constexpr int64_t kMr = 8;
 constexpr int64_t kNr = 32;
 constexpr int64_t kKc = 256;
+
+// The k-block size for depth K: kKc, or all of K when K is at most 1.25 kKc
+// (so K = 257, a product with a column of ones appended, is one block rather
+// than a second pass over C for a single k).
+int64_t k_block(int64_t K) { return K <= kKc + kKc / 4 ? K : kKc; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -91,13 +97,18 @@ __mmask16 low_mask(int64_t n) {
                  : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32], Bp packed; A(i, k)
-// is rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
-// packed panel).
-template <int64_t kStep>
+// C[0:mr, 0:32 masked] (+)= A[0:mr, 0:kc] Bp[0:kc, 0:32]; A(i, k) is
+// rows[i][k * kStep] (kStep = 1: rows of A read in place; kStep = kMr: a
+// packed panel; kStep = 0: the run-time step astep, A^T of a row-major
+// matrix read in place, rows[i] = column i). Bp row k is at bp + k * ldb: packed (ldb = kNr, zero-padded
+// past N) or, with kDirectB, B itself read in place (masked loads: no read
+// past column N).
+template <int64_t kStep, bool kDirectB = false>
 HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const float* bp,
-                                   float* C, int64_t ldc, int64_t mr, __mmask16 mask0,
-                                   __mmask16 mask1, bool accumulate) {
+                                   int64_t ldb, float* C, int64_t ldc, int64_t mr,
+                                   __mmask16 mask0, __mmask16 mask1, bool accumulate,
+                                   int64_t astep = 0) {
+  const int64_t step = kStep != 0 ? kStep : astep;
   __m512 c0[kMr], c1[kMr];
   const float* a[kMr];
 #pragma GCC unroll 16
@@ -115,12 +126,12 @@ HG_TARGET_AVX512 void micro_kernel(int64_t kc, const float* const* rows, const f
     }
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(bp);
-    const __m512 b1 = _mm512_loadu_ps(bp + 16);
-    bp += kNr;
+    const __m512 b0 = kDirectB ? _mm512_maskz_loadu_ps(mask0, bp) : _mm512_loadu_ps(bp);
+    const __m512 b1 = kDirectB ? _mm512_maskz_loadu_ps(mask1, bp + 16) : _mm512_loadu_ps(bp + 16);
+    bp += ldb;
 #pragma GCC unroll 16
     for (int i = 0; i < kMr; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i][k * kStep]);
+      const __m512 av = _mm512_set1_ps(a[i][k * step]);
       c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
       c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
     }
@@ -148,6 +159,13 @@ void pack_a_panels(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t 
   for (int64_t p = p0; p < p1; ++p) {
     float* dst = out + p * kc * kMr;
     const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
+    if (rsa == 1 && mr == kMr) {  // A^T of a row-major matrix: kMr contiguous floats per k
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = A + m0 + (k0 + k) * csa;
+        for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = alpha * src[i];
+      }
+      continue;
+    }
     for (int64_t k = 0; k < kc; ++k) {
       const float* src = A + m0 * rsa + (k0 + k) * csa;
       for (int64_t i = 0; i < kMr; ++i) dst[k * kMr + i] = i < mr ? alpha * src[i * rsa] : 0.0f;
@@ -166,8 +184,13 @@ void pack_a_block(const float* A, int64_t rsa, int64_t csa, int64_t M, int64_t k
 // packed (ap != nullptr) or read in place (rows contiguous in k, the k-block
 // starting at a_direct + m * rsa); the rows past M of an edge tile repeat the
 // last row and are not stored.
+// ldb = 0: bp is packed; else bp is the k-block's first row of B itself
+// (row-major, leading dimension ldb), read in place. A read in place has its
+// k-th element of row m at a_direct + m * rsa + k * a_kstep (a_kstep > 1:
+// a transposed view, with B read in place only).
 void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct,
-          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate) {
+          int64_t rsa, const float* bp, float* C, int64_t ldc, bool accumulate,
+          int64_t ldb = 0, int64_t a_kstep = 1) {
   const int64_t mp = ceil_div(M, kMr);
   const int64_t q = t / mp, p = t % mp;
   const int64_t m0 = p * kMr, mr = std::min(kMr, M - m0);
@@ -177,22 +200,33 @@ void tile(int64_t t, int64_t M, int64_t N, int64_t kc, const float* ap, const fl
     rows[i] = ap ? ap + p * kc * kMr + i : a_direct + (m0 + std::min(i, mr - 1)) * rsa;
   }
   float* c = C + m0 * ldc + n0;
-  if (ap) {
-    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
-                      accumulate);
+  const __mmask16 mask0 = low_mask(nr), mask1 = low_mask(nr - 16);
+  if (ldb != 0) {
+    if (ap) {
+      micro_kernel<kMr, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
+    } else if (a_kstep != 1) {
+      micro_kernel<0, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate,
+                            a_kstep);
+    } else {
+      micro_kernel<1, true>(kc, rows, bp + n0, ldb, c, ldc, mr, mask0, mask1, accumulate);
+    }
+  } else if (ap) {
+    micro_kernel<kMr>(kc, rows, bp + q * kc * kNr, kNr, c, ldc, mr, mask0, mask1, accumulate);
   } else {
-    micro_kernel<1>(kc, rows, bp + q * kc * kNr, c, ldc, mr, low_mask(nr), low_mask(nr - 16),
-                    accumulate);
+    micro_kernel<1>(kc, rows, bp + q * kc * kNr, kNr, c, ldc, mr, mask0, mask1, accumulate);
   }
 }
 
 // Every tile of one k-block; threads split the tiles.
 void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_direct, int64_t rsa,
-           const float* bp, float* C, int64_t ldc, bool accumulate) {
+           const float* bp, float* C, int64_t ldc, bool accumulate, int64_t ldb = 0,
+           int64_t a_kstep = 1) {
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
   const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, kMr * kNr * kc));
   at::parallel_for(0, count, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate);
+    for (int64_t t = t0; t < t1; ++t) {
+      tile(t, M, N, kc, ap, a_direct, rsa, bp, C, ldc, accumulate, ldb, a_kstep);
+    }
   });
 }
 
@@ -215,8 +249,9 @@ void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, Pack
   out.K = K;
   out.N = N;
   out.data.resize(static_cast<size_t>(block_offset(K, N)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    pack_b_block(B, rsb, csb, k0, std::min(kKc, K - k0), N, out.data.data() + block_offset(k0, N));
+  const int64_t kb = k_block(K);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    pack_b_block(B, rsb, csb, k0, std::min(kb, K - k0), N, out.data.data() + block_offset(k0, N));
   }
 }
 
@@ -234,9 +269,10 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
   // Rows of A contiguous in k are read in place; otherwise (a transposed
   // view) each k-block is packed first.
   std::vector<float> packed_a;
-  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kKc)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
+  const int64_t kb = k_block(K);
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
     if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
     tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa,
           B.data.data() + block_offset(k0, N), C, ldc, accumulate || k0 > 0);
@@ -252,15 +288,51 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
   const int64_t K = B.K, N = B.N;
   if (M == 0 || N == 0 || K == 0) return;
   const int64_t count = ceil_div(M, kMr) * ceil_div(N, kNr);
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+  const int64_t kb = k_block(K);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const float* bp = B.data.data() + block_offset(k0, N);
     for (int64_t t = 0; t < count; ++t) {
-      tile(t, M, N, std::min(kKc, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
+      tile(t, M, N, std::min(kb, K - k0), nullptr, A + k0, rsa, bp, C, ldc,
            accumulate || k0 > 0);
     }
   }
 #else
   (void)M, (void)A, (void)rsa, (void)B, (void)C, (void)ldc, (void)accumulate;
+#endif
+}
+
+void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if HG_CPU_GEMM_AVX512
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    }
+    return;
+  }
+  const int64_t kb = k_block(K);
+  if (rsa == 1 && csa != 1 && csa % 128 != 0) {
+    // A^T of a row-major matrix (kMr consecutive floats per k): read in place
+    // (unless its rows are a multiple of 512 bytes apart: then the rows one
+    // tile reads share a few cache sets, and packing is faster).
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      tiles(M, N, std::min(kb, K - k0), nullptr, A + k0 * csa, 1, B + k0 * ldb, C, ldc,
+            accumulate || k0 > 0, ldb, csa);
+    }
+    return;
+  }
+  std::vector<float> packed_a;
+  if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
+    if (csa != 1) pack_a_block(A, rsa, csa, M, k0, kc, packed_a.data());
+    tiles(M, N, kc, csa != 1 ? packed_a.data() : nullptr, A + k0, rsa, B + k0 * ldb, C, ldc,
+          accumulate || k0 > 0, ldb);
+  }
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)rsa, (void)csa, (void)B, (void)ldb, (void)C,
+      (void)ldc, (void)accumulate;
 #endif
 }
 

@@ -58,6 +58,15 @@ void matmul_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
                  int64_t csa, const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc,
                  bool accumulate);
 
+// The same with B row-major (leading dimension ldb >= N), read in place
+// without packing: cheaper than packing when B is used once (a per-step
+// gradient product) and ldb is not a multiple of 128 floats (rows 512 bytes
+// apart or a multiple of that map onto a few cache sets; the caller decides).
+// A^T of a row-major matrix (rsa = 1) is read in place too when csa is not a
+// multiple of 128; other A are packed per k-block.
+void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
 // Tensor form: c (+)= a b for 2-D float32 tensors (any strides for a and b,
 // c with unit column stride). Returns false without touching c when this
 // product does not apply (not float32, not available(), other layouts): the

@@ -5,15 +5,20 @@
 // own product when it provides one -- the CPU's AVX-512 kernel in
 // common/cpu_gemm.cpp for float32 -- else at::mm / at::addmm_, plain matrix
 // products, allowed by the project rules) and call the backend's fused
-// pointwise kernels. The layer's time loop is here, in C++: the input
-// projection of all time steps is one product (T*B, I) x (I, 4H); each step
-// adds one (B, H) x (H, 4H) product into its slice of the preallocated gate
-// buffer and runs the pointwise kernel (or the backend's fused step), which
-// writes h_t straight into the output and c_t into the saved cell buffer.
-// Backward through time is one loop over the saved gates that fills the
-// gate-gradient matrix of all steps (T, B, 4H) and accumulates the weight
-// gradients and the input gradient step by step (while the step's gate
-// gradient is in cache); the bias gradient is its column sum.
+// pointwise kernels. The layer's time loop is here, in C++. With the
+// backend's fused steps (the CPU's, float32) each step is ONE product,
+// [h_{t-1} | x_t | 1] (B, H+I+1) times [W_hh^T; W_ih^T; b_ih + b_hh] packed
+// once, followed on the same rows by the pointwise pass, which writes h_t
+// into the output, into the next step's operand row and c_t into the saved
+// cell buffer. Otherwise (CUDA, float64, a CPU without AVX-512) the
+// input projection of all time steps is one product (T*B, I) x (I, 4H) and
+// each step adds one (B, H) x (H, 4H) product into its slice of the gate
+// buffer before the pointwise kernel.
+// Backward through time is one loop over the saved gates; each step's gate
+// gradient (one reused (B, 4H) buffer) feeds, while in cache, dh_{t-1} =
+// dgates_t W_hh, grad_input_t = dgates_t W_ih, and the weight and bias
+// gradients, accumulated as [h_{t-1} | x_t | 1]^T dgates_t (the last row,
+// from the column of ones, is the bias gradient).
 #include "ops/lstm.h"
 
 #include "common/checks.h"
@@ -171,12 +176,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   check_state(input, h0, B, H, op, "h0");
   check_state(input, c0, B, H, op, "c0");
 
-  const at::Tensor x = input.contiguous();
   const at::Tensor bih = defined_or_empty(b_ih), bhh = defined_or_empty(b_hh);
-  // The input projection of every time step in one product.
-  at::Tensor gates = mm(k, x.view({T * B, I}), w_ih.t()).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, H}, input.options());
   at::Tensor cells = at::empty({T, B, H}, input.options());
+  if (B > 0 && k.step_forward && k.pack) {
+    // The backend's fused steps over one combined product per step:
+    // gates_t = [h_prev | x_t | 1] [W_hh^T; W_ih^T; b_ih + b_hh], the operand
+    // rows laid out in hx (row t: the state step t reads, its input, a one),
+    // each step writing its h_t into the next step's row.
+    const int64_t K = H + I + 1;
+    at::Tensor w_cat = at::empty({K, 4 * H}, input.options());
+    w_cat.narrow(0, 0, H).copy_(w_hh.t());
+    w_cat.narrow(0, H, I).copy_(w_ih.t());
+    at::Tensor bias_row = w_cat.select(0, H + I);
+    if (bih.defined()) {
+      bias_row.copy_(bih);
+      if (bhh.defined()) bias_row.add_(bhh);
+    } else if (bhh.defined()) {
+      bias_row.copy_(bhh);
+    } else {
+      bias_row.zero_();
+    }
+    const std::shared_ptr<const void> w_packed = pack(k, w_cat);
+    if (w_packed) {
+      at::Tensor gates = at::empty({T, B, 4 * H}, input.options());
+      at::Tensor hx = at::empty({T, B, K}, input.options());
+      hx.narrow(2, H, I).copy_(input);
+      hx.select(2, H + I).fill_(1);
+      hx.select(0, reverse ? T - 1 : 0).narrow(1, 0, H).copy_(h0);
+      const at::Tensor none;
+      at::Tensor h_prev, c_prev = c0.contiguous();
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? T - 1 - s : s;
+        at::Tensor g_t = gates.select(0, t);
+        at::Tensor c_t = cells.select(0, t);
+        at::Tensor h_t = output.select(0, t);
+        const at::Tensor a_t = hx.select(0, t);
+        at::Tensor h_next =
+            s + 1 < T ? hx.select(0, reverse ? t - 1 : t + 1).narrow(1, 0, H) : at::Tensor();
+        if (!k.step_forward(g_t, a_t, w_packed.get(), false, none, none, c_prev, c_t, h_t,
+                            h_next)) {
+          mm_into(k, g_t, a_t, w_cat, false, w_packed.get());
+          k.forward(g_t, none, none, c_prev, c_t, h_t);
+          if (h_next.defined()) h_next.copy_(h_t);
+        }
+        h_prev = h_t;
+        c_prev = c_t;
+      }
+      return {output, h_prev.clone(), c_prev.clone(), gates, cells};
+    }
+  }
+  const at::Tensor x = input.contiguous();
+  // The input projection of every time step in one product.
+  at::Tensor gates = mm(k, x.view({T * B, I}), w_ih.t()).view({T, B, 4 * H});
   const at::Tensor w_hh_t = w_hh.t();
   const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh_t);
   at::Tensor h_prev = h0.contiguous(), c_prev = c0.contiguous();
@@ -185,8 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     at::Tensor g_t = gates.select(0, t);
     at::Tensor c_t = cells.select(0, t);
     at::Tensor h_t = output.select(0, t);
+    at::Tensor no_copy;
     const bool fused = B > 0 && k.step_forward && w_hh_packed &&
-                       k.step_forward(g_t, h_prev, w_hh_packed.get(), bih, bhh, c_prev, c_t, h_t);
+                       k.step_forward(g_t, h_prev, w_hh_packed.get(), true, bih, bhh, c_prev,
+                                      c_t, h_t, no_copy);
     if (!fused) {
       mm_into(k, g_t, h_prev, w_hh_t, true, w_hh_packed.get());
       if (B > 0) k.forward(g_t, bih, bhh, c_prev, c_t, h_t);
@@ -225,20 +279,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = defined_or_empty(grad_output);
   const at::Tensor g_all = gates.contiguous(), c_all = cells.contiguous();
   const at::Tensor c0c = c0.contiguous();
-  at::Tensor dgates = at::empty({T, B, 4 * H}, input.options());
+  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
+  // The gate gradient of one step (used by that step's products only). For
+  // the backend's fused steps its rows are padded by 16 elements: a row
+  // stride of 4H floats (a multiple of 1 KiB for the usual sizes) would map
+  // the rows the weight-gradient product reads down one column onto a few
+  // cache sets.
+  at::Tensor dg_t = w_hh_packed && k.step_backward
+                        ? at::empty({B, 4 * H + 16}, input.options()).narrow(1, 0, 4 * H)
+                        : at::empty({B, 4 * H}, input.options());
   // dc: gradient reaching the current step's cell; updated in place step by step.
   at::Tensor dc = grad_cT.has_value() && grad_cT->defined() ? grad_cT->contiguous().clone()
                                                             : at::zeros({B, H}, input.options());
   at::Tensor dh_rec = defined_or_empty(grad_hT);  // gradient reaching h_t through h_{t+1}
   at::Tensor dh_buf = at::empty({B, H}, input.options());
-  const std::shared_ptr<const void> w_hh_packed = pack(k, w_hh);
-  // The weight gradients [grad_w_hh | grad_w_ih] = sum_t dgates_t^T [h_{t-1} | x_t]
-  // (one product per step, over the step's previous hidden state and input
-  // laid side by side in hx) and grad_input_t = dgates_t W_ih are computed
-  // step by step while dgates_t is still in cache.
-  at::Tensor grad_w = at::empty({4 * H, H + I}, input.options());
-  at::Tensor hx = at::empty({T, B, H + I}, input.options());
+  // The weight and bias gradients, transposed: [grad_w_hh | grad_w_ih | grad_b]^T =
+  // sum_t [h_{t-1} | x_t | 1]^T dgates_t (one product per step, over the
+  // step's previous hidden state, input and a column of ones laid side by
+  // side in hx; dgates_t, the product's right operand, is read in place) and
+  // grad_input_t = dgates_t W_ih are computed step by step while dgates_t is
+  // still in cache.
+  const int64_t K = H + I + 1;
+  at::Tensor grad_w_t = at::empty({K, 4 * H}, input.options());
+  at::Tensor hx = at::empty({T, B, K}, input.options());
   hx.narrow(2, H, I).copy_(input);
+  hx.select(2, H + I).fill_(1);
   hx.select(0, reverse ? T - 1 : 0).narrow(1, 0, H).copy_(h0);
   if (T > 1) {
     hx.narrow(0, reverse ? 0 : 1, T - 1)
@@ -254,7 +319,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const bool first = reverse ? t == T - 1 : t == 0;
     const int64_t t_prev = reverse ? t + 1 : t - 1;
     const at::Tensor c_prev = first ? c0c : c_all.select(0, t_prev);
-    at::Tensor dg_t = dgates.select(0, t);
     const at::Tensor go_t = go.defined() ? go.select(0, t) : at::Tensor();
     at::Tensor gx_t = input_grad ? grad_input.select(0, t) : at::Tensor();
     const bool fused = B > 0 && k.step_backward && w_hh_packed && (!input_grad || w_ih_packed) &&
@@ -271,14 +335,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (input_grad) mm_into(k, gx_t, dg_t, w_ih, false, w_ih_packed.get());
     }
     dh_rec = dh_buf;
-    mm_into(k, grad_w, dg_t.t(), hx.select(0, t), s > 0);
+    mm_into(k, grad_w_t, hx.select(0, t).t(), dg_t, s > 0);
   }
 
-  const at::Tensor dg2 = dgates.view({T * B, 4 * H});
-  at::Tensor grad_b = at::empty({4 * H}, input.options());
-  k.column_sum(dg2, grad_b);
-  return {grad_input, dh_buf, dc, grad_w.narrow(1, H, I).contiguous(),
-          grad_w.narrow(1, 0, H).contiguous(), grad_b};
+  return {grad_input, dh_buf, dc, grad_w_t.narrow(0, H, I).t().contiguous(),
+          grad_w_t.narrow(0, 0, H).t().contiguous(), grad_w_t.select(0, H + I).clone()};
 }
 
 }  // namespace lstm

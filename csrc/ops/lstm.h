@@ -134,13 +134,17 @@ struct Kernels {
   std::shared_ptr<const void> (*pack)(const at::Tensor& b);
   // Optional fused time steps (nullptr, or false when they do not handle
   // these tensors: the driver then runs the products and forward/backward).
-  // step_forward: gates += h_prev W_hh^T (w_hh_t_packed = pack(W_hh^T)), then
-  // forward. step_backward: backward, then dh_prev = dgates W_hh (w_hh_packed
+  // step_forward: gates (+)= a W (accumulate), a (B, K) with unit column
+  // stride (the previous hidden state, or the layer's combined operand
+  // [h_prev | x_t | 1]), w_packed = pack(W) for W (K, 4H); then forward,
+  // which also writes h_new into h_copy (B, H) when that is defined.
+  // step_backward: backward, then dh_prev = dgates W_hh (w_hh_packed
   // = pack(W_hh)) and, when grad_x is defined, grad_x = dgates W_ih
   // (w_ih_packed = pack(W_ih)). dh_prev may be the tensor passed as dh_b.
-  bool (*step_forward)(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
-                       const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
-                       at::Tensor& c_new, at::Tensor& h_new);
+  bool (*step_forward)(at::Tensor& gates, const at::Tensor& a, const void* w_packed,
+                       bool accumulate, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                       const at::Tensor& c_prev, at::Tensor& c_new, at::Tensor& h_new,
+                       at::Tensor& h_copy);
   bool (*step_backward)(const at::Tensor& dh_a, const at::Tensor& dh_b, const at::Tensor& dc,
                         const at::Tensor& gates, const at::Tensor& c_prev,
                         const at::Tensor& c_new, at::Tensor& dgates, at::Tensor& dc_prev,

@@ -1,35 +1,46 @@
 // lstm, CPU kernels.
 //
-// Algorithm: a step's gate matrix, gates = x W_ih^T + h W_hh^T (the driver in
-// ops/lstm.cpp runs the products: the AVX-512 kernel of common/cpu_gemm.cpp for
-// float32 when the CPU has AVX-512, at::mm otherwise), goes through ONE fused
-// pointwise pass per row: add both biases, sigmoid / sigmoid / tanh / sigmoid
-// on the [i | f | g | o] blocks, c' = f c + i g, h' = o tanh(c'); the
-// activated gates overwrite the pre-activations and are saved for backward
-// (with c and c'; tanh(c') is recomputed).
+// Algorithm: a step's gate matrix, gates = x W_ih^T + h W_hh^T + biases (the
+// driver in ops/lstm.cpp runs the products: the AVX-512 kernel of
+// common/cpu_gemm.cpp for float32 when the CPU has AVX-512, at::mm
+// otherwise; in the layer, one product per step over [h | x | 1] with the
+// biases as the last weight row), goes through ONE fused pointwise pass per
+// row: add the biases (when not already in the product), sigmoid / sigmoid /
+// tanh / sigmoid on the [i | f | g | o] blocks, c' = f c + i g,
+// h' = o tanh(c'); the activated gates overwrite the pre-activations and are
+// saved for backward (with c and c'; tanh(c') is recomputed).
 // Gradient (one fused pass): do = dh tanh(c'), dc' = dh o (1 - tanh^2 c') + dc,
 // di = dc' g, df = dc' c, dg = dc' i, dc_prev = dc' f, each then multiplied by
 // the activation's derivative (s(1 - s) or 1 - g^2) to give the gradient of
 // the pre-activations; that matrix feeds every weight, input and hidden
-// gradient through matrix products, and its column sum is the bias gradient.
+// gradient through matrix products; the bias gradient is its column sum (the
+// cell) or the ones-column row of the weight-gradient product (the layer).
 //
 // float32 rows run vectorized (lstm_rows.inc: AVX2, or AVX-512 when the CPU
-// has it); float64 and the vector tails use the scalar unit helpers of
-// ops/lstm.h. Inside the layer's time loop each step is one parallel region:
-// every thread computes the product and the pointwise pass of its own batch
-// rows (step_forward_cpu / step_backward_cpu). Results do not depend on the
-// thread count (each element is computed by the same code whatever thread
+// has it; tanh and sigmoid through e^x); float64 and
+// the vector tails use the scalar unit helpers of ops/lstm.h. Inside the
+// layer's time loop each step is one parallel region: every thread computes
+// the product and the pointwise pass of its own batch rows
+// (step_forward_cpu / step_backward_cpu); the weight-gradient product of a
+// step splits its tiles. Results do not depend on the thread count (each
+// element is computed by the same code, in the same order, whatever thread
 // runs it; column sums run in a fixed order).
 //
-// Speed against native (float32, forward+backward, benchmarks/bench_lstm.py;
-// median CPU time of one thread on a loaded 2-core AMD EPYC (Zen 5) VM, where
-// native nn.LSTM is oneDNN's fused AVX-512 RNN and torch.lstm_cell an
-// autograd graph of BLAS products and pointwise ops): cell (64, 28, 128)
-// 1.75x, cell (128, 256, 512) 1.9x; layer T28 B128 I28 H128: 1 layer 1.06x,
-// 2 layers 1.03x, 2 bidirectional layers 1.4x (forward alone ~0.9x, backward
-// ~1.1-1.4x). Peak memory of the layer: about half of native's. With
-// --threads 1 wall clock the harness agrees (1.82, 1.82, 1.03, 1.21, 1.52);
-// --threads 2 wall-clock runs on the shared machine were too noisy to quote.
+// Speed against native (float32, forward+backward; native nn.LSTM is oneDNN's
+// fused AVX-512 RNN, torch.lstm_cell an autograd graph of BLAS products and
+// pointwise ops), on a shared 2-core AMD EPYC (Zen 5) VM whose other
+// processes used 1-2 cores during the measurements, one thread, medians of
+// per-run thread CPU time over 60 interleaved runs,
+// `PYTHONPATH=python python benchmarks/lstm_thread_time.py` (the layer cases
+// of bench_lstm.py; wall clock on the loaded machine swung by 2x between
+// runs): layer T28 B128 I28 H128, 1 layer 1.21-1.22x (before this revision
+// 1.06-1.09x), 2 layers 1.12-1.13x (before 1.04-1.07x); forward alone ~1.0x
+// (1.00-1.03x, one run 0.87x; before 0.87-0.93x), the rest is backward.
+// Cells (same method): (64, 28, 128) ~1.7x, (128, 256, 512) ~1.65x. The
+// harness, `PYTHONPATH=python python benchmarks/bench_lstm.py --threads 1`
+// (wall clock), gave the layer 1.13-1.37x / 1.09-1.17x in its quieter runs
+// and single runs as far off as 0.79x / 1.9x when the other load shifted.
+// Peak memory of the layer: 36% (1 layer) to 40% (2 layers) of native's.
 #include "ops/lstm.h"
 
 #include "common/cpu_gemm.h"
@@ -56,10 +67,12 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 // Rows [b0, b1): float32 through the vector row kernels (AVX-512 when the
 // CPU has it, else the baseline AVX2 build), float64 unit by unit.
+// h_copy (row stride ldh): a second destination of h_new, or nullptr.
 void forward_rows(const float* bih, const float* bhh, float* g, const float* c, float* cn,
-                  float* hn, int64_t b0, int64_t b1, int64_t H) {
+                  float* hn, int64_t b0, int64_t b1, int64_t H, float* h_copy = nullptr,
+                  int64_t ldh = 0) {
   (avx512_available() ? avx512::forward_rows : baseline::forward_rows)(g, bih, bhh, c, cn, hn,
-                                                                        b0, b1, H);
+                                                                        b0, b1, H, h_copy, ldh);
 }
 
 void forward_rows(const double* bih, const double* bhh, double* g, const double* c, double* cn,
@@ -72,21 +85,22 @@ void forward_rows(const double* bih, const double* bhh, double* g, const double*
   }
 }
 
+// ldg: the row stride of dg (4H, or more: a padded buffer).
 void backward_rows(const float* pa, const float* pb, const float* pc, const float* g,
                    const float* c, const float* cn, float* dg, float* dcp, int64_t b0,
-                   int64_t b1, int64_t H) {
-  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(pa, pb, pc, g, c, cn,
-                                                                          dg, dcp, b0, b1, H);
+                   int64_t b1, int64_t H, int64_t ldg) {
+  (avx512_available() ? avx512::backward_rows : baseline::backward_rows)(
+      pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
 }
 
 void backward_rows(const double* pa, const double* pb, const double* pc, const double* g,
                    const double* c, const double* cn, double* dg, double* dcp, int64_t b0,
-                   int64_t b1, int64_t H) {
+                   int64_t b1, int64_t H, int64_t ldg) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t r = b * H;
     for (int64_t j = 0; j < H; ++j) {
       backward_unit<double, double>(pa ? pa + r : nullptr, pb ? pb + r : nullptr,
-                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + 4 * r,
+                                    pc ? pc + r : nullptr, g + 4 * r, c + r, cn + r, dg + b * ldg,
                                     dcp + r, H, j);
     }
   }
@@ -121,8 +135,9 @@ void backward_cpu_kernel(const at::Tensor& dh_a, const at::Tensor& dh_b, const a
     const scalar_t* cn = c_new.data_ptr<scalar_t>();
     scalar_t* dg = dgates.data_ptr<scalar_t>();
     scalar_t* dcp = dc_prev.data_ptr<scalar_t>();
+    const int64_t ldg = dgates.stride(0);
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
+      backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
     });
   });
 }
@@ -151,7 +166,22 @@ void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
 // CPU has AVX-512; everything else falls back to at::mm in the driver.
 bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const void* packed) {
-  if (packed == nullptr) return cpu_gemm::mm(c, a, b, accumulate);
+  if (packed == nullptr) {
+    // B used once and already row-major (the per-step gate gradient of the
+    // layer's weight-gradient products, whose rows the driver pads): read in
+    // place instead of packed, unless its rows are a multiple of 512 bytes
+    // apart (they would share a few cache sets).
+    if (c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+        b.scalar_type() == at::kFloat && cpu_gemm::available() && c.dim() == 2 &&
+        a.dim() == 2 && b.dim() == 2 && c.stride(1) == 1 && b.stride(1) == 1 &&
+        b.stride(0) >= b.size(1) && b.stride(0) % 128 != 0) {
+      cpu_gemm::matmul_direct_b(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(),
+                                a.stride(0), a.stride(1), b.const_data_ptr<float>(), b.stride(0),
+                                c.mutable_data_ptr<float>(), c.stride(0), accumulate);
+      return true;
+    }
+    return cpu_gemm::mm(c, a, b, accumulate);
+  }
   if (c.scalar_type() != at::kFloat || !cpu_gemm::available() || c.dim() != 2 ||
       (c.stride(1) != 1 && c.size(1) > 1)) {
     return false;
@@ -172,22 +202,26 @@ std::shared_ptr<const void> pack_cpu(const at::Tensor& b) {
 // One parallel region per time step: each thread runs the product and the
 // pointwise pass on its own rows (row b of the gates needs only row b of h),
 // so no barrier separates them and the rows are still in cache.
-bool step_forward_cpu(at::Tensor& gates, const at::Tensor& h_prev, const void* w_hh_t_packed,
-                      const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& c_prev,
-                      at::Tensor& c_new, at::Tensor& h_new) {
-  if (gates.scalar_type() != at::kFloat || w_hh_t_packed == nullptr) return false;
-  const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_hh_t_packed);
+bool step_forward_cpu(at::Tensor& gates, const at::Tensor& a, const void* w_packed,
+                      bool accumulate, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                      const at::Tensor& c_prev, at::Tensor& c_new, at::Tensor& h_new,
+                      at::Tensor& h_copy) {
+  if (gates.scalar_type() != at::kFloat || w_packed == nullptr || a.stride(1) != 1) return false;
+  const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
   float* g = gates.data_ptr<float>();
-  const float* h = h_prev.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const int64_t lda = a.stride(0);
+  float* hc = h_copy.defined() ? h_copy.data_ptr<float>() : nullptr;
+  const int64_t ldh = h_copy.defined() ? h_copy.stride(0) : 0;
   const float* bih = ptr_or_null<float>(b_ih);
   const float* bhh = ptr_or_null<float>(b_hh);
   const float* c = c_prev.data_ptr<float>();
   float* cn = c_new.data_ptr<float>();
   float* hn = h_new.data_ptr<float>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    cpu_gemm::matmul_serial(b1 - b0, h + b0 * H, H, w, g + b0 * 4 * H, 4 * H, true);
-    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H);
+    cpu_gemm::matmul_serial(b1 - b0, ap + b0 * lda, lda, w, g + b0 * 4 * H, 4 * H, accumulate);
+    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H, hc, ldh);
   });
   return true;
 }
@@ -216,13 +250,14 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   float* dcp = dc_prev.data_ptr<float>();
   float* dh = dh_prev.data_ptr<float>();
   float* gx = grad_x.defined() ? grad_x.data_ptr<float>() : nullptr;
+  const int64_t ldg = dgates.stride(0);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     // Reads rows b0..b1 of dh_b before the product below overwrites them.
-    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H);
-    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, w_hh, dh + b0 * H, H, false);
+    backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
+    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * H, H, false);
     if (gx) {
-      cpu_gemm::matmul_serial(b1 - b0, dg + b0 * 4 * H, 4 * H, *w_ih, gx + b0 * w_ih->N, w_ih->N,
-                          false);
+      cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, *w_ih, gx + b0 * w_ih->N, w_ih->N,
+                              false);
     }
   });
   return true;

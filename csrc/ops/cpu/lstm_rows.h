@@ -15,10 +15,11 @@ bool avx512_available();
 #define HG_LSTM_ROWS_DECLARE(ns)                                                               \
   namespace ns {                                                                               \
   void forward_rows(float* gates, const float* bih, const float* bhh, const float* c_prev,      \
-                    float* c_new, float* h_new, int64_t b0, int64_t b1, int64_t H);            \
+                    float* c_new, float* h_new, int64_t b0, int64_t b1, int64_t H,             \
+                    float* h_copy, int64_t ldh);                                                \
   void backward_rows(const float* dh_a, const float* dh_b, const float* dc, const float* gates, \
                      const float* c_prev, const float* c_new, float* dgates, float* dc_prev,   \
-                     int64_t b0, int64_t b1, int64_t H);                                       \
+                     int64_t b0, int64_t b1, int64_t H, int64_t ldg);                          \
   }
 
 HG_LSTM_ROWS_DECLARE(baseline)
