@@ -35,9 +35,9 @@ def add_arguments(p):
                    help="autoencoders: std of Gaussian noise added to inputs (denoising)")
     p.add_argument("--d-steps", type=int, default=1,
                    help="GAN: discriminator steps per generator step")
-    p.add_argument("--augment", action="store_true",
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="classifiers: random crop (4-pixel zero padding) + horizontal flip "
-                        "of the training images")
+                        "of the training images (default: the model's; on for cifar_cnn)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

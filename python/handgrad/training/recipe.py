@@ -95,10 +95,10 @@ class ClassifierRecipe(Recipe):
     augment = False
 
     def configured(self, config):
-        if not config.augment or self.augment:
+        if config.augment is None or config.augment == self.augment:
             return self
         recipe = copy.copy(self)
-        recipe.augment = True
+        recipe.augment = config.augment
         return recipe
 
     def prepare(self, images, labels, train, generator):

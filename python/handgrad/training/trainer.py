@@ -43,7 +43,7 @@ class TrainConfig:
     limit: int = None  # use only the first N training images (quick runs)
     noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
     d_steps: int = 1  # GAN: discriminator steps per generator step
-    augment: bool = False  # classifiers: random crop + horizontal flip of training images
+    augment: bool = None  # classifiers: random crop + flip of training images (None: the recipe's)
     progress: bool = True
 
     def resolved(self, recipe):
@@ -52,6 +52,7 @@ class TrainConfig:
         c.epochs = c.epochs or recipe.epochs
         c.batch_size = c.batch_size or recipe.batch_size
         c.lr = c.lr or recipe.lr
+        c.augment = getattr(recipe, "augment", None)
         variant = "-noise%g" % c.noise if c.noise else ""
         c.out = c.out or os.path.join("runs", "%s%s-%s" % (recipe.name, variant, c.backend))
         return c
@@ -119,11 +120,9 @@ class Run:
         if saved is None:
             self.log("no checkpoint in %s; starting from epoch 1" % self.config.out)
             return
-        # Settings added later are absent from older checkpoints: those ran with the default.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        saved_config = {k: saved["config"].get(k, defaults[k]) for k in self.config.identity()}
-        mismatched = {k: (v, saved_config[k]) for k, v in self.config.identity().items()
-                      if saved_config[k] != v}
+        # Settings added later (augment) are absent from older checkpoints: not checked.
+        mismatched = {k: (v, saved["config"][k]) for k, v in self.config.identity().items()
+                      if k in saved["config"] and saved["config"][k] != v}
         if mismatched:
             raise ValueError("the checkpoint in %s was made with different settings: %s"
                              % (self.config.out, ", ".join("%s=%r (now %r)" % (k, old, new)
