@@ -379,6 +379,18 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
   });
 }
 
+// float32 with the AVX-512 product, when the output channels fill the
+// product's 32-column panels: the weight gradient is built transposed,
+// dW^T[(ci,kh,kw)][co] += col . dOut^T, so the column matrix (the larger
+// operand) is read in place by the micro-kernel and only dOut is packed;
+// computing dW = dOut . col^T instead packs col^T every chunk (a strided
+// transpose of patch x columns floats, ~20% of the time at
+// (128,64,16,16)->128).
+bool transposed_weight_gradient(const at::Tensor& input, const Geometry& g) {
+  const int64_t n = g.out_per_group(), padded = (n + 31) / 32 * 32;
+  return input.scalar_type() == at::kFloat && cpu_gemm::available() && padded * 16 <= n * 17;
+}
+
 void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                  const Geometry& g) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (gemm)", [&] {
@@ -388,10 +400,16 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
     const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
     const int64_t chunks = chunk_count(g, per_chunk);
     const int64_t slots = std::min(kWeightSlots, chunks);
-    // Slot s sums chunks s, s + slots, ... in order; slot 0 is grad_weight itself.
+    const bool transposed = transposed_weight_gradient(input, g);
+    // Slot s sums chunks s, s + slots, ... in order (its first chunk
+    // overwrites it); slot 0 is grad_weight itself unless transposed.
+    // Transposed, slot s is (groups, patch, out_per_group).
     std::vector<at::Tensor> partial(slots);
-    partial[0] = grad_weight;
-    for (int64_t s = 1; s < slots; ++s) partial[s] = at::empty_like(grad_weight);
+    for (int64_t s = 0; s < slots; ++s) {
+      partial[s] = transposed ? at::empty({g.groups, g.patch(), g.out_per_group()}, input.options())
+                   : s == 0   ? grad_weight
+                              : at::empty_like(grad_weight);
+    }
     at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Scratch col(g.patch(), max_cols, input.options());
@@ -399,7 +417,6 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
       const PaddedImages padded(g);
       std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t s = s0; s < s1; ++s) {
-        partial[s].zero_();
         for (int64_t index = s; index < chunks; index += slots) {
           const Chunk chunk = chunk_at(g, per_chunk, index);
           at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
@@ -413,12 +430,21 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
                               o.mutable_data_ptr<scalar_t>());
               go_m = o;
             }
-            product(group_rows(partial[s], g, group), go_m, c.t(), true);
+            if (transposed) {
+              product(partial[s][group], c, go_m.t(), index != s);
+            } else {
+              product(group_rows(partial[s], g, group), go_m, c.t(), index != s);
+            }
           }
         }
       }
     });
-    for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
+    if (transposed) {
+      for (int64_t s = 1; s < slots; ++s) partial[0].add_(partial[s]);
+      grad_weight.view({g.groups, g.out_per_group(), g.patch()}).copy_(partial[0].transpose(1, 2));
+    } else {
+      for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
+    }
   });
 }
 

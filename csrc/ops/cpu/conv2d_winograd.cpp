@@ -126,19 +126,39 @@ int64_t images_per_chunk(const Geometry& g, const Tiling& t) {
   return std::max<int64_t>(1, std::min(g.batch, tiles / t.per_image()));
 }
 
-// U[xi][co][ci] = (G W[co][ci] G^T)[xi]
+// Weight entries go through the transforms kWeightLanes at a time: gathered
+// into lane arrays, transformed in loops over the lanes (which the compiler
+// vectorizes), the 16 transformed rows written as contiguous runs.
+constexpr int64_t kWeightLanes = 16;
+
+// U[xi][co][ci] = (G W[co][ci] G^T)[xi], or with transposed = true
+// U^T[xi][ci][co] (grad_input's operand, built directly instead of
+// transposing U).
 template <typename T>
-at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g) {
+at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g, bool transposed = false) {
+  constexpr int64_t L = kWeightLanes;
   const int64_t C = g.in_channels, K = g.out_channels;
-  at::Tensor u = at::empty({kPoints, K, C}, weight.options());
+  at::Tensor u = transposed ? at::empty({kPoints, C, K}, weight.options())
+                            : at::empty({kPoints, K, C}, weight.options());
   const T* w = weight.const_data_ptr<T>();
   T* out = u.mutable_data_ptr<T>();
-  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T rows[4 * 3], full[kPoints];
-      for (int c = 0; c < 3; ++c) weight_1d(w + p * 9 + c, 3, rows + c, 3);  // columns of g
-      for (int r = 0; r < 4; ++r) weight_1d(rows + r * 3, 1, full + r * 4, 1);
-      for (int xi = 0; xi < kPoints; ++xi) out[xi * K * C + p] = full[xi];
+  // Entry p of a U row is (co, ci) = (p / C, p % C), or (p % K, p / K) transposed.
+  at::parallel_for(0, (K * C + L - 1) / L, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * L, n = std::min(L, K * C - p0);
+      T gl[9][L], rows[4 * 3][L], full[kPoints][L];
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t p = p0 + std::min(l, n - 1);
+        const T* src = transposed ? w + ((p % K) * C + p / K) * 9 : w + p * 9;
+        for (int j = 0; j < 9; ++j) gl[j][l] = src[j];
+      }
+      for (int c = 0; c < 3; ++c) {  // columns of g
+        for (int64_t l = 0; l < L; ++l) weight_1d(&gl[c][l], 3 * L, &rows[c][l], 3 * L);
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int64_t l = 0; l < L; ++l) weight_1d(&rows[r * 3][l], L, &full[r * 4][l], L);
+      }
+      for (int xi = 0; xi < kPoints; ++xi) std::copy(full[xi], full[xi] + n, out + xi * K * C + p0);
     }
   });
   return u;
@@ -387,7 +407,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
-  const at::Tensor ut = transform_weight<T>(weight, g).transpose(1, 2).contiguous();
+  const at::Tensor ut = transform_weight<T>(weight, g, /*transposed=*/true);
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
@@ -431,12 +451,24 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor total = du.sum(0);  // slots added in order
   const T* src = total.const_data_ptr<T>();
   T* dw = grad_weight.mutable_data_ptr<T>();
-  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T full[kPoints], rows[4 * 3];
-      for (int xi = 0; xi < kPoints; ++xi) full[xi] = src[xi * K * C + p];
-      for (int r = 0; r < 4; ++r) weight_adjoint_1d(full + r * 4, 1, rows + r * 3, 1);  // 4 x 3
-      for (int c = 0; c < 3; ++c) weight_adjoint_1d(rows + c, 3, dw + p * 9 + c, 3);
+  constexpr int64_t L = kWeightLanes;
+  at::parallel_for(0, (K * C + L - 1) / L, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * L, n = std::min(L, K * C - p0);
+      T full[kPoints][L], rows[4 * 3][L], gl[9][L];
+      for (int xi = 0; xi < kPoints; ++xi) {
+        std::fill(full[xi], full[xi] + L, T(0));
+        std::copy(src + xi * K * C + p0, src + xi * K * C + p0 + n, full[xi]);
+      }
+      for (int r = 0; r < 4; ++r) {  // 4 x 3
+        for (int64_t l = 0; l < L; ++l) weight_adjoint_1d(&full[r * 4][l], L, &rows[r * 3][l], L);
+      }
+      for (int c = 0; c < 3; ++c) {
+        for (int64_t l = 0; l < L; ++l) weight_adjoint_1d(&rows[c][l], 3 * L, &gl[c][l], 3 * L);
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        for (int j = 0; j < 9; ++j) dw[(p0 + l) * 9 + j] = gl[j][l];
+      }
     }
   });
 }
