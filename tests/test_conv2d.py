@@ -33,13 +33,15 @@ CONFIGS = [
     ((3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                       # unbatched
     ((0, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                    # empty batch
     # channel counts that take the im2col + matrix-product path on the CPU
-    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),
+    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # (Winograd since 64 channels)
     ((3, 40, 7, 9), (64, 40, 3, 3), 2, 1, 2, 1, True),
     ((2, 96, 5, 5), (64, 48, 3, 3), 1, 2, 1, 2, False),
     ((2, 64, 5, 5), (48, 64, 3, 3), 3, 4, 1, 1, True),
     ((1, 32, 4, 4), (40, 32, 3, 3), 1, "same", 1, 1, True),
     ((9, 16, 4, 4), (64, 16, 2, 2), 1, 0, 1, 1, True),                 # several images per chunk
-    # 3x3, stride 1, >= 128 channels: the Winograd F(2x2, 3x3) path on the CPU
+    # 3x3, stride 1, >= 64 channels: the Winograd F(2x2, 3x3) path on the CPU
+    ((5, 64, 9, 7), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # 100 tiles: 6 x 16 + 4
+    ((4, 64, 6, 5), (96, 64, 3, 3), 1, 0, 1, 1, False),                # no padding
     ((2, 128, 5, 4), (128, 128, 3, 3), 1, 1, 1, 1, True),              # odd sizes: partial tiles
     ((3, 128, 4, 6), (160, 128, 3, 3), 1, (2, 0), 1, 1, False),        # uneven padding
 ]
@@ -172,7 +174,10 @@ _PRODUCTS_SCRIPT = """
 import torch, torch.nn.functional as F, handgrad
 torch.manual_seed(0)
 cases = [  # (input shape, weight shape, padding, groups)
-    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # im2col path: K = 576 (3 k-blocks), edge tiles
+    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # Winograd path (>= 64 channels), partial tiles
+    ((3, 24, 9, 7), (72, 24, 5, 5), 2, 1),    # im2col path: K = 600 (3 k-blocks), edge tiles
+    ((3, 24, 9, 7), (64, 24, 5, 5), 2, 1),    # im2col path, weight gradient built transposed
+    ((2, 48, 6, 6), (64, 24, 3, 3), 1, 2),    # the same with groups (32 output channels each)
     ((2, 96, 5, 5), (40, 48, 3, 3), 2, 2),    # im2col path with groups, no NCHW view of the output
     ((3, 128, 6, 5), (136, 128, 3, 3), 1, 1),  # Winograd path: 16 products, partial tiles
 ]
