@@ -401,6 +401,7 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
     const int64_t chunks = chunk_count(g, per_chunk);
     const int64_t slots = std::min(kWeightSlots, chunks);
     const bool transposed = transposed_weight_gradient(input, g);
+    const bool fast = input.scalar_type() == at::kFloat && cpu_gemm::available();
     // Slot s sums chunks s, s + slots, ... in order (its first chunk
     // overwrites it); slot 0 is grad_weight itself unless transposed.
     // Transposed, slot s is (groups, patch, out_per_group).
@@ -416,6 +417,7 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
       const Scratch goc(g.out_per_group(), max_cols, input.options());
       const PaddedImages padded(g);
       std::vector<scalar_t> pad(padded.size(per_chunk));
+      cpu_gemm::PackedB packed;  // reused by the chunks
       for (int64_t s = s0; s < s1; ++s) {
         for (int64_t index = s; index < chunks; index += slots) {
           const Chunk chunk = chunk_at(g, per_chunk, index);
@@ -431,7 +433,20 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
               go_m = o;
             }
             if (transposed) {
-              product(partial[s][group], c, go_m.t(), index != s);
+              // B = dOut^T: rows of dOut packed by 16 x 16 transposes.
+              cpu_gemm::pack_b_transposed(go_m.const_data_ptr<float>(), go_m.stride(0),
+                                          chunk.columns(), g.out_per_group(), packed);
+              cpu_gemm::matmul(g.patch(), c.const_data_ptr<float>(), c.stride(0), 1, packed,
+                               partial[s][group].mutable_data_ptr<float>(), g.out_per_group(),
+                               index != s);
+            } else if (fast) {
+              // B = col^T, packed the same way.
+              cpu_gemm::pack_b_transposed(c.const_data_ptr<float>(), c.stride(0),
+                                          chunk.columns(), g.patch(), packed);
+              at::Tensor rows = group_rows(partial[s], g, group);
+              cpu_gemm::matmul(g.out_per_group(), go_m.const_data_ptr<float>(), go_m.stride(0),
+                               go_m.stride(1), packed, rows.mutable_data_ptr<float>(),
+                               rows.stride(0), index != s);
             } else {
               product(group_rows(partial[s], g, group), go_m, c.t(), index != s);
             }
