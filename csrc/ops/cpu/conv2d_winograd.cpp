@@ -689,6 +689,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    cpu_gemm::PackedB packed;  // reused by the chunks
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
@@ -712,7 +713,17 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
           transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
           transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
         }
-        products(acc, dm, v.transpose(1, 2), true);
+        if (fast_transforms<T>()) {
+          // B = V[xi]^T: V's rows packed by register transposes.
+          for (int xi = 0; xi < kPoints; ++xi) {
+            cpu_gemm::pack_b_transposed(v[xi].template const_data_ptr<float>(), tiles, tiles, C,
+                                        packed);
+            cpu_gemm::matmul(K, dm[xi].template const_data_ptr<float>(), tiles, 1, packed,
+                             acc[xi].template mutable_data_ptr<float>(), C, true);
+          }
+        } else {
+          products(acc, dm, v.transpose(1, 2), true);
+        }
       }
     }
   });
