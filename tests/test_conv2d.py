@@ -39,6 +39,8 @@ CONFIGS = [
     ((2, 64, 5, 5), (48, 64, 3, 3), 3, 4, 1, 1, True),
     ((1, 32, 4, 4), (40, 32, 3, 3), 1, "same", 1, 1, True),
     ((9, 16, 4, 4), (64, 16, 2, 2), 1, 0, 1, 1, True),                 # several images per chunk
+    ((2, 40, 9, 8), (64, 40, 3, 3), (2, 1), 1, (2, 1), 1, True),       # col2im by rows: h stride/dilation
+    ((2, 32, 5, 6), (40, 32, 4, 4), 1, "same", 1, 1, True),            # col2im by rows: uneven padding
     # 3x3, stride 1, >= 64 channels: the Winograd F(2x2, 3x3) path on the CPU
     ((5, 64, 9, 7), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # 100 tiles: 6 x 16 + 4
     ((4, 64, 6, 5), (96, 64, 3, 3), 1, 0, 1, 1, False),                # no padding
