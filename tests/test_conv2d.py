@@ -33,7 +33,7 @@ CONFIGS = [
     ((3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                       # unbatched
     ((0, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                    # empty batch
     # channel counts that take the im2col + matrix-product path on the CPU
-    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # (Winograd since 64 channels)
+    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # (Winograd with AVX-512)
     ((3, 40, 7, 9), (64, 40, 3, 3), 2, 1, 2, 1, True),
     ((2, 96, 5, 5), (64, 48, 3, 3), 1, 2, 1, 2, False),
     ((2, 64, 5, 5), (48, 64, 3, 3), 3, 4, 1, 1, True),
@@ -41,7 +41,7 @@ CONFIGS = [
     ((9, 16, 4, 4), (64, 16, 2, 2), 1, 0, 1, 1, True),                 # several images per chunk
     ((2, 40, 9, 8), (64, 40, 3, 3), (2, 1), 1, (2, 1), 1, True),       # col2im by rows: h stride/dilation
     ((2, 32, 5, 6), (40, 32, 4, 4), 1, "same", 1, 1, True),            # col2im by rows: uneven padding
-    # 3x3, stride 1, >= 64 channels: the Winograd F(2x2, 3x3) path on the CPU
+    # 3x3, stride 1, >= 64 channels (128 without AVX-512): the Winograd F(2x2, 3x3) path on the CPU
     ((5, 64, 9, 7), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # 100 tiles: 6 x 16 + 4
     ((4, 64, 6, 5), (96, 64, 3, 3), 1, 0, 1, 1, False),                # no padding
     ((2, 128, 5, 4), (128, 128, 3, 3), 1, 1, 1, 1, True),              # odd sizes: partial tiles
@@ -176,7 +176,7 @@ _PRODUCTS_SCRIPT = """
 import torch, torch.nn.functional as F, handgrad
 torch.manual_seed(0)
 cases = [  # (input shape, weight shape, padding, groups)
-    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # Winograd path (>= 64 channels), partial tiles
+    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # Winograd path with AVX-512, im2col without
     ((3, 24, 9, 7), (72, 24, 5, 5), 2, 1),    # im2col path: K = 600 (3 k-blocks), edge tiles
     ((3, 24, 9, 7), (64, 24, 5, 5), 2, 1),    # im2col path, weight gradient built transposed
     ((2, 48, 6, 6), (64, 24, 3, 3), 1, 2),    # the same with groups (32 output channels each)

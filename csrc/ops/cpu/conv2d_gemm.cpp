@@ -16,6 +16,17 @@
 //                onto the input position it was read from
 // Gradients: out = W col is linear in W and col, so dW = dOut col^T and
 // dcol = W^T dOut; col2im is the adjoint of the gather im2col did.
+// float32 with the AVX-512 product (cpu_gemm::available()):
+//  * grad_weight packs its B operand (col^T, or dOut^T) with
+//    cpu_gemm::pack_b_transposed (16x16 register transposes) instead of the
+//    product's strided scalar walk; when the output channels fill the
+//    product's 32-column panels (within 1/16) it builds dW^T = col . dOut^T
+//    instead, so col is read in place and only dOut is packed.
+//  * col2im, when a padded row fits one 16-float vector (unit w stride and
+//    dilation), sums each input row in a register (masked loads of the dcol
+//    runs shifted by kw) and stores it straight into dx; otherwise it adds
+//    runs into padded planes with kw outermost (consecutive runs overlapping
+//    at an offset made the stores fail to forward, ~3x slower).
 // Threads split the chunks (each product runs single-threaded inside the
 // parallel region: nested at::parallel_for runs inline). Deterministic: the weight gradient sums chunks in 4 fixed
 // slots, each in order, then adds the slots in order; col2im gives each input
@@ -23,11 +34,18 @@
 // Activations are read and written through their strides (NCHW, channels_last
 // or any view) without copies.
 //
-// Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5, 1 | 2 threads, two runs): (128,64,16,16)->128 k3 p1
-// 0.90-0.98x | 0.84-1.05x native, (128,40,12,12)->80 k5 0.91-0.92x |
-// 0.91-0.93x (with at::mm, MKL's AVX2 code: 0.56x | 0.59x and 0.56x |
-// 0.49x). See cpu/conv2d.cpp for the rest.
+// Speed, AMD EPYC Zen 5, 1 thread, native/handgrad (a shared 2-core machine:
+// ranges are separate runs of the same code):
+//   python benchmarks/bench_conv2d.py --threads 1 --reps 10 --max-seconds 5
+//     --modes fwdbwd --no-save --cases "(128, 40, 12"
+//   (128,40,12,12)->80 k5 forward+backward 0.96x, 1.04x, 0.99x (was 0.90x)
+//   PYTHONPATH=python python benchmarks/conv2d_parts.py 1 2
+//   forward 0.98-0.99x, grad_input 1.05-1.08x (was 0.98x; col2im by rows),
+//   grad_weight 1.04-1.05x (was 0.83-0.88x; pack_b_transposed).
+// (128,64,16,16)->128 k3 p1 now takes the Winograd path (see
+// cpu/conv2d_winograd.cpp); on this path it had measured forward 0.99x,
+// grad_input 0.89x, grad_weight 0.93x with the transposed weight gradient
+// (0.75x before it). With at::mm (MKL's AVX2 code) these layers ran ~0.56x.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"

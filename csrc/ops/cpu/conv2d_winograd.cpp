@@ -20,12 +20,27 @@
 // at::parallel_for runs inline); the weight
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
-// Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5): (128,256,4,4)->512 k3 p1 forward+backward 0.92x
-// native at 1 thread, 0.97x at 2 (with at::bmm, MKL's AVX2 code, and one
-// tile at a time through the transforms: 0.49x, 0.48x). The transforms
-// (memory-bound) are most of the remaining gap. Peak memory 2.3x native's at
-// 1 thread, 3x at 2 (a chunk's V and M, up to ~12 MB a thread).
+// float32 with AVX-512 (cpu_gemm::available()): the transforms run 16 tiles
+// per vector, fetching tile values with masked gathers straight from the
+// activations (no padded copies) and writing output tiles with masked
+// scatters (offsets computed once per chunk); the weight transforms run 16
+// entries per vector and build U^T for grad_input directly; grad_weight packs
+// V^T with cpu_gemm::pack_b_transposed.
+// Speed, AMD EPYC Zen 5, 1 thread, native/handgrad (a shared 2-core machine:
+// ranges are separate runs of the same code):
+//   python benchmarks/bench_conv2d.py --threads 1 --reps 10 --max-seconds 5
+//     --modes fwdbwd --no-save --cases "(128, 256, 4, 4)"   (and "(128, 64, 16, 16)->128 k3 p1")
+//   (128,256,4,4)->512 k3 p1 forward+backward 1.13x, 0.98x, 1.24x (was 0.92-0.96x)
+//   (128,64,16,16)->128 k3 p1 forward+backward 1.10x, 1.42x, 1.23x (was
+//     0.90-1.03x on the gemm path)
+//   PYTHONPATH=python python benchmarks/conv2d_parts.py 1 0,1
+//   256->512: forward 1.22-1.33x, grad_input 1.09-1.13x, grad_weight 1.60-1.69x
+//     (was 0.96-1.02x, 0.74-0.81x, 1.34-1.55x)
+//   64->128:  forward 1.18-1.31x, grad_input 1.15-1.17x, grad_weight 1.23-1.26x
+//     (gemm path before: 0.93-1.07x, 0.89-0.91x, 0.75-0.77x)
+// With at::bmm (MKL's AVX2 code) and one tile at a time through the
+// transforms, 256->512 ran 0.49x. Peak memory 2.3x native's at 1 thread at
+// 256->512 (a chunk's V and M, up to ~12 MB a thread); at 64->128 0.6x.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
@@ -63,10 +78,14 @@ constexpr int64_t kMaxChunkFloats = 3 << 20;
 constexpr int64_t kMaxTiles = 256;
 constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
-// channels on one side) cost more than the 2.25x saved in the products; at
-// (128,64,16,16)->128 im2col + at::mm measured faster, at (128,256,4,4)->512
-// Winograd did (benchmarks/bench_conv2d.py).
+// channels on one side) cost more than the 2.25x saved in the products. With
+// the AVX-512 transforms (cpu_gemm::available()) Winograd measured faster
+// than im2col at (128,64,16,16)->128 (forward+backward ~1.2x native vs
+// ~0.92x; (128,64,32,32)->64 runs ~1.5x native per part, im2col not compared
+// there); with the scalar transforms im2col had won at 64 channels, so
+// without AVX-512 the bound stays 128.
 constexpr int64_t kMinChannels = 64;
+constexpr int64_t kMinChannelsScalar = 128;
 
 // The 1-D transforms and their adjoints (applied to rows, then columns).
 template <typename T>
@@ -755,9 +774,10 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
 }  // namespace
 
 bool applies(const Geometry& g) {
+  const int64_t min_channels = cpu_gemm::available() ? kMinChannels : kMinChannelsScalar;
   return g.groups == 1 && g.h.kernel == 3 && g.w.kernel == 3 && g.h.stride == 1 &&
          g.w.stride == 1 && g.h.dilation == 1 && g.w.dilation == 1 &&
-         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels;
+         g.in_channels >= min_channels && g.out_channels >= min_channels;
 }
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
