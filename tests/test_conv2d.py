@@ -210,6 +210,35 @@ def test_cpu_matrix_products_with_and_without_avx512(avx512):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+_THREADS_SCRIPT = """
+import torch, handgrad
+torch.manual_seed(0)
+cases = [  # (input shape, weight shape, padding): several chunks and weight-gradient slots
+    ((20, 64, 8, 8), (64, 64, 3, 3), 1),     # Winograd (with AVX-512)
+    ((12, 40, 12, 12), (64, 40, 5, 5), 0),   # im2col, transposed weight gradient
+    ((12, 40, 12, 12), (80, 40, 5, 5), 0),   # im2col, col2im by rows
+]
+for x_shape, w_shape, padding in cases:
+    x = torch.randn(x_shape, requires_grad=True)
+    w = (torch.randn(w_shape) / (w_shape[1] * w_shape[2] ** 2) ** 0.5).requires_grad_()
+    b = torch.randn(w_shape[0], requires_grad=True)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y = handgrad.ops.conv2d(x, w, b, 1, padding)
+        results.append([y, *torch.autograd.grad(y.sin().sum(), (x, w, b))])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+print("ok")
+"""
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def _opcheck_cases(device):
     x = torch.randn(2, 4, 7, 6, device=device, requires_grad=True)
     w = torch.randn(6, 2, 3, 2, device=device, requires_grad=True)
