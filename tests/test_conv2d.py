@@ -33,13 +33,17 @@ CONFIGS = [
     ((3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                       # unbatched
     ((0, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True),                    # empty batch
     # channel counts that take the im2col + matrix-product path on the CPU
-    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),
+    ((2, 64, 6, 6), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # (Winograd with AVX-512)
     ((3, 40, 7, 9), (64, 40, 3, 3), 2, 1, 2, 1, True),
     ((2, 96, 5, 5), (64, 48, 3, 3), 1, 2, 1, 2, False),
     ((2, 64, 5, 5), (48, 64, 3, 3), 3, 4, 1, 1, True),
     ((1, 32, 4, 4), (40, 32, 3, 3), 1, "same", 1, 1, True),
     ((9, 16, 4, 4), (64, 16, 2, 2), 1, 0, 1, 1, True),                 # several images per chunk
-    # 3x3, stride 1, >= 128 channels: the Winograd F(2x2, 3x3) path on the CPU
+    ((2, 40, 9, 8), (64, 40, 3, 3), (2, 1), 1, (2, 1), 1, True),       # col2im by rows: h stride/dilation
+    ((2, 32, 5, 6), (40, 32, 4, 4), 1, "same", 1, 1, True),            # col2im by rows: uneven padding
+    # 3x3, stride 1, >= 64 channels (128 without AVX-512): the Winograd F(2x2, 3x3) path on the CPU
+    ((5, 64, 9, 7), (64, 64, 3, 3), 1, 1, 1, 1, True),                 # 100 tiles: 6 x 16 + 4
+    ((4, 64, 6, 5), (96, 64, 3, 3), 1, 0, 1, 1, False),                # no padding
     ((2, 128, 5, 4), (128, 128, 3, 3), 1, 1, 1, 1, True),              # odd sizes: partial tiles
     ((3, 128, 4, 6), (160, 128, 3, 3), 1, (2, 0), 1, 1, False),        # uneven padding
 ]
@@ -172,7 +176,10 @@ _PRODUCTS_SCRIPT = """
 import torch, torch.nn.functional as F, handgrad
 torch.manual_seed(0)
 cases = [  # (input shape, weight shape, padding, groups)
-    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # im2col path: K = 576 (3 k-blocks), edge tiles
+    ((3, 64, 9, 7), (72, 64, 3, 3), 1, 1),    # Winograd path with AVX-512, im2col without
+    ((3, 24, 9, 7), (72, 24, 5, 5), 2, 1),    # im2col path: K = 600 (3 k-blocks), edge tiles
+    ((3, 24, 9, 7), (64, 24, 5, 5), 2, 1),    # im2col path, weight gradient built transposed
+    ((2, 48, 6, 6), (64, 24, 3, 3), 1, 2),    # the same with groups (32 output channels each)
     ((2, 96, 5, 5), (40, 48, 3, 3), 2, 2),    # im2col path with groups, no NCHW view of the output
     ((3, 128, 6, 5), (136, 128, 3, 3), 1, 1),  # Winograd path: 16 products, partial tiles
 ]
@@ -240,6 +247,35 @@ def test_cpu_matrix_products_with_and_without_avx512(avx512):
     env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
     done = subprocess.run([sys.executable, "-c", _PRODUCTS_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+_THREADS_SCRIPT = """
+import torch, handgrad
+torch.manual_seed(0)
+cases = [  # (input shape, weight shape, padding): several chunks and weight-gradient slots
+    ((20, 64, 8, 8), (64, 64, 3, 3), 1),     # Winograd (with AVX-512)
+    ((12, 40, 12, 12), (64, 40, 5, 5), 0),   # im2col, transposed weight gradient
+    ((12, 40, 12, 12), (80, 40, 5, 5), 0),   # im2col, col2im by rows
+]
+for x_shape, w_shape, padding in cases:
+    x = torch.randn(x_shape, requires_grad=True)
+    w = (torch.randn(w_shape) / (w_shape[1] * w_shape[2] ** 2) ** 0.5).requires_grad_()
+    b = torch.randn(w_shape[0], requires_grad=True)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y = handgrad.ops.conv2d(x, w, b, 1, padding)
+        results.append([y, *torch.autograd.grad(y.sin().sum(), (x, w, b))])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+print("ok")
+"""
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 

@@ -230,6 +230,56 @@ void tiles(int64_t M, int64_t N, int64_t kc, const float* ap, const float* a_dir
   });
 }
 
+// Rows r[0..15] (16 floats each) transposed in place: r[k] = column k.
+HG_TARGET_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];  // u[4 i + m], 128-bit lane L: column 4 L + m of rows 4 i .. 4 i + 3
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+    r[m] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + m] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + m] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// The k-block [k0, k0 + kc) of B = Bt^T into panels (as pack_b_panels).
+HG_TARGET_AVX512 void pack_b_transposed_block(const float* Bt, int64_t ldbt, int64_t k0,
+                                              int64_t kc, int64_t N, float* out) {
+  for (int64_t q = 0; q < ceil_div(N, kNr); ++q) {
+    float* dst = out + q * kc * kNr;
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const int64_t kn = std::min<int64_t>(16, kc - kk);
+      const __mmask16 kmask = low_mask(kn);
+      for (int64_t h = 0; h < kNr; h += 16) {
+        __m512 r[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t n = q * kNr + h + j;
+          r[j] = n < N ? _mm512_maskz_loadu_ps(kmask, Bt + n * ldbt + k0 + kk)
+                       : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        for (int64_t k = 0; k < kn; ++k) _mm512_storeu_ps(dst + (kk + k) * kNr + h, r[k]);
+      }
+    }
+  }
+}
+
 #endif  // HG_CPU_GEMM_AVX512
 
 }  // namespace
@@ -253,6 +303,20 @@ void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, Pack
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     pack_b_block(B, rsb, csb, k0, std::min(kb, K - k0), N, out.data.data() + block_offset(k0, N));
   }
+}
+
+void pack_b_transposed(const float* Bt, int64_t ldbt, int64_t K, int64_t N, PackedB& out) {
+#if HG_CPU_GEMM_AVX512
+  out.K = K;
+  out.N = N;
+  out.data.resize(static_cast<size_t>(block_offset(K, N)));
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    pack_b_transposed_block(Bt, ldbt, k0, std::min(kKc, K - k0), N,
+                            out.data.data() + block_offset(k0, N));
+  }
+#else
+  pack_b(Bt, 1, ldbt, K, N, out);
+#endif
 }
 
 void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& B, float* C,

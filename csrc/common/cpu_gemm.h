@@ -37,6 +37,14 @@ struct PackedB {
 
 void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out);
 
+// pack_b for B given as its transpose: B(k, n) = Bt[n * ldbt + k] (Bt is N
+// rows of K contiguous floats), on the calling thread; 16 x 16 blocks are
+// transposed in registers (AVX-512), much faster than pack_b's strided walk
+// for this layout (conv2d's weight gradient packs a column matrix^T per
+// chunk). Same packed result as pack_b(Bt, 1, ldbt, K, N, out). Only when
+// available().
+void pack_b_transposed(const float* Bt, int64_t ldbt, int64_t K, int64_t N, PackedB& out);
+
 // C = A B (accumulate = false) or C += A B; A is M x K, B given packed.
 void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& B, float* C,
             int64_t ldc, bool accumulate);

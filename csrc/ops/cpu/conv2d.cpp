@@ -7,7 +7,8 @@
 //    channel counts (LeNet/MNIST-style layers), where a matrix product is too
 //    thin for BLAS.
 //  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3), 16 matrix products;
-//    for 3x3, stride-1 layers with >= 128 channels in and out.
+//    for 3x3, stride-1 layers with >= 64 channels in and out (>= 128
+//    without AVX-512).
 //  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks + one
 //    matrix product each; other large-channel layers.
 //  The matrix products of both run the AVX-512 float32 GEMM of
@@ -44,10 +45,15 @@
 //   (128,64,16,16)->128 k3p1 (gemm)    0.56x -> 0.90-0.98x | 0.59x -> 0.84-1.05x
 //   (128,256,4,4)->512 k3p1 (winograd) 0.49x -> 0.92x      | 0.48x -> 0.97x
 //   (128,40,12,12)->80 k5 (gemm)       0.56x -> 0.91-0.92x | 0.49x -> 0.91-0.93x
+// then (1 thread, three runs; AVX-512 Winograd transforms, Winograd from 64
+// channels, pack_b_transposed in grad_weight, col2im by rows):
+//   (128,64,16,16)->128 k3p1 (now winograd) 1.10x, 1.42x, 1.23x
+//   (128,256,4,4)->512 k3p1 (winograd)      1.13x, 0.98x, 1.24x
+//   (128,40,12,12)->80 k5 (gemm)            0.96x, 1.04x, 0.99x
 // native runs oneDNN's AVX-512 convolutions near the core's peak; the rest of
 // the gap is im2col / packing / the Winograd transforms (memory-bound).
-// channels_last at (128,64,16,16)->128 runs at 0.61x: native computes NHWC
-// directly, these paths transpose to NCHW.
+// channels_last at (128,64,16,16)->128 runs at 0.72-0.77x (was 0.61x): native
+// computes NHWC directly, these paths transpose to NCHW.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include <ATen/Dispatch.h>

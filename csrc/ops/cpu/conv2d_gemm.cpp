@@ -16,6 +16,17 @@
 //                onto the input position it was read from
 // Gradients: out = W col is linear in W and col, so dW = dOut col^T and
 // dcol = W^T dOut; col2im is the adjoint of the gather im2col did.
+// float32 with the AVX-512 product (cpu_gemm::available()):
+//  * grad_weight packs its B operand (col^T, or dOut^T) with
+//    cpu_gemm::pack_b_transposed (16x16 register transposes) instead of the
+//    product's strided scalar walk; when the output channels fill the
+//    product's 32-column panels (within 1/16) it builds dW^T = col . dOut^T
+//    instead, so col is read in place and only dOut is packed.
+//  * col2im, when a padded row fits one 16-float vector (unit w stride and
+//    dilation), sums each input row in a register (masked loads of the dcol
+//    runs shifted by kw) and stores it straight into dx; otherwise it adds
+//    runs into padded planes with kw outermost (consecutive runs overlapping
+//    at an offset made the stores fail to forward, ~3x slower).
 // Threads split the chunks (each product runs single-threaded inside the
 // parallel region: nested at::parallel_for runs inline). Deterministic: the weight gradient sums chunks in 4 fixed
 // slots, each in order, then adds the slots in order; col2im gives each input
@@ -23,11 +34,18 @@
 // Activations are read and written through their strides (NCHW, channels_last
 // or any view) without copies.
 //
-// Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5, 1 | 2 threads, two runs): (128,64,16,16)->128 k3 p1
-// 0.90-0.98x | 0.84-1.05x native, (128,40,12,12)->80 k5 0.91-0.92x |
-// 0.91-0.93x (with at::mm, MKL's AVX2 code: 0.56x | 0.59x and 0.56x |
-// 0.49x). See cpu/conv2d.cpp for the rest.
+// Speed, AMD EPYC Zen 5, 1 thread, native/handgrad (a shared 2-core machine:
+// ranges are separate runs of the same code):
+//   python benchmarks/bench_conv2d.py --threads 1 --reps 10 --max-seconds 5
+//     --modes fwdbwd --no-save --cases "(128, 40, 12"
+//   (128,40,12,12)->80 k5 forward+backward 0.96x, 1.04x, 0.99x (was 0.90x)
+//   PYTHONPATH=python python benchmarks/conv2d_parts.py 1 2
+//   forward 0.98-0.99x, grad_input 1.05-1.08x (was 0.98x; col2im by rows),
+//   grad_weight 1.04-1.05x (was 0.83-0.88x; pack_b_transposed).
+// (128,64,16,16)->128 k3 p1 now takes the Winograd path (see
+// cpu/conv2d_winograd.cpp); on this path it had measured forward 0.99x,
+// grad_input 0.89x, grad_weight 0.93x with the transposed weight gradient
+// (0.75x before it). With at::mm (MKL's AVX2 code) these layers ran ~0.56x.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
@@ -40,7 +58,12 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/addmm.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -160,8 +183,11 @@ void col2im(const T* dcol, const PaddedImages& p, const Chunk& chunk, int64_t gr
   for (int64_t i = 0; i < chunk.images; ++i) {
     for (int64_t ci = 0; ci < p.channels; ++ci) {
       T* plane = pad + (i * p.channels + ci) * p.plane();
-      for (int64_t kh = 0; kh < KH; ++kh) {
-        for (int64_t kw = 0; kw < KW; ++kw) {
+      // kw outermost: consecutive runs then add onto other rows or the same
+      // position, never onto a run that overlaps the one just stored at an
+      // offset (a failed store-to-load forward, which made col2im ~3x slower).
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        for (int64_t kh = 0; kh < KH; ++kh) {
           const T* src = dcol + ((ci * KH + kh) * KW + kw) * cols + i * chunk.pixels;
           T* dst = plane + kh * g.h.dilation * p.cols + kw * g.w.dilation;
           for (int64_t oh = 0; oh < OH; ++oh) {
@@ -185,6 +211,69 @@ void col2im(const T* dcol, const PaddedImages& p, const Chunk& chunk, int64_t gr
       }
     }
   }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HG_COL2IM_AVX512 1
+// col2im for float32 when a padded row fits one AVX-512 vector (padded width
+// <= 16, unit stride and dilation along w, dx rows contiguous): each input
+// row is summed in a register -- over kh, then kw, the dcol run of kw
+// loaded shifted by kw lanes (masked) -- and stored straight into dx. No
+// padded planes, and no read-modify-write of overlapping runs.
+bool col2im_fits(const Geometry& g, const View4<float>& dx) {
+  return g.w.stride == 1 && g.w.dilation == 1 && dx.sw == 1 &&
+         g.w.in_size + g.w.pad_begin + g.w.pad_end <= 16 && cpu_gemm::available();
+}
+
+__attribute__((target("avx512f,avx512vl"))) void col2im_rows(const float* dcol,
+                                                             const PaddedImages& p,
+                                                             const Chunk& chunk, int64_t group,
+                                                             const Geometry& g,
+                                                             const View4<float>& dx) {
+  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+  const int64_t KH = g.h.kernel, KW = g.w.kernel;
+  const int64_t cols = chunk.columns();
+  const __mmask16 run = static_cast<__mmask16>((1u << OW) - 1);
+  const __mmask16 inner =
+      static_cast<__mmask16>(((1u << g.w.in_size) - 1) << g.w.pad_begin);
+  for (int64_t i = 0; i < chunk.images; ++i) {
+    for (int64_t ci = 0; ci < p.channels; ++ci) {
+      float* out = dx.plane(chunk.first_image + i, group * p.channels + ci);
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        const int64_t hp = h + g.h.pad_begin;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const int64_t t = hp - kh * g.h.dilation;
+          if (t < 0 || t % g.h.stride != 0 || t / g.h.stride >= OH) continue;
+          const float* src = dcol + (ci * KH + kh) * KW * cols + i * chunk.pixels + t / g.h.stride * OW;
+          for (int64_t kw = 0; kw < KW; ++kw) {
+            acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>(run << kw),
+                                                           src + kw * cols - kw));
+          }
+        }
+        _mm512_mask_storeu_ps(out + h * dx.sh - g.w.pad_begin, inner, acc);
+      }
+    }
+  }
+}
+#endif
+
+// col2im_rows when it applies (returns false otherwise).
+template <typename T>
+bool col2im_fast(const T*, const PaddedImages&, const Chunk&, int64_t, const Geometry&,
+                 const View4<T>&) {
+  return false;
+}
+inline bool col2im_fast(const float* dcol, const PaddedImages& p, const Chunk& chunk,
+                        int64_t group, const Geometry& g, const View4<float>& dx) {
+#if HG_COL2IM_AVX512
+  if (col2im_fits(g, dx)) {
+    col2im_rows(dcol, p, chunk, group, g, dx);
+    return true;
+  }
+#endif
+  (void)dcol, (void)p, (void)chunk, (void)group, (void)g, (void)dx;
+  return false;
 }
 
 // dst[co][i * pixels + p] = grad_output(image, group channel co, p)
@@ -372,11 +461,24 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
             go_m = o;
           }
           product(d, weight_t[group], go_m, false);
+          if (col2im_fast(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, dx)) continue;
           col2im(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, pad.data(), dx);
         }
       }
     });
   });
+}
+
+// float32 with the AVX-512 product, when the output channels fill the
+// product's 32-column panels: the weight gradient is built transposed,
+// dW^T[(ci,kh,kw)][co] += col . dOut^T, so the column matrix (the larger
+// operand) is read in place by the micro-kernel and only dOut is packed;
+// computing dW = dOut . col^T instead packs col^T every chunk (a strided
+// transpose of patch x columns floats, ~20% of the time at
+// (128,64,16,16)->128).
+bool transposed_weight_gradient(const at::Tensor& input, const Geometry& g) {
+  const int64_t n = g.out_per_group(), padded = (n + 31) / 32 * 32;
+  return input.scalar_type() == at::kFloat && cpu_gemm::available() && padded * 16 <= n * 17;
 }
 
 void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
@@ -388,18 +490,25 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
     const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
     const int64_t chunks = chunk_count(g, per_chunk);
     const int64_t slots = std::min(kWeightSlots, chunks);
-    // Slot s sums chunks s, s + slots, ... in order; slot 0 is grad_weight itself.
+    const bool transposed = transposed_weight_gradient(input, g);
+    const bool fast = input.scalar_type() == at::kFloat && cpu_gemm::available();
+    // Slot s sums chunks s, s + slots, ... in order (its first chunk
+    // overwrites it); slot 0 is grad_weight itself unless transposed.
+    // Transposed, slot s is (groups, patch, out_per_group).
     std::vector<at::Tensor> partial(slots);
-    partial[0] = grad_weight;
-    for (int64_t s = 1; s < slots; ++s) partial[s] = at::empty_like(grad_weight);
+    for (int64_t s = 0; s < slots; ++s) {
+      partial[s] = transposed ? at::empty({g.groups, g.patch(), g.out_per_group()}, input.options())
+                   : s == 0   ? grad_weight
+                              : at::empty_like(grad_weight);
+    }
     at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Scratch col(g.patch(), max_cols, input.options());
       const Scratch goc(g.out_per_group(), max_cols, input.options());
       const PaddedImages padded(g);
       std::vector<scalar_t> pad(padded.size(per_chunk));
+      cpu_gemm::PackedB packed;  // reused by the chunks
       for (int64_t s = s0; s < s1; ++s) {
-        partial[s].zero_();
         for (int64_t index = s; index < chunks; index += slots) {
           const Chunk chunk = chunk_at(g, per_chunk, index);
           at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
@@ -413,12 +522,34 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
                               o.mutable_data_ptr<scalar_t>());
               go_m = o;
             }
-            product(group_rows(partial[s], g, group), go_m, c.t(), true);
+            if (transposed) {
+              // B = dOut^T: rows of dOut packed by 16 x 16 transposes.
+              cpu_gemm::pack_b_transposed(go_m.const_data_ptr<float>(), go_m.stride(0),
+                                          chunk.columns(), g.out_per_group(), packed);
+              cpu_gemm::matmul(g.patch(), c.const_data_ptr<float>(), c.stride(0), 1, packed,
+                               partial[s][group].mutable_data_ptr<float>(), g.out_per_group(),
+                               index != s);
+            } else if (fast) {
+              // B = col^T, packed the same way.
+              cpu_gemm::pack_b_transposed(c.const_data_ptr<float>(), c.stride(0),
+                                          chunk.columns(), g.patch(), packed);
+              at::Tensor rows = group_rows(partial[s], g, group);
+              cpu_gemm::matmul(g.out_per_group(), go_m.const_data_ptr<float>(), go_m.stride(0),
+                               go_m.stride(1), packed, rows.mutable_data_ptr<float>(),
+                               rows.stride(0), index != s);
+            } else {
+              product(group_rows(partial[s], g, group), go_m, c.t(), index != s);
+            }
           }
         }
       }
     });
-    for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
+    if (transposed) {
+      for (int64_t s = 1; s < slots; ++s) partial[0].add_(partial[s]);
+      grad_weight.view({g.groups, g.out_per_group(), g.patch()}).copy_(partial[0].transpose(1, 2));
+    } else {
+      for (int64_t s = 1; s < slots; ++s) grad_weight.add_(partial[s]);
+    }
   });
 }
 

@@ -20,12 +20,27 @@
 // at::parallel_for runs inline); the weight
 // gradient sums chunks in 2 fixed slots, then in order (deterministic). Nothing
 // is saved for backward but the input and weight.
-// Speed (benchmarks/bench_conv2d.py --reps 10 --max-seconds 5 --modes
-// fwdbwd, AMD EPYC Zen 5): (128,256,4,4)->512 k3 p1 forward+backward 0.92x
-// native at 1 thread, 0.97x at 2 (with at::bmm, MKL's AVX2 code, and one
-// tile at a time through the transforms: 0.49x, 0.48x). The transforms
-// (memory-bound) are most of the remaining gap. Peak memory 2.3x native's at
-// 1 thread, 3x at 2 (a chunk's V and M, up to ~12 MB a thread).
+// float32 with AVX-512 (cpu_gemm::available()): the transforms run 16 tiles
+// per vector, fetching tile values with masked gathers straight from the
+// activations (no padded copies) and writing output tiles with masked
+// scatters (offsets computed once per chunk); the weight transforms run 16
+// entries per vector and build U^T for grad_input directly; grad_weight packs
+// V^T with cpu_gemm::pack_b_transposed.
+// Speed, AMD EPYC Zen 5, 1 thread, native/handgrad (a shared 2-core machine:
+// ranges are separate runs of the same code):
+//   python benchmarks/bench_conv2d.py --threads 1 --reps 10 --max-seconds 5
+//     --modes fwdbwd --no-save --cases "(128, 256, 4, 4)"   (and "(128, 64, 16, 16)->128 k3 p1")
+//   (128,256,4,4)->512 k3 p1 forward+backward 1.13x, 0.98x, 1.24x (was 0.92-0.96x)
+//   (128,64,16,16)->128 k3 p1 forward+backward 1.10x, 1.42x, 1.23x (was
+//     0.90-1.03x on the gemm path)
+//   PYTHONPATH=python python benchmarks/conv2d_parts.py 1 0,1
+//   256->512: forward 1.22-1.33x, grad_input 1.09-1.13x, grad_weight 1.60-1.69x
+//     (was 0.96-1.02x, 0.74-0.81x, 1.34-1.55x)
+//   64->128:  forward 1.18-1.31x, grad_input 1.15-1.17x, grad_weight 1.23-1.26x
+//     (gemm path before: 0.93-1.07x, 0.89-0.91x, 0.75-0.77x)
+// With at::bmm (MKL's AVX2 code) and one tile at a time through the
+// transforms, 256->512 ran 0.49x. Peak memory 2.3x native's at 1 thread at
+// 256->512 (a chunk's V and M, up to ~12 MB a thread); at 64->128 0.6x.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
@@ -39,7 +54,13 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace handgrad {
@@ -57,10 +78,14 @@ constexpr int64_t kMaxChunkFloats = 3 << 20;
 constexpr int64_t kMaxTiles = 256;
 constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradients
 // Below this many channels the transforms (memory-bound, proportional to the
-// channels on one side) cost more than the 2.25x saved in the products; at
-// (128,64,16,16)->128 im2col + at::mm measured faster, at (128,256,4,4)->512
-// Winograd did (benchmarks/bench_conv2d.py).
-constexpr int64_t kMinChannels = 128;
+// channels on one side) cost more than the 2.25x saved in the products. With
+// the AVX-512 transforms (cpu_gemm::available()) Winograd measured faster
+// than im2col at (128,64,16,16)->128 (forward+backward ~1.2x native vs
+// ~0.92x; (128,64,32,32)->64 runs ~1.5x native per part, im2col not compared
+// there); with the scalar transforms im2col had won at 64 channels, so
+// without AVX-512 the bound stays 128.
+constexpr int64_t kMinChannels = 64;
+constexpr int64_t kMinChannelsScalar = 128;
 
 // The 1-D transforms and their adjoints (applied to rows, then columns).
 template <typename T>
@@ -126,19 +151,39 @@ int64_t images_per_chunk(const Geometry& g, const Tiling& t) {
   return std::max<int64_t>(1, std::min(g.batch, tiles / t.per_image()));
 }
 
-// U[xi][co][ci] = (G W[co][ci] G^T)[xi]
+// Weight entries go through the transforms kWeightLanes at a time: gathered
+// into lane arrays, transformed in loops over the lanes (which the compiler
+// vectorizes), the 16 transformed rows written as contiguous runs.
+constexpr int64_t kWeightLanes = 16;
+
+// U[xi][co][ci] = (G W[co][ci] G^T)[xi], or with transposed = true
+// U^T[xi][ci][co] (grad_input's operand, built directly instead of
+// transposing U).
 template <typename T>
-at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g) {
+at::Tensor transform_weight(const at::Tensor& weight, const Geometry& g, bool transposed = false) {
+  constexpr int64_t L = kWeightLanes;
   const int64_t C = g.in_channels, K = g.out_channels;
-  at::Tensor u = at::empty({kPoints, K, C}, weight.options());
+  at::Tensor u = transposed ? at::empty({kPoints, C, K}, weight.options())
+                            : at::empty({kPoints, K, C}, weight.options());
   const T* w = weight.const_data_ptr<T>();
   T* out = u.mutable_data_ptr<T>();
-  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T rows[4 * 3], full[kPoints];
-      for (int c = 0; c < 3; ++c) weight_1d(w + p * 9 + c, 3, rows + c, 3);  // columns of g
-      for (int r = 0; r < 4; ++r) weight_1d(rows + r * 3, 1, full + r * 4, 1);
-      for (int xi = 0; xi < kPoints; ++xi) out[xi * K * C + p] = full[xi];
+  // Entry p of a U row is (co, ci) = (p / C, p % C), or (p % K, p / K) transposed.
+  at::parallel_for(0, (K * C + L - 1) / L, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * L, n = std::min(L, K * C - p0);
+      T gl[9][L], rows[4 * 3][L], full[kPoints][L];
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t p = p0 + std::min(l, n - 1);
+        const T* src = transposed ? w + ((p % K) * C + p / K) * 9 : w + p * 9;
+        for (int j = 0; j < 9; ++j) gl[j][l] = src[j];
+      }
+      for (int c = 0; c < 3; ++c) {  // columns of g
+        for (int64_t l = 0; l < L; ++l) weight_1d(&gl[c][l], 3 * L, &rows[c][l], 3 * L);
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int64_t l = 0; l < L; ++l) weight_1d(&rows[r * 3][l], L, &full[r * 4][l], L);
+      }
+      for (int xi = 0; xi < kPoints; ++xi) std::copy(full[xi], full[xi] + n, out + xi * K * C + p0);
     }
   });
   return u;
@@ -327,6 +372,229 @@ void store_grad_input(const T* dv, int64_t first, int64_t images, const Geometry
   }
 }
 
+// ---------------------------------------------------------------------------
+// float32 transforms with AVX-512 (used when cpu_gemm::available()): 16
+// consecutive tiles per vector. The tile values are fetched with masked
+// gathers straight from the activations (the mask zeroes the padding and the
+// positions past the output's edge), the transforms run in registers, and
+// the 16 rows of V / dM are written with (masked) vector stores; output
+// tiles are written with masked scatters. The gather offsets depend only on
+// the chunk's geometry, so they are computed once per chunk (LaneTables) and
+// reused for every channel. Same arithmetic, in the same order, as the
+// generic transforms above.
+
+// Gather offsets of one chunk's tiles in a tensor with strides (sn, sh, sw),
+// relative to channel c of its first image: for each block of 16 tiles, and
+// each of the positions (r, col) of a tile's window (4x4 input patch
+// starting at (2 th - pad, 2 tw - pad), or 2x2 output block at (2 th, 2 tw)),
+// an int32 offset per lane and a mask of the lanes inside the tensor.
+struct LaneTables {
+  int64_t blocks = 0, window = 0;  // window: positions per tile (16 or 4)
+  std::vector<int32_t> index;      // [block][position][16]
+  std::vector<uint16_t> mask;      // [block][position]
+  std::vector<uint16_t> lanes;     // [block]: lanes holding a tile
+  // Returns false when an offset does not fit in int32.
+  bool build(const Geometry& g, const Tiling& t, int64_t tiles, int64_t sn, int64_t sh,
+             int64_t sw, bool input_patch) {
+    window = input_patch ? 16 : 4;
+    const int64_t side = input_patch ? 4 : 2;
+    const int64_t off_h = input_patch ? g.h.pad_begin : 0, off_w = input_patch ? g.w.pad_begin : 0;
+    const int64_t H = input_patch ? g.h.in_size : g.h.out_size;
+    const int64_t W = input_patch ? g.w.in_size : g.w.out_size;
+    blocks = (tiles + 15) / 16;
+    index.assign(blocks * window * 16, 0);
+    mask.assign(blocks * window, 0);
+    lanes.assign(blocks, 0);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t b = tile / 16, l = tile % 16;
+      const int64_t i = tile / t.per_image(), th = tile % t.per_image() / t.cols, tw = tile % t.cols;
+      lanes[b] |= static_cast<uint16_t>(1u << l);
+      for (int64_t r = 0; r < side; ++r) {
+        for (int64_t c = 0; c < side; ++c) {
+          const int64_t h = 2 * th + r - off_h, w = 2 * tw + c - off_w;
+          if (h < 0 || h >= H || w < 0 || w >= W) continue;
+          const int64_t off = i * sn + h * sh + w * sw;
+          if (off < 0 || off > INT32_MAX) return false;
+          const int64_t pos = r * side + c;
+          index[(b * window + pos) * 16 + l] = static_cast<int32_t>(off);
+          mask[b * window + pos] |= static_cast<uint16_t>(1u << l);
+        }
+      }
+    }
+    return true;
+  }
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HG_WINO_AVX512 1
+#define HG_WINO_TARGET __attribute__((target("avx512f,avx512vl,fma")))
+
+// V[xi][c][tile] = (B^T d_tile B)[xi] for the chunk's tiles.
+HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first, int64_t C,
+                                           const LaneTables& lt, float* v, int64_t tiles) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* base = x.plane(first, c);
+    for (int64_t b = 0; b < lt.blocks; ++b) {
+      __m512 d[16], rows[16];
+      for (int pos = 0; pos < 16; ++pos) {
+        const __m512i idx =
+            _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 16 + pos) * 16]));
+        d[pos] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lt.mask[b * 16 + pos], idx, base, 4);
+      }
+      for (int col = 0; col < 4; ++col) {  // B^T along the rows of the patch
+        const __m512 d0 = d[col], d1 = d[4 + col], d2 = d[8 + col], d3 = d[12 + col];
+        rows[col] = _mm512_sub_ps(d0, d2);
+        rows[4 + col] = _mm512_add_ps(d1, d2);
+        rows[8 + col] = _mm512_sub_ps(d2, d1);
+        rows[12 + col] = _mm512_sub_ps(d1, d3);
+      }
+      const __mmask16 lanes = lt.lanes[b];
+      float* out = v + c * tiles + b * 16;
+      for (int r = 0; r < 4; ++r) {  // then along its columns
+        const __m512 d0 = rows[r * 4], d1 = rows[r * 4 + 1], d2 = rows[r * 4 + 2],
+                     d3 = rows[r * 4 + 3];
+        _mm512_mask_storeu_ps(out + (r * 4 + 0) * C * tiles, lanes, _mm512_sub_ps(d0, d2));
+        _mm512_mask_storeu_ps(out + (r * 4 + 1) * C * tiles, lanes, _mm512_add_ps(d1, d2));
+        _mm512_mask_storeu_ps(out + (r * 4 + 2) * C * tiles, lanes, _mm512_sub_ps(d2, d1));
+        _mm512_mask_storeu_ps(out + (r * 4 + 3) * C * tiles, lanes, _mm512_sub_ps(d1, d3));
+      }
+    }
+  }
+}
+
+// dM[xi][co][tile] = (A dY_tile A^T)[xi].
+HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t first, int64_t K,
+                                                 const LaneTables& lt, float* dm, int64_t tiles) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t co = 0; co < K; ++co) {
+    const float* base = go.plane(first, co);
+    for (int64_t b = 0; b < lt.blocks; ++b) {
+      __m512 y[4], rows[8];
+      for (int pos = 0; pos < 4; ++pos) {
+        const __m512i idx =
+            _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 4 + pos) * 16]));
+        y[pos] = _mm512_mask_i32gather_ps(zero, lt.mask[b * 4 + pos], idx, base, 4);
+      }
+      for (int c = 0; c < 2; ++c) {  // A along the rows: 4 x 2
+        const __m512 y0 = y[c], y1 = y[2 + c];
+        rows[c] = y0;
+        rows[2 + c] = _mm512_add_ps(y0, y1);
+        rows[4 + c] = _mm512_sub_ps(y0, y1);
+        rows[6 + c] = _mm512_sub_ps(zero, y1);
+      }
+      const __mmask16 lanes = lt.lanes[b];
+      float* out = dm + co * tiles + b * 16;
+      for (int r = 0; r < 4; ++r) {
+        const __m512 y0 = rows[r * 2], y1 = rows[r * 2 + 1];
+        _mm512_mask_storeu_ps(out + (r * 4 + 0) * K * tiles, lanes, y0);
+        _mm512_mask_storeu_ps(out + (r * 4 + 1) * K * tiles, lanes, _mm512_add_ps(y0, y1));
+        _mm512_mask_storeu_ps(out + (r * 4 + 2) * K * tiles, lanes, _mm512_sub_ps(y0, y1));
+        _mm512_mask_storeu_ps(out + (r * 4 + 3) * K * tiles, lanes, _mm512_sub_ps(zero, y1));
+      }
+    }
+  }
+}
+
+// y tiles = A^T M A (+ bias), scattered into the output (clipped by the masks).
+HG_WINO_TARGET void store_output_avx512(const float* m, const float* bias, int64_t first,
+                                        int64_t K, const LaneTables& lt, int64_t tiles,
+                                        const View4<float>& y) {
+  for (int64_t co = 0; co < K; ++co) {
+    const __m512 bv = _mm512_set1_ps(bias ? bias[co] : 0.0f);
+    float* base = y.plane(first, co);
+    for (int64_t b = 0; b < lt.blocks; ++b) {
+      const __mmask16 lanes = lt.lanes[b];
+      const float* src = m + co * tiles + b * 16;
+      __m512 f[16], rows[8];
+      for (int xi = 0; xi < 16; ++xi) f[xi] = _mm512_maskz_loadu_ps(lanes, src + xi * K * tiles);
+      for (int c = 0; c < 4; ++c) {  // A^T along the rows: 2 x 4
+        const __m512 m0 = f[c], m1 = f[4 + c], m2 = f[8 + c], m3 = f[12 + c];
+        rows[c] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+        rows[4 + c] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+      }
+      for (int r = 0; r < 2; ++r) {
+        const __m512 m0 = rows[r * 4], m1 = rows[r * 4 + 1], m2 = rows[r * 4 + 2],
+                     m3 = rows[r * 4 + 3];
+        const __m512 o[2] = {_mm512_add_ps(_mm512_add_ps(m0, m1), m2),
+                             _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)};
+        for (int c = 0; c < 2; ++c) {
+          const int pos = r * 2 + c;
+          const __m512i idx =
+              _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 4 + pos) * 16]));
+          _mm512_mask_i32scatter_ps(base, lt.mask[b * 4 + pos], idx, _mm512_add_ps(o[c], bv), 4);
+        }
+      }
+    }
+  }
+}
+
+// dx = sum over tiles of B dV B^T placed at the tile's patch (cropped):
+// the 16 patch values of 16 tiles are computed in vectors, then added onto
+// padded planes (the patches overlap) and the planes' inside stored.
+HG_WINO_TARGET void store_grad_input_avx512(const float* dv, int64_t first, int64_t images,
+                                            const Geometry& g, const Tiling& t, int64_t tiles,
+                                            float* pad, const View4<float>& dx) {
+  const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
+  const int64_t blocks = (tiles + 15) / 16;
+  std::vector<int64_t> at_pad(blocks * 16, 0);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t i = tile / t.per_image(), th = tile % t.per_image() / t.cols, tw = tile % t.cols;
+    at_pad[tile] = i * plane + 2 * th * t.padded_w + 2 * tw;
+  }
+  alignas(64) float d[16][16];
+  for (int64_t c = 0; c < C; ++c) {
+    std::fill(pad, pad + images * plane, 0.0f);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n = std::min<int64_t>(16, tiles - b * 16);
+      const __mmask16 lanes = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+      const float* src = dv + c * tiles + b * 16;
+      __m512 f[16], rows[16];
+      for (int xi = 0; xi < 16; ++xi) f[xi] = _mm512_maskz_loadu_ps(lanes, src + xi * C * tiles);
+      for (int col = 0; col < 4; ++col) {  // B along the rows
+        const __m512 v0 = f[col], v1 = f[4 + col], v2 = f[8 + col], v3 = f[12 + col];
+        rows[col] = v0;
+        rows[4 + col] = _mm512_add_ps(_mm512_sub_ps(v1, v2), v3);
+        rows[8 + col] = _mm512_sub_ps(_mm512_add_ps(v1, v2), v0);
+        rows[12 + col] = _mm512_sub_ps(_mm512_setzero_ps(), v3);
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m512 v0 = rows[r * 4], v1 = rows[r * 4 + 1], v2 = rows[r * 4 + 2],
+                     v3 = rows[r * 4 + 3];
+        _mm512_store_ps(d[r * 4 + 0], v0);
+        _mm512_store_ps(d[r * 4 + 1], _mm512_add_ps(_mm512_sub_ps(v1, v2), v3));
+        _mm512_store_ps(d[r * 4 + 2], _mm512_sub_ps(_mm512_add_ps(v1, v2), v0));
+        _mm512_store_ps(d[r * 4 + 3], _mm512_sub_ps(_mm512_setzero_ps(), v3));
+      }
+      for (int64_t l = 0; l < n; ++l) {  // tiles in order, as the generic version
+        float* patch = pad + at_pad[b * 16 + l];
+        for (int r = 0; r < 4; ++r) {
+          for (int col = 0; col < 4; ++col) patch[r * t.padded_w + col] += d[r * 4 + col][l];
+        }
+      }
+    }
+    for (int64_t i = 0; i < images; ++i) {
+      float* out = dx.plane(first + i, c);
+      const float* inner = pad + i * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
+      for (int64_t h = 0; h < g.h.in_size; ++h) {
+        for (int64_t w = 0; w < g.w.in_size; ++w) {
+          const bool covered = h + g.h.pad_begin < t.padded_h && w + g.w.pad_begin < t.padded_w;
+          out[h * dx.sh + w * dx.sw] = covered ? inner[h * t.padded_w + w] : 0.0f;
+        }
+      }
+    }
+  }
+}
+#else
+#define HG_WINO_AVX512 0
+#endif
+
+// The AVX-512 transforms apply: float32, and the CPU has AVX-512 (and it is
+// not turned off).
+template <typename T>
+bool fast_transforms() {
+  return HG_WINO_AVX512 && std::is_same<T, float>::value && cpu_gemm::available();
+}
+
 // out[xi] = a[xi] b[xi], or out[xi] += a[xi] b[xi] (accumulate), for the 16
 // points: the AVX-512 product for float32 when the CPU has it, else BLAS.
 void products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
@@ -375,6 +643,18 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
+    LaneTables in, out;
+    if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
+        out.build(g, t, tiles, y.sn, y.sh, y.sw, false)) {
+#if HG_WINO_AVX512
+      if constexpr (std::is_same<T, float>::value) {
+        transform_input_avx512(x, first, g.in_channels, in, v.mutable_data_ptr<T>(), tiles);
+        products(m, u, v, false);
+        store_output_avx512(m.const_data_ptr<T>(), b, first, g.out_channels, out, tiles, y);
+        return;
+      }
+#endif
+    }
     transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
     products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
@@ -387,13 +667,26 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
-  const at::Tensor ut = transform_weight<T>(weight, g).transpose(1, 2).contiguous();
+  const at::Tensor ut = transform_weight<T>(weight, g, /*transposed=*/true);
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     const int64_t tiles = images * t.per_image();
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
+    LaneTables out;
+    if (fast_transforms<T>() && out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
+#if HG_WINO_AVX512
+      if constexpr (std::is_same<T, float>::value) {
+        transform_grad_output_avx512(go, first, g.out_channels, out, dm.mutable_data_ptr<T>(),
+                                     tiles);
+        products(dv, ut, dm, false);
+        store_grad_input_avx512(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(),
+                                dx);
+        return;
+      }
+#endif
+    }
     transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
     products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
@@ -415,6 +708,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    cpu_gemm::PackedB packed;  // reused by the chunks
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
@@ -422,21 +716,57 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
         const int64_t tiles = images * t.per_image();
         at::Tensor v = at::empty({kPoints, C, tiles}, input.options());
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
-        transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
-        transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
-        products(acc, dm, v.transpose(1, 2), true);
+        LaneTables in, out;
+        bool done = false;
+        if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
+            out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
+#if HG_WINO_AVX512
+          if constexpr (std::is_same<T, float>::value) {
+            transform_input_avx512(x, first, C, in, v.mutable_data_ptr<T>(), tiles);
+            transform_grad_output_avx512(go, first, K, out, dm.mutable_data_ptr<T>(), tiles);
+            done = true;
+          }
+#endif
+        }
+        if (!done) {
+          transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
+          transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
+        }
+        if (fast_transforms<T>()) {
+          // B = V[xi]^T: V's rows packed by register transposes.
+          for (int xi = 0; xi < kPoints; ++xi) {
+            cpu_gemm::pack_b_transposed(v[xi].template const_data_ptr<float>(), tiles, tiles, C,
+                                        packed);
+            cpu_gemm::matmul(K, dm[xi].template const_data_ptr<float>(), tiles, 1, packed,
+                             acc[xi].template mutable_data_ptr<float>(), C, true);
+          }
+        } else {
+          products(acc, dm, v.transpose(1, 2), true);
+        }
       }
     }
   });
   const at::Tensor total = du.sum(0);  // slots added in order
   const T* src = total.const_data_ptr<T>();
   T* dw = grad_weight.mutable_data_ptr<T>();
-  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T full[kPoints], rows[4 * 3];
-      for (int xi = 0; xi < kPoints; ++xi) full[xi] = src[xi * K * C + p];
-      for (int r = 0; r < 4; ++r) weight_adjoint_1d(full + r * 4, 1, rows + r * 3, 1);  // 4 x 3
-      for (int c = 0; c < 3; ++c) weight_adjoint_1d(rows + c, 3, dw + p * 9 + c, 3);
+  constexpr int64_t L = kWeightLanes;
+  at::parallel_for(0, (K * C + L - 1) / L, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * L, n = std::min(L, K * C - p0);
+      T full[kPoints][L], rows[4 * 3][L], gl[9][L];
+      for (int xi = 0; xi < kPoints; ++xi) {
+        std::fill(full[xi], full[xi] + L, T(0));
+        std::copy(src + xi * K * C + p0, src + xi * K * C + p0 + n, full[xi]);
+      }
+      for (int r = 0; r < 4; ++r) {  // 4 x 3
+        for (int64_t l = 0; l < L; ++l) weight_adjoint_1d(&full[r * 4][l], L, &rows[r * 3][l], L);
+      }
+      for (int c = 0; c < 3; ++c) {
+        for (int64_t l = 0; l < L; ++l) weight_adjoint_1d(&rows[c][l], 3 * L, &gl[c][l], 3 * L);
+      }
+      for (int64_t l = 0; l < n; ++l) {
+        for (int j = 0; j < 9; ++j) dw[(p0 + l) * 9 + j] = gl[j][l];
+      }
     }
   });
 }
@@ -444,9 +774,10 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
 }  // namespace
 
 bool applies(const Geometry& g) {
+  const int64_t min_channels = cpu_gemm::available() ? kMinChannels : kMinChannelsScalar;
   return g.groups == 1 && g.h.kernel == 3 && g.w.kernel == 3 && g.h.stride == 1 &&
          g.w.stride == 1 && g.h.dilation == 1 && g.w.dilation == 1 &&
-         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels;
+         g.in_channels >= min_channels && g.out_channels >= min_channels;
 }
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
