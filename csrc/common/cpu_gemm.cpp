@@ -18,6 +18,12 @@
 #include <cstring>
 #include <string>
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_ps(), which trips a
+// false -Wmaybe-uninitialized where they are inlined (the 16x16 transposes).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HG_CPU_GEMM_AVX512 1
