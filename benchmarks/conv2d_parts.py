@@ -1,5 +1,6 @@
 # conv2d per part (forward, grad_input, grad_weight) against native, float32
-# CPU, for the large-channel layers: native and handgrad calls interleaved,
+# CPU, for the benchmark's large-channel layers (0-2) and the models' other
+# layers (3-: LeNet, MNIST CNN, VAE / GAN): native and handgrad calls interleaved,
 # ratio native/handgrad per pair, median (and ratio of the minima, steadier
 # on a shared machine).
 #   PYTHONPATH=python python benchmarks/conv2d_parts.py THREADS [CASES [PAIRS]]
@@ -9,7 +10,11 @@ torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 which = sys.argv[2].split(",") if len(sys.argv) > 2 else ["0", "1", "2"]
 N = int(sys.argv[3]) if len(sys.argv) > 3 else 21
 ops = torch.ops.handgrad
-shapes = [((128,64,16,16),128,3,1), ((128,256,4,4),512,3,1), ((128,40,12,12),80,5,0)]
+shapes = [((128,64,16,16),128,3,1), ((128,256,4,4),512,3,1), ((128,40,12,12),80,5,0),
+          ((128,3,32,32),6,5,0), ((128,6,14,14),16,5,0), ((128,1,28,28),40,5,0),
+          ((128,1,28,28),16,3,1), ((128,16,14,14),32,3,1), ((128,32,14,14),16,3,1),
+          ((128,16,28,28),1,3,1), ((128,1,28,28),32,3,1), ((128,32,14,14),64,3,1),
+          ((128,64,14,14),32,3,1), ((128,32,28,28),1,3,1)]
 def pair(fa, fb, n=N):
     fa(); fb(); rs=[]; ta=[]; tb=[]
     for _ in range(n):

@@ -56,6 +56,8 @@
 // computes NHWC directly, these paths transpose to NCHW.
 #include "ops/cpu/conv2d_cpu.h"
 
+#include "common/cpu_gemm.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -70,6 +72,20 @@ namespace {
 // The matrix product wins once both of its small dimensions are wide enough
 // to fill BLAS's register tiles; below that the direct kernels do.
 bool use_gemm(int64_t rows, int64_t depth) { return rows >= 32 && depth >= 64; }
+
+// Forward and grad_input of stride-1 layers with the AVX-512 direct kernels:
+// those stay ahead of im2col + product up to a much deeper reduction
+// (measured, 1 thread, per part against native on 3x3 layers at 14x14 with
+// 16..64 channels: direct 0.8-1.9x, im2col 0.43-0.85x; at 40->80 k5, depth
+// 1000-2000, the two tie in forward and im2col wins grad_input 1.06x to
+// 0.49x). Strided layers keep use_gemm (64->64 k3 s2 at 32x32: im2col 1.66x,
+// direct 1.19x: the stride phases and the zeros grad_input inserts cost the
+// direct kernels), and so does the weight gradient (the two measured alike).
+bool use_gemm_correlation(int64_t rows, int64_t depth, const Geometry& g) {
+  const bool unit_stride = g.h.stride == 1 && g.w.stride == 1;
+  return cpu_gemm::available() && unit_stride ? rows >= 32 && depth >= 1000
+                                              : use_gemm(rows, depth);
+}
 
 // The matrix-product paths copy rows of pixels; for other layouts
 // (channels_last, strided views) they run on NCHW copies, which costs one
@@ -94,7 +110,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
     into(output, [&](at::Tensor& y) { winograd::forward(nchw(input), weight, bias, y, g); });
-  } else if (use_gemm(g.out_per_group(), g.patch())) {
+  } else if (use_gemm_correlation(g.out_per_group(), g.patch(), g)) {
     into(output, [&](at::Tensor& y) { gemm::forward(nchw(input), weight, bias, y, g); });
   } else {
     direct::forward(input, weight, bias, output, g);
@@ -107,7 +123,7 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
   if (winograd::applies(g)) {
     into(grad_input,
          [&](at::Tensor& dx) { winograd::grad_input(nchw(grad_output), weight, dx, g); });
-  } else if (use_gemm(g.in_per_group(), g.out_per_group() * g.taps())) {
+  } else if (use_gemm_correlation(g.in_per_group(), g.out_per_group() * g.taps(), g)) {
     into(grad_input, [&](at::Tensor& dx) { gemm::grad_input(nchw(grad_output), weight, dx, g); });
   } else {
     direct::grad_input(grad_output, weight, grad_input, g);

@@ -278,9 +278,12 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
           const T* plane = go.plane(n, c);
           T* dst = wide.data() + c * length;
           for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
-            for (int64_t ow = 0; ow < g.w.out_size; ++ow) {
-              dst[oh * p.cols + ow] = plane[oh * go.sh + ow * go.sw];
+            const T* row = plane + oh * go.sh;
+            if (go.sw == 1) {
+              std::memcpy(dst + oh * p.cols, row, g.w.out_size * sizeof(T));
+              continue;
             }
+            for (int64_t ow = 0; ow < g.w.out_size; ++ow) dst[oh * p.cols + ow] = row[ow * go.sw];
           }
         }
         for (int64_t grp = 0; grp < g.groups; ++grp) {
