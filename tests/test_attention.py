@@ -445,6 +445,43 @@ def test_mixed_devices_meta():
         sdpa(q, k.to("meta"), v)
 
 
+def _philox4x32_10(counter, key):
+    """Philox-4x32-10 (Salmon et al., SC'11) in plain Python: the reference for the kernels'."""
+    mask = 0xFFFFFFFF
+    x, k0, k1 = list(counter), key[0], key[1]
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * x[0], 0xCD9E8D57 * x[2]
+        x = [(p1 >> 32) ^ x[1] ^ k0, p1 & mask, (p0 >> 32) ^ x[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return x
+
+
+def test_dropout_pattern_is_the_documented_philox_stream():
+    # Column 4*c + w of query row r of flattened head bh is kept when word w
+    # of Philox(counter (c, r, bh ^ offset_hi, offset_lo ^ bh_hi), key = seed)
+    # gives 24 bits u / 2^24 >= p (attention.h); the CPU kernel computes 8
+    # counters at once in vector lanes, CUDA one per thread: both must give
+    # this stream bit for bit. value = I exposes the pattern.
+    p, B, H, L, S = 0.3, 1, 2, 5, 77  # 77 keys: two 32-column vector steps and a tail
+    torch.manual_seed(5)
+    q, k = torch.randn(B, H, L, 8), torch.randn(B, H, S, 8)
+    eye = torch.eye(S).expand(B, H, S, S)
+    out, _, rng_state = torch.ops.handgrad.scaled_dot_product_attention(
+        q, k, eye, None, p, False, None, False)
+    seed, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in rng_state)
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    p32 = float(torch.tensor(p, dtype=torch.float32))  # the kernels compare with float p
+    expected = torch.zeros(B * H, L, S, dtype=torch.bool)
+    for bh in range(B * H):
+        for r in range(L):
+            for c in range((S + 3) // 4):
+                words = _philox4x32_10((c, r, bh ^ (offset >> 32), (offset & 0xFFFFFFFF) ^ (bh >> 32)), key)
+                for w in range(4):
+                    if 4 * c + w < S:
+                        expected[bh, r, 4 * c + w] = (words[w] >> 8) / 16777216.0 >= p32
+    assert torch.equal(out.reshape(B * H, L, S) != 0, expected)
+
+
 @pytest.mark.parametrize("shapes", [((1, 2, 150, 8), (1, 2, 700, 8), (1, 2, 700, 6), False),
                                     ((2, 4, 70, 8), (2, 2, 300, 8), (2, 2, 300, 6), True)],
                          ids=str)
