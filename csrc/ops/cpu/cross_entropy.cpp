@@ -21,8 +21,10 @@
 // Threads split fixed blocks of rows (at::parallel_for); reduced losses add
 // per-block partial sums (double) in block order, so results do not depend
 // on the thread count. float32 and float64; the vector exp is
-// common/cpu_simd.h's (float32, with arguments kept above -80, see
-// exp_floor). float64, and probability targets with S > 1, run scalar loops.
+// common/cpu_simd.h's softmax exponential (exp_nonpositive: every argument
+// here is shifted by the row maximum or the log-sum-exp; results below e^-87
+// are 0, no denormal is computed). float64, and probability targets with
+// S > 1, run scalar loops.
 //
 // Speed against native (benchmarks/bench_cross_entropy.py --threads 2, float32,
 // index targets, forward+backward, native time / handgrad time, two runs on a
@@ -127,17 +129,6 @@ void row_max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
 #if HG_HAVE_AVX2
 #define HG_FLATTEN __attribute__((flatten))  // inlines simd::exp into the row loops
 
-// e^d for d <= 0, exactly 0 below -80. simd::exp flushes denormal results,
-// but still computes them first (below ~-87), and denormal arithmetic costs
-// ~100 cycles on the AMD cores measured here: the -inf lanes of a row tail,
-// the first rescale from the initial max and p_c of far-away logits all hit
-// it. A NaN stays NaN.
-inline __m256 exp_floor(__m256 d) {
-  const __m256 floor = _mm256_set1_ps(-80.0f);
-  const __m256 keep = _mm256_cmp_ps(d, floor, _CMP_NLT_UQ);
-  return _mm256_and_ps(simd::exp(_mm256_max_ps(floor, d)), keep);
-}
-
 // Lanes at or past n read as -inf (they add exp(-inf) = 0).
 inline __m256 load_tail(const float* x, int64_t n) {
   const __m256i mask = simd::tail_mask(n);
@@ -156,7 +147,7 @@ inline void store_tail(float* out, __m256 v, int64_t n) {
 inline __attribute__((always_inline)) void online_step(__m256 block_max, __m256& M, __m256& S) {
   const __m256 nm = _mm256_max_ps(M, block_max);
   if (_mm256_movemask_ps(_mm256_cmp_ps(nm, M, _CMP_GT_OQ))) {
-    S = _mm256_mul_ps(S, exp_floor(_mm256_sub_ps(M, nm)));
+    S = _mm256_mul_ps(S, simd::exp_nonpositive(_mm256_sub_ps(M, nm)));
     M = nm;
   }
 }
@@ -175,7 +166,7 @@ HG_FLATTEN void short_row_max_sumexp_avx2(const float* x, int64_t classes, float
   __m256 S = _mm256_setzero_ps();
   for (int64_t i = 0; i < classes; i += 8) {
     const __m256 v = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
-    S = _mm256_add_ps(S, exp_floor(_mm256_sub_ps(v, Mv)));
+    S = _mm256_add_ps(S, simd::exp_nonpositive(_mm256_sub_ps(v, Mv)));
   }
   s = simd::reduce_add(S);
 }
@@ -189,17 +180,17 @@ HG_FLATTEN void row_max_sumexp_avx2(const float* x, int64_t classes, float& m, f
     const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
     const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
     online_step(_mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d)), M, S);
-    const __m256 ea = exp_floor(_mm256_sub_ps(a, M)), eb = exp_floor(_mm256_sub_ps(b, M));
-    const __m256 ec = exp_floor(_mm256_sub_ps(c, M)), ed = exp_floor(_mm256_sub_ps(d, M));
+    const __m256 ea = simd::exp_nonpositive(_mm256_sub_ps(a, M)), eb = simd::exp_nonpositive(_mm256_sub_ps(b, M));
+    const __m256 ec = simd::exp_nonpositive(_mm256_sub_ps(c, M)), ed = simd::exp_nonpositive(_mm256_sub_ps(d, M));
     S = _mm256_add_ps(S, _mm256_add_ps(_mm256_add_ps(ea, eb), _mm256_add_ps(ec, ed)));
   }
   for (; i < classes; i += 8) {
     const __m256 a = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
     online_step(a, M, S);
-    S = _mm256_add_ps(S, exp_floor(_mm256_sub_ps(a, M)));
+    S = _mm256_add_ps(S, simd::exp_nonpositive(_mm256_sub_ps(a, M)));
   }
   m = simd::reduce_max(M);
-  s = simd::reduce_add(_mm256_mul_ps(S, exp_floor(_mm256_sub_ps(M, _mm256_set1_ps(m)))));
+  s = simd::reduce_add(_mm256_mul_ps(S, simd::exp_nonpositive(_mm256_sub_ps(M, _mm256_set1_ps(m)))));
 }
 
 // out_c = exp(x_c - lse) * k - c2 * w_c (w null: c2).
@@ -211,7 +202,7 @@ HG_FLATTEN void grad_row_avx2(const float* x, float* out, int64_t classes, float
     const __m256i mask = simd::tail_mask(n);
     const bool full = n == 8;
     const __m256 v = full ? _mm256_loadu_ps(x + i) : _mm256_maskload_ps(x + i, mask);
-    __m256 g = _mm256_mul_ps(exp_floor(_mm256_sub_ps(v, L)), K);
+    __m256 g = _mm256_mul_ps(simd::exp_nonpositive(_mm256_sub_ps(v, L)), K);
     if (w != nullptr) {
       const __m256 wv = full ? _mm256_loadu_ps(w + i) : _mm256_maskload_ps(w + i, mask);
       g = _mm256_fnmadd_ps(C2, wv, g);
@@ -271,7 +262,7 @@ HG_FLATTEN void prob_grad_row_avx2(const float* x, const float* y, const float* 
     };
     const __m256 yc = _mm256_fmadd_ps(keep, load(y + i), spread);
     const __m256 wy = w ? _mm256_mul_ps(load(w + i), yc) : yc;
-    const __m256 p = exp_floor(_mm256_sub_ps(load(x + i), L));
+    const __m256 p = simd::exp_nonpositive(_mm256_sub_ps(load(x + i), L));
     const __m256 g = _mm256_fnmadd_ps(SC, wy, _mm256_mul_ps(p, K));
     if (full) {
       _mm256_storeu_ps(out + i, g);
@@ -381,11 +372,31 @@ HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg,
   const bool smooth = p.smoothing > 0;
   for (int64_t c = 0; c < C; ++c) {
     const __m256 v = load(x + c * S);
-    Ssum = _mm256_add_ps(Ssum, exp_floor(_mm256_sub_ps(v, M)));
+    Ssum = _mm256_add_ps(Ssum, simd::exp_nonpositive(_mm256_sub_ps(v, M)));
     const __m256 hit = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
     XT = _mm256_blendv_ps(XT, v, hit);
     if (smooth) LW = _mm256_fmadd_ps(_mm256_set1_ps(w ? w[c] : 1.0f), _mm256_sub_ps(M, v), LW);
+  }
+  if (!smooth && !w) {
+    // The common case in vector lanes: lse = m + log s, loss = lse - x_t
+    // (index_row_loss with e = 0, w_t = 1); ignored rows give 0 for both.
+    const __m256 valid_lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(Tv, _mm256_set1_epi32(-1)));
+    const __m256 log_s = simd::log_positive(Ssum);
+    const __m256 lse_v = _mm256_and_ps(_mm256_add_ps(M, log_s), valid_lanes);
+    const __m256 loss_v = _mm256_and_ps(_mm256_add_ps(_mm256_sub_ps(M, XT), log_s), valid_lanes);
+    alignas(32) float losses[8];
+    _mm256_store_ps(losses, loss_v);
+    if (full) {
+      _mm256_storeu_ps(lse, lse_v);
+      if (loss) _mm256_storeu_ps(loss, loss_v);
+    } else {
+      _mm256_maskstore_ps(lse, mask, lse_v);
+      if (loss) _mm256_maskstore_ps(loss, mask, loss_v);
+    }
+    for (int l = 0; l < lanes; ++l) loss_acc += losses[l];
+    w_acc += __builtin_popcount(static_cast<unsigned>(valid));
+    return;
   }
   alignas(32) float m[8], s[8], xt[8], lw[8];
   _mm256_store_ps(m, M);
@@ -617,7 +628,7 @@ HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const
   const bool full = lanes == 8;
   for (int64_t c = 0; c < C; ++c) {
     const __m256 v = full ? _mm256_loadu_ps(x + c * S) : _mm256_maskload_ps(x + c * S, mask);
-    __m256 g = _mm256_mul_ps(exp_floor(_mm256_sub_ps(v, Lv)), Kv);
+    __m256 g = _mm256_mul_ps(simd::exp_nonpositive(_mm256_sub_ps(v, Lv)), Kv);
     if (smooth) g = _mm256_fnmadd_ps(C2v, _mm256_set1_ps(w ? w[c] : 1.0f), g);
     const __m256 hit = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(Tv, _mm256_set1_epi32(static_cast<int32_t>(c))));
