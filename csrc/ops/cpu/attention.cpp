@@ -43,7 +43,9 @@
 // the other core busy): (8,4,256,64) 1.64x, (2,8,2048,64) 1.64x, causal
 // 1.89x, (32,4,65,32) 1.25x; forward alone 1.3-1.8x. With MKL's sgemm for
 // the tiles (before the AVX-512 product) these were 0.99x, 0.99x, 1.15x and
-// 1.27x at 2 threads. Peak memory of forward+backward at batch 1, 8 heads,
+// 1.27x at 2 threads; now, at 2 threads on the quiet machine (`python
+// benchmarks/run.py --threads 2 --reps 15 --max-seconds 6 --modes fwdbwd`),
+// 1.79x, 1.72x, 1.98x and 1.75x. Peak memory of forward+backward at batch 1, 8 heads,
 // E 64: 8.1 / 16.1 / 32.3 MB at L = 1024 / 2048 / 4096 (linear in L; native's
 // CPU flash path: 11.0 / 21.1 / 41.1 MB).
 #include "ops/attention.h"

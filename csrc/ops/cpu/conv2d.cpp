@@ -18,42 +18,24 @@
 // with the flipped kernel; dW = correlation of x with dy; db = sum of dy over
 // batch and pixels (below). Saved for backward: input and weight only.
 //
-// Measured against native, forward+backward, float32, 2 threads, ratio of
-// medians native/handgrad, interleaved in one process on a heavily shared
-// 2-core machine (python benchmarks/bench_conv2d.py --threads 2 --reps 20
-// --max-seconds 12; "first" = the images need no gradient, as in a network):
-//   (4,3,32,32)->6 k5 first 170x   (128,3,32,32)->6 k5 first 1.70x
-//   (128,6,14,14)->16 k5 2.63x     (128,3,32,32)->64 k3p1 first 1.95x
-//   (128,1,28,28)->40 k5 first 2.30x (128,1,28,28)->4 k3p1 first 2.52x
-//   (128,4,14,14)->8 k3p1 2.51x
-// (The tiny first case is mostly native's per-call threading cost on a busy
-// machine; handgrad keeps work below ~2M multiply-adds on one thread.)
-// With the AVX-512 direct kernels (AMD EPYC Zen 5, 1 thread, the other core
-// busy; native / handgrad per part, each op timed alone, median of 15):
-//   (128,3,32,32)->6 k5    forward 2.4x, grad_weight 1.7x
-//   (128,6,14,14)->16 k5   forward 0.77x, grad_input 1.15x, grad_weight 1.43x
-//   (128,1,28,28)->40 k5   forward 1.35x, grad_weight 1.86x
-// (before them: 6->16 forward 0.45x, grad_input 0.44x; 1->40 grad_weight 0.94x).
-// The 6->16 forward runs its vector unit at its peak but computes 14 columns
-// for every 10 outputs (the wide rows); native vectorizes over channels.
-// Those numbers came from a busier moment; on a quieter machine (AMD EPYC Zen
-// 5, --reps 10 --max-seconds 5 --modes fwdbwd) the small-channel cases
-// measured 0.6-2x at 1 and 2 threads. The large-channel layers, 1 | 2
-// threads, before -> after the switch from at::mm/at::bmm (MKL, AVX2 code on
-// AMD) to the AVX-512 GEMM (and, for Winograd, lane-vectorized transforms);
-// ranges are two runs of the same code:
-//   (128,64,16,16)->128 k3p1 (gemm)    0.56x -> 0.90-0.98x | 0.59x -> 0.84-1.05x
-//   (128,256,4,4)->512 k3p1 (winograd) 0.49x -> 0.92x      | 0.48x -> 0.97x
-//   (128,40,12,12)->80 k5 (gemm)       0.56x -> 0.91-0.92x | 0.49x -> 0.91-0.93x
-// then (1 thread, three runs; AVX-512 Winograd transforms, Winograd from 64
-// channels, pack_b_transposed in grad_weight, col2im by rows):
-//   (128,64,16,16)->128 k3p1 (now winograd) 1.10x, 1.42x, 1.23x
-//   (128,256,4,4)->512 k3p1 (winograd)      1.13x, 0.98x, 1.24x
-//   (128,40,12,12)->80 k5 (gemm)            0.96x, 1.04x, 0.99x
-// native runs oneDNN's AVX-512 convolutions near the core's peak; the rest of
-// the gap is im2col / packing / the Winograd transforms (memory-bound).
-// channels_last at (128,64,16,16)->128 runs at 0.72-0.77x (was 0.61x): native
-// computes NHWC directly, these paths transpose to NCHW.
+// Measured against native (forward+backward, float32, native / handgrad,
+// interleaved medians, quiet 2-core AMD EPYC Zen 5, 2 threads,
+// `python benchmarks/run.py --threads 2 --reps 15 --max-seconds 6 --modes
+// fwdbwd`; "first" = the images need no gradient, as in a network):
+//   (4,3,32,32)->6 k5 first 1.42x     (128,3,32,32)->6 k5 first 1.74x
+//   (128,6,14,14)->16 k5 1.25x        (128,3,32,32)->64 k3p1 first 2.28x
+//   (128,64,16,16)->128 k3p1 1.38x    (128,256,4,4)->512 k3p1 1.06x
+//   (128,1,28,28)->40 k5 first 1.20x  (128,1,28,28)->4 k3p1 first 1.70x
+//   (128,4,14,14)->8 k3p1 2.21x       (128,40,12,12)->80 k5 1.03x
+//   (128,64,32,32)->64 k3p1 s2 1.39x  (128,64,16,16)->128 channels_last 0.72x
+// Per part at 1 thread (benchmarks/conv2d_parts.py): the 16..64-channel 3x3
+// layers of the VAE/GAN at 14x14 run forward and grad_input at 0.8-1.3x,
+// their weight gradient at 0.55-0.75x (neither path vectorizes over output
+// channels as oneDNN does); the 6->16 forward runs its vector unit at peak but
+// computes 14 columns for every 10 outputs (the wide rows), 0.77x. Before the
+// AVX-512 GEMM and direct kernels (MKL's AVX2 code, AVX2 direct kernels) the
+// large-channel layers ran at 0.5-0.6x and LeNet's second layer at 0.74x.
+// channels_last is transposed to NCHW (native computes NHWC directly).
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
