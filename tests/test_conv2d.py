@@ -211,6 +211,10 @@ cases = [  # (input shape, weight shape, stride, padding, dilation, groups)
     ((3, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1, 1),   # LeNet's second layer
     ((2, 4, 15, 12), (6, 2, 3, 2), 2, 1, 2, 2),    # strided, dilated, grouped
     ((1, 1, 3, 40), (7, 1, 1, 3), 1, 0, 1, 1),     # one-row kernel, long rows
+] + [  # input channels in whole vectors: the weight gradient vectorized over them
+    ((2, 16, 9, 10), (c, 16, 3, 3), 1, 1, 1, 1) for c in (1, 7, 9, 17)] + [
+    ((2, 48, 7, 6), (5, 48, 3, 2), 1, 1, 2, 1),    # 3 vectors, dilated, non-square
+    ((3, 32, 6, 5), (8, 32, 1, 1), 1, 0, 1, 1),    # 1x1
 ]
 for x_shape, w_shape, stride, padding, dilation, groups in cases:
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):

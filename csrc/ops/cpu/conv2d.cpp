@@ -28,10 +28,11 @@
 //   (128,1,28,28)->40 k5 first 1.20x  (128,1,28,28)->4 k3p1 first 1.70x
 //   (128,4,14,14)->8 k3p1 2.21x       (128,40,12,12)->80 k5 1.03x
 //   (128,64,32,32)->64 k3p1 s2 1.39x  (128,64,16,16)->128 channels_last 0.72x
-// Per part at 1 thread (benchmarks/conv2d_parts.py): the 16..64-channel 3x3
-// layers of the VAE/GAN at 14x14 run forward and grad_input at 0.8-1.3x,
-// their weight gradient at 0.55-0.75x (neither path vectorizes over output
-// channels as oneDNN does); the 6->16 forward runs its vector unit at peak but
+// Per part at 1 thread on the quiet machine (benchmarks/conv2d_parts.py): the
+// 16..64-channel 3x3 layers of the VAE/GAN at 14x14 run forward and
+// grad_input at 0.8-1.15x and their weight gradient, vectorized over input
+// channels (direct::by_channels), at 0.77-0.92x (0.55-0.75x through im2col or
+// the pixel-vectorized kernel); the 6->16 forward runs its vector unit at peak but
 // computes 14 columns for every 10 outputs (the wide rows), 0.77x. Before the
 // AVX-512 GEMM and direct kernels (MKL's AVX2 code, AVX2 direct kernels) the
 // large-channel layers ran at 0.5-0.6x and LeNet's second layer at 0.74x.
@@ -117,7 +118,7 @@ void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
     winograd::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
-  } else if (use_gemm(g.out_per_group(), g.patch())) {
+  } else if (!direct::by_channels(g) && use_gemm(g.out_per_group(), g.patch())) {
     gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
   } else {
     direct::grad_weight(grad_output, input, grad_weight, g);

@@ -22,6 +22,11 @@
 //                (dOut on wide rows, zero in the dropped columns): a register-
 //                blocked reduction (4 channels x 6 taps (AVX-512) or 3 taps
 //                (AVX2) of vector accumulators).
+// With AVX-512, layers whose input channels fill whole vectors compute the
+// weight gradient vectorized over input channels instead
+// (grad_weight_by_channels): pixel-major copies of the image and of dOut,
+// register blocks of 8 output channels x up to 3 vectors of input channels
+// kept through all pixels of a chunk of images.
 // Nothing is saved for backward but the input and weight. Parallel over
 // images; grad_weight sums fixed chunks of images in order, so results do not
 // depend on the thread count and are deterministic.
@@ -246,9 +251,79 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   });
 }
 
+// The weight gradient vectorized over input channels (by_channels() layers):
+// per image the padded input and dOut are laid out pixel-major (channels
+// innermost), so that for a tap every pixel reads one contiguous run of input
+// channels, and each register block keeps 8 output channels x 3 vectors of
+// input channels through all of a chunk's pixels. Chunks of images are summed
+// by one task each, then added in order (deterministic).
+template <typename T>
+void grad_weight_by_channels(const View4<T>& go, const View4<T>& x, at::Tensor& grad_weight,
+                             const Geometry& g, const Kernels<T>& kern) {
+  const int64_t cin = g.in_channels, cout = g.out_channels;
+  const int64_t KH = g.h.kernel, KW = g.w.kernel, taps = KH * KW;
+  const int64_t rows = g.h.in_size + g.h.pad_begin + g.h.pad_end;
+  const int64_t cols = g.w.in_size + g.w.pad_begin + g.w.pad_end;
+  std::vector<int64_t> off(taps);
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    for (int64_t kw = 0; kw < KW; ++kw) off[kh * KW + kw] = kh * g.h.dilation * cols + kw * g.w.dilation;
+  }
+  const int64_t weights = cout * cin * taps;
+  const int64_t macs_per_image = weights * g.h.out_size * g.w.out_size;
+  constexpr int64_t kChunks = 8;
+  const int64_t chunks = std::min<int64_t>(
+      {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(macs_per_image))});
+  std::vector<T> partial(chunks * weights, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> xt(rows * cols * cin, T(0)), gt(g.h.out_size * cols * cout);
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      T* dwt = partial.data() + chunk * weights;
+      for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {
+        // The padding stays zero from the first fill; the interior is overwritten.
+        for (int64_t c = 0; c < cin; ++c) {
+          const T* plane = x.plane(n, c);
+          for (int64_t h = 0; h < g.h.in_size; ++h) {
+            T* dst = xt.data() + ((h + g.h.pad_begin) * cols + g.w.pad_begin) * cin + c;
+            const T* row = plane + h * x.sh;
+            for (int64_t w = 0; w < g.w.in_size; ++w) dst[w * cin] = row[w * x.sw];
+          }
+        }
+        for (int64_t c = 0; c < cout; ++c) {
+          const T* plane = go.plane(n, c);
+          for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+            T* dst = gt.data() + oh * cols * cout + c;
+            const T* row = plane + oh * go.sh;
+            for (int64_t ow = 0; ow < g.w.out_size; ++ow) dst[ow * cout] = row[ow * go.sw];
+          }
+        }
+        kern.reduce_channels(gt.data(), cout, xt.data(), cin, off.data(), taps, g.h.out_size,
+                             g.w.out_size, cols, dwt);
+      }
+    }
+  });
+  // dwt[(tap, co, ci)] -> grad_weight[co][ci][kh][kw], chunks added in order.
+  T* out = grad_weight.mutable_data_ptr<T>();
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t co = 0; co < cout; ++co) {
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        T total = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          total += partial[chunk * weights + (t * cout + co) * cin + ci];
+        }
+        out[(co * cin + ci) * taps + t] = total;
+      }
+    }
+  }
+}
+
 template <typename T>
 void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Geometry& g) {
+  if (by_channels(g)) {
+    grad_weight_by_channels(view_of<T>(grad_output), view_of<T>(input), grad_weight, g,
+                            kernels<T>());
+    return;
+  }
   const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
   const Kernels<T>& kern = kernels<T>();
   const Planes p = input_planes(g);
@@ -307,6 +382,12 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
 }
 
 }  // namespace
+
+bool by_channels(const Geometry& g) {
+  // 16: whole AVX-512 vectors of floats (and of doubles, 8 a vector).
+  return cpu_gemm::available() && g.groups == 1 && g.h.stride == 1 && g.w.stride == 1 &&
+         g.in_channels % 16 == 0 && g.patch() < 1000;
+}
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              at::Tensor& output, const Geometry& g) {

@@ -55,6 +55,8 @@ struct Simd512<double> {
 #define CONV_DIRECT_SIMD Simd512
 #define CONV_DIRECT_ROWS 8
 #define CONV_DIRECT_TAPS 6
+#define CONV_DIRECT_CH_ROWS 8
+#define CONV_DIRECT_CH_VECS 3
 #else
 // No AVX-512 compiler support: the namespace holds the baseline kernels
 // (never chosen: cpu_gemm::available() is false there).
@@ -62,6 +64,8 @@ struct Simd512<double> {
 #define CONV_DIRECT_SIMD Simd
 #define CONV_DIRECT_ROWS 4
 #define CONV_DIRECT_TAPS 3
+#define CONV_DIRECT_CH_ROWS 4
+#define CONV_DIRECT_CH_VECS 2
 #endif
 
 #define CONV_DIRECT_NS avx512

@@ -8,4 +8,6 @@
 #define CONV_DIRECT_TARGET
 #define CONV_DIRECT_ROWS 4
 #define CONV_DIRECT_TAPS 3
+#define CONV_DIRECT_CH_ROWS 4
+#define CONV_DIRECT_CH_VECS 2
 #include "ops/cpu/conv2d_direct_kernels.inc"

@@ -25,6 +25,13 @@ struct Kernels {
   // vector partial sums: dw[r][k] is the sum of dwl[(r * K + k) * lanes + 0..lanes).
   void (*reduce)(const T* g, int64_t rows, const T* buf, const int64_t* off, int64_t K,
                  int64_t length, T* dwl);
+  // The weight gradient vectorized over input channels (cin a multiple of
+  // lanes), from pixel-major images: for tap t < taps and every valid pixel
+  // (oh < rows, ow < width) at q = oh * cols + ow,
+  //   dwt[(t * cout + co) * cin + ci] += gt[q * cout + co] * xt[(q + off[t]) * cin + ci].
+  void (*reduce_channels)(const T* gt, int64_t cout, const T* xt, int64_t cin,
+                          const int64_t* off, int64_t taps, int64_t rows, int64_t width,
+                          int64_t cols, T* dwt);
 };
 
 #define HG_CONV_DIRECT_DECLARE(ns)     \
