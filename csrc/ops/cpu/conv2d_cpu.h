@@ -94,7 +94,8 @@ inline int64_t grain_for(int64_t work_per_item) {
 
 namespace direct {
 // The weight gradient vectorized over input channels applies (AVX-512, one
-// group, stride 1, input channels in whole vectors, reduction depth < 1000);
+// group, stride 1, input channels in whole vectors, at least 8 output
+// channels, reduction depth < 1000);
 // it then beats the im2col product too.
 bool by_channels(const Geometry& g);
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,

@@ -384,9 +384,11 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
 }  // namespace
 
 bool by_channels(const Geometry& g) {
-  // 16: whole AVX-512 vectors of floats (and of doubles, 8 a vector).
+  // 16: whole AVX-512 vectors of floats (and of doubles, 8 a vector). With
+  // fewer than 8 output channels (a register block) the pixel-vectorized
+  // kernel stays ahead (16->1 k3 at 28x28: 3.2x native against 1.2x).
   return cpu_gemm::available() && g.groups == 1 && g.h.stride == 1 && g.w.stride == 1 &&
-         g.in_channels % 16 == 0 && g.patch() < 1000;
+         g.in_channels % 16 == 0 && g.out_channels >= 8 && g.patch() < 1000;
 }
 
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
