@@ -182,6 +182,11 @@ cases = [  # (input shape, weight shape, padding, groups)
     ((2, 48, 6, 6), (64, 24, 3, 3), 1, 2),    # the same with groups (32 output channels each)
     ((2, 96, 5, 5), (40, 48, 3, 3), 2, 2),    # im2col path with groups, no NCHW view of the output
     ((3, 128, 6, 5), (136, 128, 3, 3), 1, 1),  # Winograd path: 16 products, partial tiles
+    # 289 pixels / tiles: a depth between one k-block (256) and 1.25 of one,
+    # which the products take in one block -- the packing must agree.
+    ((1, 64, 21, 21), (40, 64, 5, 5), 0, 1),   # im2col weight gradient, col^T packed
+    ((1, 64, 21, 21), (64, 64, 5, 5), 0, 1),   # im2col weight gradient built transposed
+    ((1, 128, 34, 34), (128, 128, 3, 3), 1, 1),  # Winograd weight gradient, V^T packed
 ]
 for x_shape, w_shape, padding, groups in cases:
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):

@@ -316,8 +316,10 @@ void pack_b_transposed(const float* Bt, int64_t ldbt, int64_t K, int64_t N, Pack
   out.K = K;
   out.N = N;
   out.data.resize(static_cast<size_t>(block_offset(K, N)));
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    pack_b_transposed_block(Bt, ldbt, k0, std::min(kKc, K - k0), N,
+  // The same k-blocks as pack_b: the products read the packed panels with k_block(K).
+  const int64_t kb = k_block(K);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    pack_b_transposed_block(Bt, ldbt, k0, std::min(kb, K - k0), N,
                             out.data.data() + block_offset(k0, N));
   }
 #else
