@@ -47,6 +47,18 @@ int64_t k_block(int64_t K) { return K <= kKc + kKc / 4 ? K : kKc; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Products with nothing to multiply: no element of C (M or N is 0), or a sum
+// over nothing (K == 0: C = 0, or C unchanged when accumulating). True when
+// the product was one of those and is done.
+[[maybe_unused]] bool empty_product(int64_t M, int64_t N, int64_t K, float* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return true;
+  if (K != 0) return false;
+  if (!accumulate) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+  }
+  return true;
+}
+
 // Panels per packing task: at least 64K floats.
 int64_t pack_grain(int64_t panel_floats) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, panel_floats));
@@ -331,13 +343,7 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
             int64_t ldc, bool accumulate) {
 #if HG_CPU_GEMM_AVX512
   const int64_t K = B.K, N = B.N;
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    }
-    return;
-  }
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
   // Rows of A contiguous in k are read in place; otherwise (a transposed
   // view) each k-block is packed first.
   std::vector<float> packed_a;
@@ -376,13 +382,7 @@ void matmul_serial(int64_t M, const float* A, int64_t rsa, const PackedB& B, flo
 void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsa, int64_t csa,
                      const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #if HG_CPU_GEMM_AVX512
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    }
-    return;
-  }
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
   const int64_t kb = k_block(K);
   if (rsa == 1 && csa != 1 && csa % 128 != 0) {
     // A^T of a row-major matrix (kMr consecutive floats per k): read in place
@@ -419,20 +419,15 @@ void matmul_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
                  int64_t csa, const float* B, int64_t rsb, int64_t csb, float* C, int64_t ldc,
                  bool accumulate) {
 #if HG_CPU_GEMM_AVX512
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
-    }
-    return;
-  }
-  const int64_t mp = ceil_div(M, kMr), np = ceil_div(N, kNr), kc_max = std::min(K, kKc);
+  if (empty_product(M, N, K, C, ldc, accumulate)) return;
+  const int64_t kb = k_block(K);
+  const int64_t mp = ceil_div(M, kMr), np = ceil_div(N, kNr), kc_max = std::min(K, kb);
   // Grown to the largest tile a thread has seen, then reused: no allocation per call.
   thread_local std::vector<float> a_panels, b_panels;
   if (a_panels.size() < static_cast<size_t>(mp * kMr * kc_max)) a_panels.resize(mp * kMr * kc_max);
   if (b_panels.size() < static_cast<size_t>(np * kNr * kc_max)) b_panels.resize(np * kNr * kc_max);
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
     pack_a_panels(A, rsa, csa, M, k0, kc, alpha, a_panels.data(), 0, mp);
     pack_b_panels(B, rsb, csb, k0, kc, N, b_panels.data(), 0, np);
     for (int64_t t = 0; t < mp * np; ++t) {
