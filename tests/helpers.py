@@ -1,5 +1,9 @@
 """Helpers shared by the op tests: layouts, native comparisons, compile checks."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
@@ -69,3 +73,12 @@ def assert_matches_native(handgrad_fn, native_fn, inputs, atol=None, rtol=None, 
         if a is not None:
             check(a, b, atol=atol, rtol=rtol, equal_nan=True)
     return mine, my_grads
+
+
+def assert_script_prints_ok(script, timeout=120, **env):
+    """Runs `script` in a fresh Python (extra environment variables from env,
+    e.g. HANDGRAD_CPU_AVX512="0": read once per process) and asserts it
+    succeeded and printed exactly "ok"."""
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -3,16 +3,13 @@ against torch.nn.functional.scaled_dot_product_attention / torch.nn.MultiheadAtt
 
 import copy
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import handgrad
-from helpers import assert_matches_native, in_layout
+from helpers import assert_matches_native, assert_script_prints_ok, in_layout
 
 sdpa = handgrad.ops.scaled_dot_product_attention
 
@@ -256,10 +253,7 @@ def test_float32_tile_products_with_and_without_avx512(avx512):
     # float32 tile products run the AVX-512 kernel of common/cpu_gemm.h when
     # the CPU has it and the BLAS sgemm otherwise; HANDGRAD_CPU_AVX512=0 forces
     # the latter, so both are compared with native on an AVX-512 machine.
-    env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
-    done = subprocess.run([sys.executable, "-c", _TILE_PRODUCTS_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert_script_prints_ok(_TILE_PRODUCTS_SCRIPT, timeout=300, HANDGRAD_CPU_AVX512=avx512)
 
 
 def test_memory_linear_in_length(device):

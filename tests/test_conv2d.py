@@ -1,8 +1,5 @@
 """handgrad.ops.conv2d and handgrad.nn.Conv2d against torch.nn.functional.conv2d."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import handgrad
-from helpers import LAYOUTS, assert_matches_native, in_layout
+from helpers import LAYOUTS, assert_matches_native, assert_script_prints_ok, in_layout
 
 # Native conv2d warns that 'same' with an even kernel copies the input; that
 # is native's own warning about its implementation, not about handgrad.
@@ -241,10 +238,7 @@ def test_direct_kernels_with_and_without_avx512(avx512):
     # Small-channel layers run the direct kernels: AVX-512 ones when the CPU
     # has it, the baseline (AVX2) ones otherwise; HANDGRAD_CPU_AVX512=0 forces
     # the latter, so both are compared with native on an AVX-512 machine.
-    env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
-    done = subprocess.run([sys.executable, "-c", _DIRECT_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert_script_prints_ok(_DIRECT_SCRIPT, HANDGRAD_CPU_AVX512=avx512)
 
 
 @pytest.mark.parametrize("avx512", ["1", "0"])
@@ -253,10 +247,7 @@ def test_cpu_matrix_products_with_and_without_avx512(avx512):
     # has it, at::mm / at::bmm otherwise; HANDGRAD_CPU_AVX512=0 forces the
     # latter, so both are compared with native here (the first only differs
     # from the second on an AVX-512 machine).
-    env = dict(os.environ, HANDGRAD_CPU_AVX512=avx512)
-    done = subprocess.run([sys.executable, "-c", _PRODUCTS_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert_script_prints_ok(_PRODUCTS_SCRIPT, HANDGRAD_CPU_AVX512=avx512)
 
 
 _THREADS_SCRIPT = """
@@ -283,9 +274,7 @@ print("ok")
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
-    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert_script_prints_ok(_THREADS_SCRIPT)
 
 
 def _opcheck_cases(device):

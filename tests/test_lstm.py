@@ -2,16 +2,13 @@
 
 import copy
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import handgrad
-from helpers import assert_matches_native
+from helpers import assert_matches_native, assert_script_prints_ok
 
 # float32 tolerances: the pointwise math agrees with native to ~1e-7, but the
 # matrix products and the backward-through-time sums (over batch rows and time
@@ -425,10 +422,7 @@ def test_baseline_cpu_kernels_without_avx512():
     # The float32 kernels pick AVX-512 at run time when the CPU has it;
     # HANDGRAD_CPU_AVX512=0 forces the baseline (AVX2) pointwise kernels and
     # at::mm, so both paths are tested on an AVX-512 machine.
-    env = dict(os.environ, HANDGRAD_CPU_AVX512="0")
-    done = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert_script_prints_ok(_BASELINE_SCRIPT, HANDGRAD_CPU_AVX512="0")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
