@@ -63,6 +63,16 @@ int64_t images_per_task(int64_t macs_per_image) {
   return std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, macs_per_image));
 }
 
+// The weight gradients sum fixed chunks of images (chunk c: images
+// [c * batch / chunks, (c + 1) * batch / chunks)), one task each, then add the
+// chunks in order, so results do not depend on the thread count: at most 8
+// chunks, each worth a task.
+int64_t weight_chunks(int64_t batch, int64_t macs_per_image) {
+  constexpr int64_t kChunks = 8;
+  return std::min<int64_t>(
+      {kChunks, batch, std::max<int64_t>(1, batch / images_per_task(macs_per_image))});
+}
+
 // Zero-padded planes split into stride phases, each phase `rows` x `cols`.
 struct Planes {
   int64_t channels;
@@ -266,13 +276,12 @@ void grad_weight_by_channels(const View4<T>& go, const View4<T>& x, at::Tensor& 
   const int64_t cols = g.w.in_size + g.w.pad_begin + g.w.pad_end;
   std::vector<int64_t> off(taps);
   for (int64_t kh = 0; kh < KH; ++kh) {
-    for (int64_t kw = 0; kw < KW; ++kw) off[kh * KW + kw] = kh * g.h.dilation * cols + kw * g.w.dilation;
+    for (int64_t kw = 0; kw < KW; ++kw) {
+      off[kh * KW + kw] = kh * g.h.dilation * cols + kw * g.w.dilation;
+    }
   }
   const int64_t weights = cout * cin * taps;
-  const int64_t macs_per_image = weights * g.h.out_size * g.w.out_size;
-  constexpr int64_t kChunks = 8;
-  const int64_t chunks = std::min<int64_t>(
-      {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(macs_per_image))});
+  const int64_t chunks = weight_chunks(g.batch, weights * g.h.out_size * g.w.out_size);
   std::vector<T> partial(chunks * weights, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> xt(rows * cols * cin, T(0)), gt(g.h.out_size * cols * cout);
@@ -338,9 +347,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   // Fixed chunks of images, each summed by one task into vector partial sums
   // (lanes per weight), then added lane by lane and chunk by chunk in order.
   const int64_t lanes = kern.lanes;
-  constexpr int64_t kChunks = 8;
-  const int64_t chunks = std::min<int64_t>(
-      {kChunks, g.batch, std::max<int64_t>(1, g.batch / images_per_task(weights * length))});
+  const int64_t chunks = weight_chunks(g.batch, weights * length);
   std::vector<T> partial(chunks * weights * lanes, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> buf(buf_size), wide(g.out_channels * length, T(0));
