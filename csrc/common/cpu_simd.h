@@ -23,6 +23,20 @@ namespace simd {
 
 constexpr int kFloatLanes = 8;
 
+// ln2 in two parts, the first exact in few bits, so that n ln2 for an integer
+// n loses nothing to rounding (exp's range reduction, log's exponent term).
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+
+// The range reduction of both exponentials: x = n ln2 + r with n the integer
+// nearest x log2(e), |r| <= ln2/2. Returns r, sets n.
+inline __m256 reduce_by_ln2(__m256 x, __m256& n) {
+  n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  return _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+}
+
 // e^x for 8 floats, within 2 ulp of std::exp over the whole float range.
 // x = n ln2 + r with |r| <= ln2/2, e^r from its degree-7 Taylor polynomial
 // (truncation error < 6e-9 relative), 2^n assembled in the exponent bits.
@@ -31,17 +45,12 @@ constexpr int kFloatLanes = 8;
 // arithmetic costs ~100 cycles a lane on the AMD cores measured here (the
 // -inf lanes of masked softmax rows used to hit that on every call).
 inline __m256 exp(__m256 x) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
-  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
   const __m256 hi = _mm256_set1_ps(88.7228317f);  // largest x with e^x < FLT_MAX
   const __m256 lo = _mm256_set1_ps(-87.0f);
 
   const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, log2e),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, xc);
-  r = _mm256_fnmadd_ps(n, ln2_lo, r);
+  __m256 n;
+  const __m256 r = reduce_by_ln2(xc, n);
 
   __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
@@ -74,14 +83,9 @@ inline __m256 exp(__m256 x) {
 // its second operand when either is NaN).
 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
-  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
   const __m256 xc = _mm256_max_ps(lo, x);
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, ln2_hi, xc);
-  r = _mm256_fnmadd_ps(k, ln2_lo, r);
+  __m256 k;
+  const __m256 r = reduce_by_ln2(xc, k);
   __m256 p = _mm256_set1_ps(1.0f / 720.0f);
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
@@ -133,11 +137,9 @@ inline __m256 log_positive(__m256 x) {
   p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(2.0f / 3.0f));
   p = _mm256_fmadd_ps(p, t2, _mm256_set1_ps(2.0f));
   const __m256 log_m = _mm256_mul_ps(p, t);
-  // e ln2 in two parts (ln2 = 0.693359375 - 2.12194440e-4, the first exact in
-  // few bits), so e ln2 loses nothing to rounding.
   const __m256 ef = _mm256_cvtepi32_ps(e);
-  const __m256 y = _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f),
-                                   _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), log_m));
+  const __m256 y = _mm256_fmadd_ps(ef, _mm256_set1_ps(kLn2Hi),
+                                   _mm256_fmadd_ps(ef, _mm256_set1_ps(kLn2Lo), log_m));
   // inf and NaN (exponent bits all ones) pass through unchanged.
   const __m256 special = _mm256_cmp_ps(_mm256_and_ps(x, _mm256_set1_ps(INFINITY)),
                                        _mm256_set1_ps(INFINITY), _CMP_EQ_OQ);
