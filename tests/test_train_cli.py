@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from handgrad.training.trainer import schedule_factor
 
 from synthetic_data import write_cifar10_tree, write_mnist
 
@@ -53,16 +56,18 @@ def test_train_writes_metrics_checkpoint_and_plots(data_root, tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".")], "temporary files left behind"
 
 
-def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, schedule):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    train("mnist_cnn", "--data-root", data_root, "--out", whole, *QUICK)
+    quick = [*QUICK, "--lr-schedule", schedule]
+    train("mnist_cnn", "--data-root", data_root, "--out", whole, *quick)
     # 192 images at batch 32 = 6 batches per epoch: die in the middle of epoch 2.
-    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, *QUICK,
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, *quick,
                  env={"HANDGRAD_CRASH_AFTER_BATCHES": "9"}, expect=None)
     assert proc.returncode == -9, proc.stderr
     _, partial = learning_curve(broken)
     assert len(partial) == 1
-    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, "--resume", *QUICK)
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, "--resume", *quick)
     assert "resumed" in proc.stdout
     assert learning_curve(broken)[1] == learning_curve(whole)[1]
 
@@ -87,6 +92,36 @@ def test_augment_changes_training_and_must_match_on_resume(data_root, tmp_path):
     assert "augment=True (now False)" in proc.stderr
 
 
+def test_schedule_factor():
+    assert schedule_factor("constant", 0.0) == schedule_factor("constant", 0.9) == 1.0
+    assert schedule_factor("cosine", 0.0) == 1.0
+    assert schedule_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert schedule_factor("cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    steps = [schedule_factor("cosine", t / 10) for t in range(11)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        schedule_factor("step", 0.5)
+
+
+def test_cosine_schedule_anneals_the_learning_rate_and_must_match_on_resume(data_root, tmp_path):
+    out = str(tmp_path / "cosine")
+    train("mnist_cnn", "--data-root", data_root, "--out", out, "--epochs", "2", "--batch-size",
+          "32", "--threads", "1", "--no-progress", "--lr-schedule", "cosine")
+    metrics, _ = learning_curve(out)
+    assert metrics["lr_schedule"] == "cosine"
+    group = torch.load(os.path.join(out, "checkpoint.pt"),
+                       weights_only=False)["optimizers"]["model"]["param_groups"][0]
+    # The last of 2 x 6 batches ran at progress 11/12 of the run.
+    assert group["initial_lr"] == 1e-3
+    assert group["lr"] == pytest.approx(1e-3 * schedule_factor("cosine", 11 / 12))
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "3",
+                 "--batch-size", "32", "--no-progress", expect=2)
+    assert "lr_schedule='cosine' (now 'constant')" in proc.stderr
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "3",
+                 "--batch-size", "32", "--no-progress", "--lr-schedule", "cosine", expect=2)
+    assert "annealed_over_epochs=2 (now 3)" in proc.stderr
+
+
 def test_cifar_image_folder_and_native_backend(data_root, tmp_path):
     out = str(tmp_path / "lenet")
     proc = train("lenet5", "--data-root", data_root, "--out", out, "--backend", "native",
@@ -102,6 +137,7 @@ def test_cifar_image_folder_and_native_backend(data_root, tmp_path):
     (["mnist_cnn", "--batch-size", "-3"], "--batch-size must be positive"),
     (["mnist_cnn", "--data-root", "/no/such/folder"], "data root /no/such/folder does not exist"),
     (["mnist_cnn", "--epochs", "many"], "invalid int value"),
+    (["mnist_cnn", "--lr-schedule", "step"], "invalid choice: 'step'"),
 ])
 def test_bad_arguments_give_a_one_line_error(args, message):
     proc = train(*args, expect=2)

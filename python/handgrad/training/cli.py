@@ -5,6 +5,7 @@ import os
 import sys
 
 from .. import models
+from .recipe import LR_SCHEDULES
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -38,6 +39,9 @@ def add_arguments(p):
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="classifiers: random crop (4-pixel zero padding) + horizontal flip "
                         "of the training images (default: the model's; on for cifar_cnn)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="learning rate over the run: constant, or cosine annealing to 0 per step "
+                        "(default: the model's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -70,6 +74,7 @@ def run(args):
                              out=args.out, seed=args.seed, resume=args.resume,
                              threads=args.threads, download=args.download, limit=args.limit,
                              noise=args.noise, d_steps=args.d_steps, augment=args.augment,
+                             lr_schedule=args.lr_schedule,
                              progress=not args.no_progress)
         Run(config).fit()
     except (ValueError, DataNotFound) as e:

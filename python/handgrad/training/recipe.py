@@ -11,6 +11,7 @@ import copy
 import torch
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+LR_SCHEDULES = ("constant", "cosine")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -47,6 +48,7 @@ class Recipe:
     epochs = 1
     batch_size = 64
     lr = 1e-3
+    lr_schedule = "constant"  # or "cosine" (annealed per step over the run's epochs)
     eval_batch_size = 1000
 
     def configured(self, config):

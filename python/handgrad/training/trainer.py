@@ -9,6 +9,7 @@ and ends with the same metrics as an uninterrupted run (CPU, same --threads).
 """
 
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from .. import models
 from . import checkpoint, data, plots
+from .recipe import LR_SCHEDULES
 
 # Fault injection for the tests of --resume: after this many training batches
 # the process kills itself with SIGKILL, as a crash or an OOM kill would.
@@ -44,6 +46,7 @@ class TrainConfig:
     noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
     d_steps: int = 1  # GAN: discriminator steps per generator step
     augment: bool = None  # classifiers: random crop + flip of training images (None: the recipe's)
+    lr_schedule: str = None  # "constant" or "cosine" (None: the recipe's)
     progress: bool = True
 
     def resolved(self, recipe):
@@ -53,14 +56,19 @@ class TrainConfig:
         c.batch_size = c.batch_size or recipe.batch_size
         c.lr = c.lr or recipe.lr
         c.augment = getattr(recipe, "augment", None)
+        c.lr_schedule = c.lr_schedule or recipe.lr_schedule
         variant = "-noise%g" % c.noise if c.noise else ""
         c.out = c.out or os.path.join("runs", "%s%s-%s" % (recipe.name, variant, c.backend))
         return c
 
     def identity(self):
         """What must match between a checkpoint and the run resuming it."""
-        return {k: getattr(self, k) for k in ("model", "batch_size", "lr", "seed", "limit",
-                                              "noise", "d_steps", "augment")}
+        identity = {k: getattr(self, k) for k in ("model", "batch_size", "lr", "seed", "limit",
+                                                  "noise", "d_steps", "augment", "lr_schedule")}
+        # An annealed learning rate depends on the run's length: more epochs on --resume
+        # would make it jump back up.
+        identity["annealed_over_epochs"] = self.epochs if self.lr_schedule != "constant" else None
+        return identity
 
 
 def _subset(dataset, limit):
@@ -93,6 +101,9 @@ class Run:
         self.model = models.apply_backend(self.recipe.build(), c.backend)
         self.losses = {k: models.apply_backend(v, c.backend) for k, v in self.recipe.losses().items()}
         self.optimizers = self.recipe.optimizers(self.model, c.lr)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
         self.generators = {"shuffle": torch.Generator().manual_seed(c.seed + 1),
                            "augment": torch.Generator().manual_seed(c.seed + 2)}
         self.epoch = 0
@@ -120,7 +131,7 @@ class Run:
         if saved is None:
             self.log("no checkpoint in %s; starting from epoch 1" % self.config.out)
             return
-        # Settings added later (augment) are absent from older checkpoints: not checked.
+        # Settings added later (augment, lr_schedule) are absent from older checkpoints: not checked.
         mismatched = {k: (v, saved["config"][k]) for k, v in self.config.identity().items()
                       if k in saved["config"] and saved["config"][k] != v}
         if mismatched:
@@ -142,6 +153,14 @@ class Run:
         generator = self.generators["augment"]
         return lambda images, labels: self.recipe.prepare(images, labels, train, generator)
 
+    def _set_learning_rates(self, progress):
+        """Learning rates at `progress` (0 to 1) through the run; a function of the
+        position only, so a resumed run recomputes them exactly."""
+        factor = schedule_factor(self.config.lr_schedule, progress)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
     def train_epoch(self, crash_after):
         c = self.config
         self.model.train()
@@ -155,6 +174,7 @@ class Run:
         start = time.perf_counter()
         for b, (images, labels) in enumerate(self.train_data.batches(c.batch_size,
                                                                        self.generators["shuffle"])):
+            self._set_learning_rates((self.epoch + b / batches) / c.epochs)
             x, y = prepare(images, labels)
             out = self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
             main = next(iter(out.values()))
@@ -193,7 +213,8 @@ class Run:
         out = c.out
         summary = {
             "model": c.model, "backend": c.backend, "epochs_done": self.epoch, "epochs": c.epochs,
-            "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed,
+            "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
+            "augment": c.augment, "seed": c.seed,
             "threads": torch.get_num_threads(), "train_data": self.train_data.source,
             "test_data": self.test_data.source, "history": self.history,
             "running_loss": self.running,
@@ -226,6 +247,17 @@ class Run:
             checkpoint.save_checkpoint(c.out, self.state())
             self.write_outputs()
         return self.history
+
+
+def schedule_factor(schedule, progress):
+    """The learning rate's multiplier at `progress` (0 at the first step, below 1 at the last):
+    constant, or cosine annealing from 1 towards 0 over the run (per step)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError("unknown learning-rate schedule %r (have %s)"
+                     % (schedule, ", ".join(LR_SCHEDULES)))
 
 
 def format_epoch(record, epochs):
