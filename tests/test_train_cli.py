@@ -131,6 +131,20 @@ def test_cifar_image_folder_and_native_backend(data_root, tmp_path):
     assert len(curve) == 1 and "epoch 1/1" in proc.stdout
 
 
+def test_epoch_times_benchmark_trains_both_backends_interleaved(data_root):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks", "epoch_times.py")
+    proc = subprocess.run([sys.executable, script, "--data-root", data_root, "--limit", "96",
+                           "--threads", "1", "--models", "mnist_cnn"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| mnist_cnn |")]
+    assert len(row) == 1, proc.stdout
+    native, mine, ratio, step_ratio = (float(v) for v in row[0].strip("| ").split("|")[1:])
+    assert native > 0 and mine > 0 and step_ratio > 0
+    assert ratio == pytest.approx(mine / native, rel=0.05)  # the table rounds to whole img/s
+
+
 @pytest.mark.parametrize("args, message", [
     (["resnet"], "unknown model 'resnet'; valid models: cifar_cnn, lenet5"),
     (["mnist_cnn", "--epochs", "0"], "--epochs must be positive"),

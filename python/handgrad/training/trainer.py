@@ -161,6 +161,16 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
+    def epoch_batches(self):
+        """The next epoch's (uint8 images, labels) training batches, shuffled."""
+        return self.train_data.batches(self.config.batch_size, self.generators["shuffle"])
+
+    def train_step(self, images, labels, b, batches, prepare):
+        """One optimization step on batch `b` of `batches` in the current epoch."""
+        self._set_learning_rates((self.epoch + b / batches) / self.config.epochs)
+        x, y = prepare(images, labels)
+        return self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
+
     def train_epoch(self, crash_after):
         c = self.config
         self.model.train()
@@ -172,11 +182,8 @@ class Run:
         bar = tqdm(total=n, unit="img", desc="epoch %d/%d" % (self.epoch + 1, c.epochs),
                    disable=not c.progress, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
-        for b, (images, labels) in enumerate(self.train_data.batches(c.batch_size,
-                                                                       self.generators["shuffle"])):
-            self._set_learning_rates((self.epoch + b / batches) / c.epochs)
-            x, y = prepare(images, labels)
-            out = self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
+        for b, (images, labels) in enumerate(self.epoch_batches()):
+            out = self.train_step(images, labels, b, batches, prepare)
             main = next(iter(out.values()))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v * len(labels)
