@@ -46,7 +46,6 @@ def interleaved_epoch(model, args, tmp):
                              limit=args.limit, threads=args.threads, progress=False,
                              out=os.path.join(tmp, "%s-%s" % (model, backend)))
         runs[backend] = Run(config, log=lambda *_: None)
-    prepare = {b: r._prepare(train=True) for b, r in runs.items()}
     batches = {b: list(r.epoch_batches()) for b, r in runs.items()}
     count = len(batches["native"])
     for r in runs.values():
@@ -57,7 +56,7 @@ def interleaved_epoch(model, args, tmp):
         for backend in order:
             images, labels = batches[backend][step]
             start = time.perf_counter()
-            runs[backend].train_step(images, labels, step, count, prepare[backend])
+            runs[backend].train_step(images, labels, step, count)
             seconds[backend].append(time.perf_counter() - start)
     return seconds, len(runs["native"].train_data)
 

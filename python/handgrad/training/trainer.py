@@ -165,16 +165,15 @@ class Run:
         """The next epoch's (uint8 images, labels) training batches, shuffled."""
         return self.train_data.batches(self.config.batch_size, self.generators["shuffle"])
 
-    def train_step(self, images, labels, b, batches, prepare):
+    def train_step(self, images, labels, b, batches):
         """One optimization step on batch `b` of `batches` in the current epoch."""
         self._set_learning_rates((self.epoch + b / batches) / self.config.epochs)
-        x, y = prepare(images, labels)
+        x, y = self.recipe.prepare(images, labels, True, self.generators["augment"])
         return self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
 
     def train_epoch(self, crash_after):
         c = self.config
         self.model.train()
-        prepare = self._prepare(train=True)
         n = len(self.train_data)
         batches = (n + c.batch_size - 1) // c.batch_size
         every = max(1, batches // RUNNING_POINTS_PER_EPOCH)
@@ -183,7 +182,7 @@ class Run:
                    disable=not c.progress, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         for b, (images, labels) in enumerate(self.epoch_batches()):
-            out = self.train_step(images, labels, b, batches, prepare)
+            out = self.train_step(images, labels, b, batches)
             main = next(iter(out.values()))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v * len(labels)
