@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from handgrad.training.recipe import random_crop_flip
 from handgrad.training.trainer import schedule_factor
 
 from synthetic_data import write_cifar10_tree, write_mnist
@@ -85,11 +86,31 @@ def test_augment_changes_training_and_must_match_on_resume(data_root, tmp_path):
     plain, augmented = str(tmp_path / "plain"), str(tmp_path / "augmented")
     one_epoch = ["--epochs", "1", "--batch-size", "32", "--threads", "1", "--no-progress"]
     train("mnist_cnn", "--data-root", data_root, "--out", plain, *one_epoch)
-    train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--augment", *one_epoch)
+    train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--augment", "crop-flip",
+          *one_epoch)
     assert learning_curve(plain)[1][0]["train_loss"] != learning_curve(augmented)[1][0]["train_loss"]
     proc = train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--resume",
                  "--epochs", "2", "--batch-size", "32", "--no-progress", expect=2)
-    assert "augment=True (now False)" in proc.stderr
+    assert "augment='crop-flip' (now 'none')" in proc.stderr
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", augmented, "--resume",
+                 "--epochs", "2", "--batch-size", "32", "--no-progress", "--augment", "flip",
+                 expect=2)
+    assert "augment='crop-flip' (now 'flip')" in proc.stderr
+
+
+def test_flip_and_crop_flip_move_pixels_only_as_named():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    flipped = random_crop_flip(x, generator, padding=0)
+    same = (flipped == x).flatten(1).all(1)
+    mirrored = (flipped == x.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    cropped = random_crop_flip(x, generator, padding=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for image, source in zip(cropped, padded):
+        windows = [source[:, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(image, w) or torch.equal(image, w.flip(2)) for w in windows)
+    assert not torch.equal(cropped, x)
 
 
 def test_schedule_factor():
@@ -152,6 +173,7 @@ def test_epoch_times_benchmark_trains_both_backends_interleaved(data_root):
     (["mnist_cnn", "--data-root", "/no/such/folder"], "data root /no/such/folder does not exist"),
     (["mnist_cnn", "--epochs", "many"], "invalid int value"),
     (["mnist_cnn", "--lr-schedule", "step"], "invalid choice: 'step'"),
+    (["mnist_cnn", "--augment", "rotate"], "invalid choice: 'rotate'"),
 ])
 def test_bad_arguments_give_a_one_line_error(args, message):
     proc = train(*args, expect=2)

@@ -5,7 +5,7 @@ import os
 import sys
 
 from .. import models
-from .recipe import LR_SCHEDULES
+from .recipe import AUGMENTATIONS, LR_SCHEDULES
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -36,9 +36,13 @@ def add_arguments(p):
                    help="autoencoders: std of Gaussian noise added to inputs (denoising)")
     p.add_argument("--d-steps", type=int, default=1,
                    help="GAN: discriminator steps per generator step")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="classifiers: random crop (4-pixel zero padding) + horizontal flip "
-                        "of the training images (default: the model's; on for cifar_cnn)")
+    p.add_argument("--augment", choices=AUGMENTATIONS,
+                   help="classifiers: augmentation of the training images: none, flip "
+                        "(horizontal, probability 1/2) or crop-flip (random 32x32 crop of the "
+                        "image zero-padded by 4, then flip) (default: the model's; flip for "
+                        "cifar_cnn, none for the others)")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                   help="same as --augment none")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="learning rate over the run: constant, or cosine annealing to 0 per step "
                         "(default: the model's)")

@@ -23,9 +23,13 @@ def normalize(images, mean, std):
     return (x - mean) / std
 
 
+AUGMENTATIONS = {"none": None, "flip": 0, "crop-flip": 4}  # name -> crop padding (pixels)
+
+
 def random_crop_flip(x, generator, padding=4):
     """The standard CIFAR augmentation on a batch: pad with zeros, take a random
-    crop of the original size, and flip horizontally with probability 1/2."""
+    crop of the original size, and flip horizontally with probability 1/2
+    (padding 0: the flips alone)."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
@@ -94,7 +98,7 @@ class ClassifierRecipe(Recipe):
     """Images -> class logits, trained with cross-entropy."""
 
     mean, std = MNIST_MEAN, MNIST_STD
-    augment = False
+    augment = "none"  # a key of AUGMENTATIONS
 
     def configured(self, config):
         if config.augment is None or config.augment == self.augment:
@@ -105,8 +109,9 @@ class ClassifierRecipe(Recipe):
 
     def prepare(self, images, labels, train, generator):
         x = normalize(images, self.mean, self.std)
-        if train and self.augment:
-            x = random_crop_flip(x, generator)
+        padding = AUGMENTATIONS[self.augment]
+        if train and padding is not None:
+            x = random_crop_flip(x, generator, padding)
         return x, labels
 
     def train_batch(self, model, losses, optimizers, x, y, step=0):

@@ -45,7 +45,7 @@ class TrainConfig:
     limit: int = None  # use only the first N training images (quick runs)
     noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
     d_steps: int = 1  # GAN: discriminator steps per generator step
-    augment: bool = None  # classifiers: random crop + flip of training images (None: the recipe's)
+    augment: str = None  # classifiers: "none", "flip" or "crop-flip" (None: the recipe's)
     lr_schedule: str = None  # "constant" or "cosine" (None: the recipe's)
     progress: bool = True
 
