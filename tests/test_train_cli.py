@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from handgrad.training.recipe import random_crop_flip
-from handgrad.training.trainer import schedule_factor
+from handgrad.training.recipe import random_crop_flip, schedule_factor
 
 from synthetic_data import write_cifar10_tree, write_mnist
 

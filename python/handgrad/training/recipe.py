@@ -7,11 +7,11 @@ architecture and the same weights load into either.
 """
 
 import copy
+import math
 
 import torch
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-LR_SCHEDULES = ("constant", "cosine")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -24,6 +24,20 @@ def normalize(images, mean, std):
 
 
 AUGMENTATIONS = {"none": None, "flip": 0, "crop-flip": 4}  # name -> crop padding (pixels)
+
+# name -> the learning rate's multiplier at `progress` through the run (0 at the
+# first step, below 1 at the last): constant, or cosine annealing from 1 towards 0.
+LR_SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
+def schedule_factor(schedule, progress):
+    if schedule not in LR_SCHEDULES:
+        raise ValueError("unknown learning-rate schedule %r (have %s)"
+                         % (schedule, ", ".join(LR_SCHEDULES)))
+    return LR_SCHEDULES[schedule](progress)
 
 
 def random_crop_flip(x, generator, padding=4):

@@ -9,7 +9,6 @@ and ends with the same metrics as an uninterrupted run (CPU, same --threads).
 """
 
 import dataclasses
-import math
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from .. import models
 from . import checkpoint, data, plots
-from .recipe import LR_SCHEDULES
+from .recipe import schedule_factor
 
 # Fault injection for the tests of --resume: after this many training batches
 # the process kills itself with SIGKILL, as a crash or an OOM kill would.
@@ -253,17 +252,6 @@ class Run:
             checkpoint.save_checkpoint(c.out, self.state())
             self.write_outputs()
         return self.history
-
-
-def schedule_factor(schedule, progress):
-    """The learning rate's multiplier at `progress` (0 at the first step, below 1 at the last):
-    constant, or cosine annealing from 1 towards 0 over the run (per step)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError("unknown learning-rate schedule %r (have %s)"
-                     % (schedule, ", ".join(LR_SCHEDULES)))
 
 
 def format_epoch(record, epochs):
