@@ -9,13 +9,16 @@
 # tests and GPU benchmarks on a machine with a GPU), clean.
 # Build switches pass through the environment: HANDGRAD_CUDA=auto|1|0,
 # TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
+# HANDGRAD_CUDA_EMULATION=1 (the default here) also builds the CUDA emulation
+# module, with which the tests run every CUDA kernel on the CPU.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MAX_JOBS ?= 2
+export HANDGRAD_CUDA_EMULATION ?= 1
 
-SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.h') \
+SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc') \
 	setup.py pyproject.toml tools/build_env.py
 TORCH_STAMP := $(VENV)/.torch-installed
 BUILD_STAMP := $(VENV)/.handgrad-built

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from handgrad import cuda_emulation
+
 LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
 
 
@@ -22,6 +24,12 @@ def in_layout(x, layout):
         view.copy_(x)
         return view
     raise ValueError(layout)
+
+
+def runs_cuda_kernels(device):
+    """Whether handgrad's CUDA kernels compute on `device`: a GPU, or the CPU
+    while the CUDA emulator is switched on (the "cuda-emulated" device)."""
+    return device.type == "cuda" or cuda_emulation.active()
 
 
 def leaves(tensors):

@@ -70,3 +70,16 @@ def test_cpu_memory_tracking_counts_tensor_storage():
         del a, b
     assert mem.peak_bytes >= 3 << 20
     assert mem.retained_bytes == 0
+
+
+def test_cuda_emulation_module_built():
+    """CI runs every CUDA kernel through the emulator (HANDGRAD_EXPECT_EMULATION=1
+    makes a build without the emulation module fail instead of skip)."""
+    if os.environ.get("HANDGRAD_EXPECT_EMULATION") == "1":
+        assert handgrad.cuda_emulation.available(), \
+            "HANDGRAD_EXPECT_EMULATION=1 but handgrad was built without HANDGRAD_CUDA_EMULATION=1"
+    if not handgrad.cuda_emulation.available():
+        pytest.skip("this handgrad build has no CUDA emulation module")
+    with handgrad.cuda_emulation.emulated():
+        for name in handgrad_ops():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name

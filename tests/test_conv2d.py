@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import handgrad
-from helpers import LAYOUTS, assert_matches_native, assert_script_prints_ok, in_layout
+from helpers import (LAYOUTS, assert_matches_native, assert_script_prints_ok, in_layout,
+                     runs_cuda_kernels)
 
 # Native conv2d warns that 'same' with an even kernel copies the input; that
 # is native's own warning about its implementation, not about handgrad.
@@ -438,7 +439,7 @@ def test_mixed_devices_raise():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_cuda(device, dtype):
-    if device.type != "cuda":
+    if not runs_cuda_kernels(device):
         pytest.skip("float16/bfloat16 kernels are CUDA-only (the CPU kernels are float32/float64)")
     cfg = CONFIGS[2]
     inputs = make_inputs(cfg, dtype, device)

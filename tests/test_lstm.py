@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import handgrad
-from helpers import assert_matches_native, assert_script_prints_ok
+from helpers import assert_matches_native, assert_script_prints_ok, runs_cuda_kernels
 
 # float32 tolerances: the pointwise math agrees with native to ~1e-7, but the
 # matrix products and the backward-through-time sums (over batch rows and time
@@ -427,7 +427,7 @@ def test_baseline_cpu_kernels_without_avx512():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_cuda(device, dtype):
-    if device.type != "cuda":
+    if not runs_cuda_kernels(device):
         pytest.skip("float16 / bfloat16 kernels are CUDA only (the CPU raises TypeError)")
     native = nn.LSTM(8, 16, num_layers=2, bidirectional=True, device=device)
     mine = copy_module(native, handgrad.nn.LSTM)

@@ -11,10 +11,10 @@ the op's own backward kernel. Use them through:
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.handgrad.*)
-from . import nn, ops
+from . import cuda_emulation, nn, ops
 from ._info import info
 from .patch import patch, unpatch
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["info", "nn", "ops", "patch", "unpatch", "__version__"]
+__all__ = ["cuda_emulation", "info", "nn", "ops", "patch", "unpatch", "__version__"]

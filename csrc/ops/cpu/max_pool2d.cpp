@@ -19,6 +19,7 @@
 #include "ops/max_pool2d.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -27,6 +28,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace handgrad {
@@ -197,34 +199,72 @@ void forward_kernel(const at::Tensor& input, at::Tensor& output, at::Tensor& ind
               " is out of range for an input plane of ", plane, " elements");
 }
 
+// Gradients are added in at::opmath_type<T> (float for float16 / bfloat16)
+// and rounded once, as the CUDA kernel does; float and double add in place.
+template <typename T>
+class Accumulator {
+ public:
+  using Acc = at::opmath_type<T>;
+  // The `count` elements at dst, zeroed; accumulated into by at(i).
+  void begin(T* dst, int64_t count) {
+    dst_ = dst;
+    count_ = count;
+    if constexpr (std::is_same_v<T, Acc>) {
+      std::fill(dst, dst + count, T(0));
+    } else {
+      scratch_.assign(static_cast<size_t>(count), Acc(0));
+    }
+  }
+  Acc& at(int64_t i) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return dst_[i];
+    } else {
+      return scratch_[static_cast<size_t>(i)];
+    }
+  }
+  void finish() {
+    if constexpr (!std::is_same_v<T, Acc>) {
+      for (int64_t i = 0; i < count_; ++i) dst_[i] = static_cast<T>(scratch_[static_cast<size_t>(i)]);
+    }
+  }
+
+ private:
+  T* dst_ = nullptr;
+  int64_t count_ = 0;
+  std::vector<Acc> scratch_;
+};
+
 template <typename T>
 void backward_nchw(const T* grad_out, const int64_t* idx, T* grad_in, const Geometry& g) {
   const int64_t in_plane = g.h.in_size * g.w.in_size;
   const int64_t out_plane = g.h.out_size * g.w.out_size;
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, g.batch * g.channels, grain_for(in_plane), [&](int64_t begin, int64_t end) {
+    Accumulator<T> gi;
     for (int64_t p = begin; p < end; ++p) {
-      T* gi = grad_in + p * in_plane;
       const T* go = grad_out + p * out_plane;
       const int64_t* ix = idx + p * out_plane;
-      std::fill(gi, gi + in_plane, T(0));
+      gi.begin(grad_in + p * in_plane, in_plane);
       for (int64_t o = 0; o < out_plane; ++o) {
         const int64_t i = ix[o];
         if (i < 0 || i >= in_plane) {
           bad_index.store(i);
           return;
         }
-        gi[i] += go[o];
+        gi.at(i) += go[o];
       }
+      gi.finish();
     }
   });
   if (bad_index.load() != -1) index_out_of_range(bad_index.load(), in_plane);
 }
 
 // channels_last: a task owns one image and a block of channels, so no two
-// tasks ever add into the same grad_input element.
+// tasks ever add into the same grad_input element. Reduced precision
+// accumulates the task's (positions x channels) block in a float scratch.
 template <typename T>
 void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geometry& g) {
+  using Acc = at::opmath_type<T>;
   const int64_t C = g.channels;
   const int64_t in_plane = g.h.in_size * g.w.in_size;
   const int64_t out_plane = g.h.out_size * g.w.out_size;
@@ -232,13 +272,14 @@ void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
   const int64_t blocks = (C + kBlock - 1) / kBlock;
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
-      const int64_t c0 = (task % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
+      const int64_t c0 = (task % blocks) * kBlock, c1 = std::min(C, c0 + kBlock), width = c1 - c0;
       T* gi = grad_in + n * in_plane * C;
       const T* go = grad_out + n * out_plane * C;
       const int64_t* ix = idx + n * out_plane * C;
-      for (int64_t pos = 0; pos < in_plane; ++pos) std::fill(gi + pos * C + c0, gi + pos * C + c1, T(0));
+      scratch.assign(static_cast<size_t>(in_plane * width), Acc(0));
       for (int64_t o = 0; o < out_plane; ++o) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i = ix[o * C + c];
@@ -246,7 +287,12 @@ void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
             bad_index.store(i);
             return;
           }
-          gi[i * C + c] += go[o * C + c];
+          scratch[static_cast<size_t>(i * width + c - c0)] += static_cast<Acc>(go[o * C + c]);
+        }
+      }
+      for (int64_t pos = 0; pos < in_plane; ++pos) {
+        for (int64_t c = c0; c < c1; ++c) {
+          gi[pos * C + c] = static_cast<T>(scratch[static_cast<size_t>(pos * width + c - c0)]);
         }
       }
     }

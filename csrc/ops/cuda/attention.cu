@@ -22,15 +22,14 @@
 // Speed against native: not measured, no GPU here.
 #include "ops/attention.h"
 
+#include "common/cuda_launch.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <limits>
@@ -137,7 +136,7 @@ __device__ __forceinline__ int64_t tile_key_end(const Problem& p, int64_t q0) {
 template <typename T, typename acc_t>
 __global__ void forward_kernel_impl(Rows<const T> Q, Rows<const T> K, Rows<const T> V, Mask<T> mask,
                                     Rows<T> O, acc_t* __restrict__ lse, Problem p, int64_t q_tiles) {
-  extern __shared__ unsigned char smem_raw[];
+  HG_DYNAMIC_SHARED(unsigned char, smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [E][kBlockQ]
   acc_t* acc = q_s + p.E * kBlockQ;                 // [Ev][kBlockQ]
   acc_t* k_s = acc + p.Ev * kBlockQ;                // [kBlockK][E]
@@ -212,7 +211,7 @@ __global__ void dkdv_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, R
                             Mask<T> mask, const acc_t* __restrict__ lse,
                             const acc_t* __restrict__ D, Rows<T> dK, Rows<T> dV, Problem p,
                             int64_t k_tiles) {
-  extern __shared__ unsigned char smem_raw[];
+  HG_DYNAMIC_SHARED(unsigned char, smem_raw);
   acc_t* k_s = reinterpret_cast<acc_t*>(smem_raw);  // [E][kBlockKV]
   acc_t* v_s = k_s + p.E * kBlockKV;                // [Ev][kBlockKV]
   acc_t* dk = v_s + p.Ev * kBlockKV;                // [E][kBlockKV]
@@ -269,7 +268,7 @@ template <typename T, typename acc_t>
 __global__ void dq_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, Rows<const T> dO,
                           Mask<T> mask, const acc_t* __restrict__ lse, const acc_t* __restrict__ D,
                           Rows<T> dQ, Problem p, int64_t q_tiles) {
-  extern __shared__ unsigned char smem_raw[];
+  HG_DYNAMIC_SHARED(unsigned char, smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [E][kBlockQ]
   acc_t* do_s = q_s + p.E * kBlockQ;                // [Ev][kBlockQ]
   acc_t* dq = do_s + p.Ev * kBlockQ;                // [E][kBlockQ]
@@ -308,20 +307,6 @@ __global__ void dq_kernel(Rows<const T> Q, Rows<const T> K, Rows<const T> V, Row
   for (int64_t e = 0; e < p.E; ++e) r[e] = static_cast<T>(dq[e * kBlockQ + t]);
 }
 
-// Dynamic shared memory above 48 KiB needs an opt-in per kernel.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes, const char* what) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= static_cast<size_t>(limit), what, ": head sizes too large for the CUDA "
-              "kernel's shared-memory tiles (needs ", bytes, " bytes, the device has ", limit, ")");
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
-}
-
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& mask, at::Tensor& out, at::Tensor& lse, const Problem& p) {
   const c10::cuda::CUDAGuard guard(q.device());
@@ -331,14 +316,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                                   "handgrad::scaled_dot_product_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = sizeof(acc_t) * ((p.E + p.Ev) * kBlockQ + kBlockK * (p.E + p.Ev));
-    auto kernel = forward_kernel_impl<scalar_t, acc_t>;
-    allow_smem(kernel, smem, "handgrad::scaled_dot_product_attention");
-    kernel<<<static_cast<unsigned>(p.batch * p.heads_q * q_tiles), kBlockQ, smem, stream>>>(
+    cuda::launch<forward_kernel_impl<scalar_t, acc_t>>(
+        p.batch * p.heads_q * q_tiles, kBlockQ, smem, stream,
         Rows<const scalar_t>{static_cast<const scalar_t*>(q.data_ptr()), q.stride(0), q.stride(1), q.stride(2)},
         Rows<const scalar_t>{static_cast<const scalar_t*>(k.data_ptr()), k.stride(0), k.stride(1), k.stride(2)},
         Rows<const scalar_t>{static_cast<const scalar_t*>(v.data_ptr()), v.stride(0), v.stride(1), v.stride(2)},
         mask_of<scalar_t>(mask), rows_of<scalar_t>(out), lse.data_ptr<acc_t>(), p, q_tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -363,26 +346,20 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor
     const auto V = const_rows<scalar_t>(v), dO = const_rows<scalar_t>(go);
     const auto m = mask_of<scalar_t>(mask);
     const int64_t rows = p.batch * p.heads_q * p.L;
-    rowdot_kernel<scalar_t, acc_t><<<static_cast<unsigned>(std::min<int64_t>((rows + 255) / 256, 65535)),
-                                     256, 0, stream>>>(dO, const_rows<scalar_t>(out),
-                                                       D.data_ptr<acc_t>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<rowdot_kernel<scalar_t, acc_t>>(std::min<int64_t>((rows + 255) / 256, 65535),
+                                                 256, 0, stream, dO, const_rows<scalar_t>(out),
+                                                 D.data_ptr<acc_t>(), p);
 
     const size_t smem_kv = sizeof(acc_t) * (2 * (p.E + p.Ev) * kBlockKV + kBlockQB * (p.E + p.Ev));
-    auto kv_kernel = dkdv_kernel<scalar_t, acc_t>;
-    allow_smem(kv_kernel, smem_kv, "handgrad::scaled_dot_product_attention_backward");
-    kv_kernel<<<static_cast<unsigned>(p.batch * p.heads_kv * k_tiles), kBlockKV, smem_kv, stream>>>(
-        Q, K, V, dO, m, lse.data_ptr<acc_t>(), D.data_ptr<acc_t>(), rows_of<scalar_t>(gk),
-        rows_of<scalar_t>(gv), p, k_tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<dkdv_kernel<scalar_t, acc_t>>(
+        p.batch * p.heads_kv * k_tiles, kBlockKV, smem_kv, stream, Q, K, V, dO, m,
+        lse.data_ptr<acc_t>(), D.data_ptr<acc_t>(), rows_of<scalar_t>(gk), rows_of<scalar_t>(gv),
+        p, k_tiles);
 
     const size_t smem_q = sizeof(acc_t) * ((2 * p.E + p.Ev) * kBlockQ + kBlockK * (p.E + p.Ev));
-    auto q_kernel = dq_kernel<scalar_t, acc_t>;
-    allow_smem(q_kernel, smem_q, "handgrad::scaled_dot_product_attention_backward");
-    q_kernel<<<static_cast<unsigned>(p.batch * p.heads_q * q_tiles), kBlockQ, smem_q, stream>>>(
-        Q, K, V, dO, m, lse.data_ptr<acc_t>(), D.data_ptr<acc_t>(), rows_of<scalar_t>(gq), p,
-        q_tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<dq_kernel<scalar_t, acc_t>>(
+        p.batch * p.heads_q * q_tiles, kBlockQ, smem_q, stream, Q, K, V, dO, m,
+        lse.data_ptr<acc_t>(), D.data_ptr<acc_t>(), rows_of<scalar_t>(gq), p, q_tiles);
   });
 }
 

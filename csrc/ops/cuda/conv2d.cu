@@ -27,10 +27,11 @@
 // over CUDA run them against native on a GPU machine (make gpu-check).
 #include "ops/conv2d.h"
 
+#include "common/cuda_launch.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -229,13 +230,8 @@ void launch(const Problem& p, int64_t grid_z, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t tiles_n = (p.N + kTileN - 1) / kTileN;
   const int64_t tiles_m = (p.M + kTileM - 1) / kTileM;
-  TORCH_CHECK(tiles_n < (int64_t(1) << 31) && tiles_m <= 65535 && grid_z <= 65535,
-              "handgrad::conv2d: the problem is too large for one CUDA launch (", tiles_n, " x ",
-              tiles_m, " x ", grid_z, " blocks)");
-  const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m),
-                  static_cast<unsigned>(grid_z));
-  implicit_gemm<Acc, Problem><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch<implicit_gemm<Acc, Problem>>(cuda::Dims(tiles_n, tiles_m, grid_z), kThreads, 0,
+                                            stream, p);
 }
 
 template <typename T, typename Acc>
@@ -345,10 +341,10 @@ void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                        splits,
                                        split_len};
     launch<Acc>(p, g.groups * splits, stream);
-    sum_splits<scalar_t, Acc><<<blocks_for(weights), kThreads, 0, stream>>>(
-        partial.const_data_ptr<Acc>(), grad_weight.mutable_data_ptr<scalar_t>(), splits,
-        weights);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<sum_splits<scalar_t, Acc>>(blocks_for(weights), kThreads, 0, stream,
+                                            partial.const_data_ptr<Acc>(),
+                                            grad_weight.mutable_data_ptr<scalar_t>(), splits,
+                                            weights);
   });
 }
 
@@ -356,14 +352,13 @@ void grad_bias_kernel(const at::Tensor& grad_output, at::Tensor& grad_bias) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t channels = grad_output.size(1);
-  TORCH_CHECK(channels <= 65535 * 32768, "handgrad::conv2d_grad_bias: too many channels");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_bias", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    channel_sums<scalar_t, Acc><<<static_cast<unsigned>(channels), kThreads, 0, stream>>>(
-        grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output), grad_output.size(0),
-        grad_output.size(2), grad_output.size(3), grad_bias.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<channel_sums<scalar_t, Acc>>(
+        channels, kThreads, 0, stream, grad_output.const_data_ptr<scalar_t>(),
+        strides_of(grad_output), grad_output.size(0), grad_output.size(2), grad_output.size(3),
+        grad_bias.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -22,10 +22,11 @@
 // Speed: not measured: no GPU here.
 #include "ops/cross_entropy.h"
 
+#include "common/cuda_launch.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
@@ -360,9 +361,8 @@ template <typename T>
 at::Tensor class_weight_sum(const at::Tensor& weight, const Params& p, cudaStream_t stream) {
   if (!p.has_weight || p.smoothing <= 0) return at::Tensor();
   at::Tensor out = at::empty({1}, weight.options().dtype(at::kDouble));
-  weight_sum_kernel<T><<<1, kThreads, 0, stream>>>(weight.const_data_ptr<T>(), nullptr,
-                                                    p.classes, p, out.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch<weight_sum_kernel<T>>(1, kThreads, 0, stream, weight.const_data_ptr<T>(), nullptr,
+                                     p.classes, p, out.mutable_data_ptr<double>());
   return out;
 }
 
@@ -376,13 +376,12 @@ void launch_forward(const at::Tensor& input, const at::Tensor& target, const at:
                     at::opmath_type<T>* row_loss, double* row_w, at::Tensor& lse,
                     cudaStream_t stream) {
   const int per_block = kThreads / G;
-  forward_rows_kernel<T, G><<<grid_for(rows, per_block), kThreads, 0, stream>>>(
-      input.const_data_ptr<T>(), p.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
+  cuda::launch<forward_rows_kernel<T, G>>(
+      grid_for(rows, per_block), kThreads, 0, stream, input.const_data_ptr<T>(), p.prob_target ? nullptr : target.const_data_ptr<int64_t>(),
       p.prob_target ? target.const_data_ptr<T>() : nullptr,
       p.has_weight ? weight.const_data_ptr<T>() : nullptr, ptr_or_null(w_sum), p, rows,
       p.inner == 1 && p.classes % Pack<T>::kSize == 0 && aligned16(input.const_data_ptr()),
       loss_rows, row_loss, row_w, lse.mutable_data_ptr<at::opmath_type<T>>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
@@ -416,9 +415,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at:
       }
     }
     if (p.reduction != kNone) {
-      finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(rl, rw, rows, p,
-                                                           loss.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch<finish_kernel<scalar_t>>(1, kThreads, 0, stream, rl, rw, rows, p,
+                                            loss.mutable_data_ptr<scalar_t>());
     }
   });
 }
@@ -438,15 +436,15 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
     at::Tensor divisor, mass;
     if (p.reduction == kMean && !p.prob_target) {
       divisor = at::empty({1}, input.options().dtype(at::kDouble));
-      weight_sum_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-          w, target.const_data_ptr<int64_t>(), rows, p, divisor.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch<weight_sum_kernel<scalar_t>>(1, kThreads, 0, stream, w,
+                                                target.const_data_ptr<int64_t>(), rows, p,
+                                                divisor.mutable_data_ptr<double>());
     }
     if (p.prob_target) {
       mass = at::empty({rows}, input.options().dtype(c10::CppTypeToScalarType<A>::value));
-      target_mass_kernel<scalar_t><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(
-          target.const_data_ptr<scalar_t>(), w, p, rows, mass.mutable_data_ptr<A>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch<target_mass_kernel<scalar_t>>(grid_for(rows, kThreads), kThreads, 0, stream,
+                                                 target.const_data_ptr<scalar_t>(), w, p, rows,
+                                                 mass.mutable_data_ptr<A>());
     }
     const BackwardArgs<scalar_t> args{
         grad_loss.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
@@ -457,10 +455,9 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
     constexpr int V = Pack<scalar_t>::kSize;
     const bool packed =
         total % V == 0 && aligned16(args.x) && aligned16(grad_input.const_data_ptr());
-    backward_kernel_impl<scalar_t><<<grid_for(packed ? total / V : total, kThreads), kThreads, 0,
-                                     stream>>>(args, p, total, packed,
-                                               grad_input.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<backward_kernel_impl<scalar_t>>(grid_for(packed ? total / V : total, kThreads),
+                                                 kThreads, 0, stream, args, p, total, packed,
+                                                 grad_input.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -473,11 +470,10 @@ void target_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::cross_entropy_target_backward", [&] {
     using A = at::opmath_type<scalar_t>;
-    target_backward_kernel_impl<scalar_t><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-        grad_loss.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-        p.has_weight ? weight.const_data_ptr<scalar_t>() : nullptr, lse.const_data_ptr<A>(), p,
-        total, grad_target.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<target_backward_kernel_impl<scalar_t>>(
+        grid_for(total, kThreads), kThreads, 0, stream, grad_loss.const_data_ptr<scalar_t>(),
+        input.const_data_ptr<scalar_t>(), p.has_weight ? weight.const_data_ptr<scalar_t>() : nullptr,
+        lse.const_data_ptr<A>(), p, total, grad_target.mutable_data_ptr<scalar_t>());
   });
 }
 

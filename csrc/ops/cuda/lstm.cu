@@ -17,9 +17,10 @@
 // Speed: not measured: no GPU here.
 #include "ops/lstm.h"
 
+#include "common/cuda_launch.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -91,11 +92,10 @@ void forward_cuda_kernel(at::Tensor& gates, const at::Tensor& b_ih, const at::Te
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(),
                                   "handgrad::lstm forward (CUDA)", [&] {
-    forward_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        gates.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b_ih), ptr_or_null<scalar_t>(b_hh),
-        c_prev.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(), h_new.data_ptr<scalar_t>(), B,
-        H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<forward_kernel<scalar_t>>(
+        blocks_for(B * H), kThreads, 0, stream, gates.data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(b_ih), ptr_or_null<scalar_t>(b_hh), c_prev.data_ptr<scalar_t>(),
+        c_new.data_ptr<scalar_t>(), h_new.data_ptr<scalar_t>(), B, H);
   });
 }
 
@@ -107,11 +107,11 @@ void backward_cuda_kernel(const at::Tensor& dh_a, const at::Tensor& dh_b, const 
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(),
                                   "handgrad::lstm backward (CUDA)", [&] {
-    backward_kernel<scalar_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        ptr_or_null<scalar_t>(dh_a), ptr_or_null<scalar_t>(dh_b), ptr_or_null<scalar_t>(dc),
-        gates.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(),
-        dgates.data_ptr<scalar_t>(), dc_prev.data_ptr<scalar_t>(), B, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<backward_kernel<scalar_t>>(
+        blocks_for(B * H), kThreads, 0, stream, ptr_or_null<scalar_t>(dh_a),
+        ptr_or_null<scalar_t>(dh_b), ptr_or_null<scalar_t>(dc), gates.data_ptr<scalar_t>(),
+        c_prev.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(), dgates.data_ptr<scalar_t>(),
+        dc_prev.data_ptr<scalar_t>(), B, H);
   });
 }
 
@@ -121,9 +121,9 @@ void column_sum_cuda_kernel(const at::Tensor& m, at::Tensor& out) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(),
                                   "handgrad::lstm column_sum (CUDA)", [&] {
-    column_sum_kernel<scalar_t><<<blocks_for(C), kThreads, 0, stream>>>(
-        m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), R, C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<column_sum_kernel<scalar_t>>(blocks_for(C), kThreads, 0, stream,
+                                              m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                              R, C);
   });
 }
 

@@ -12,9 +12,10 @@
 // plane match no input element and are ignored (the CPU kernel rejects them).
 #include "ops/max_pool2d.h"
 
+#include "common/cuda_launch.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -116,10 +117,9 @@ void forward_kernel(const at::Tensor& input, at::Tensor& output, at::Tensor& ind
   const int64_t total = output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::max_pool2d", [&] {
-    forward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-        indices.mutable_data_ptr<int64_t>(), g, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<forward_kernel_impl<scalar_t>>(
+        blocks_for(total), kThreads, 0, stream, input.const_data_ptr<scalar_t>(),
+        output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), g, total);
   });
 }
 
@@ -130,10 +130,9 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& indices,
   const int64_t total = grad_input.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::max_pool2d_backward", [&] {
-    backward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
-        grad_input.mutable_data_ptr<scalar_t>(), g, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch<backward_kernel_impl<scalar_t>>(
+        blocks_for(total), kThreads, 0, stream, grad_output.const_data_ptr<scalar_t>(),
+        indices.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr<scalar_t>(), g, total);
   });
 }
 

@@ -1,0 +1,16 @@
+// Test kernels for the CUDA emulator itself (see self_test.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace handgrad {
+namespace cuda_emulation {
+
+// Runs the named test kernel with integer arguments; returns what it wrote,
+// or raises the error the emulator reported.
+std::vector<double> run_self_test(const std::string& name, const std::vector<int64_t>& args);
+
+}  // namespace cuda_emulation
+}  // namespace handgrad
