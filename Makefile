@@ -40,7 +40,7 @@ $(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	PIP_FIND_LINKS= $(PY) -m pip install torch torchvision
-	$(PY) -m pip install ninja setuptools wheel pytest expecttest numpy tqdm matplotlib
+	$(PY) -m pip install ninja setuptools wheel pytest expecttest hypothesis numpy tqdm matplotlib
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| torchvision', torchvision.__version__)"
 	touch $@
 
