@@ -12,10 +12,16 @@
 
 namespace handgrad {
 
-// The dtype must be a floating type the kernel was compiled for.
+// The dtype must be one the kernels are compiled for: float32, float64,
+// float16 or bfloat16 (float8 and other floating types are named as
+// unsupported here rather than failing inside a dispatch macro).
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": expected ", arg,
-                   " to be a floating-point tensor, but got ", t.scalar_type());
+  const at::ScalarType type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                       type == at::kBFloat16,
+                   op, ": expected ", arg,
+                   " to be float32, float64, float16 or bfloat16 (the dtypes handgrad's kernels "
+                   "support), but got ", type);
 }
 
 inline void check_dim_in(const at::Tensor& t, std::initializer_list<int64_t> allowed,
