@@ -13,6 +13,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from ._args import pair
+from ._autograd import OPS, call, register_autograd
 
 __all__ = ["conv2d"]
 
@@ -89,7 +90,7 @@ def _backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     grad_input = grad_weight = grad_bias = None
     if grad_output is not None:
-        ops = torch.ops.handgrad
+        ops = OPS
         if ctx.needs_input_grad[0]:
             grad_input = ops.conv2d_grad_input(grad_output, weight, ctx.input_size, *ctx.window)
         if ctx.needs_input_grad[1]:
@@ -99,7 +100,22 @@ def _backward(ctx, grad_output):
     return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-torch.library.register_autograd("handgrad::conv2d", _backward, setup_context=_setup_context)
+# Forward mode: conv2d is bilinear in (input, weight) and linear in bias:
+#   d(conv2d(x, W, b)) = conv2d(dx, W) + conv2d(x, dW) + db.
+def _jvp(ctx, inputs, t_input, t_weight, t_bias, *_):
+    input, weight, bias, *window = inputs
+    return _sum_terms(
+        OPS.conv2d(t_input, weight, None, *window) if t_input is not None else None,
+        OPS.conv2d(input, t_weight, None, *window) if t_weight is not None else None,
+        t_bias.reshape(-1, 1, 1) if t_bias is not None else None)
+
+
+def _sum_terms(*terms):
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+register_autograd("handgrad::conv2d", _backward, _setup_context, _jvp)
 
 
 # Double backward. Each backward op is linear in each argument, and its
@@ -116,7 +132,7 @@ def _setup_grad_input_context(ctx, inputs, output):
 
 def _grad_input_backward(ctx, ggi):
     grad_output, weight = ctx.saved_tensors
-    ops = torch.ops.handgrad
+    ops = OPS
     d_go = ops.conv2d(ggi, weight, None, *ctx.window) if ctx.needs_input_grad[0] else None
     d_w = (ops.conv2d_grad_weight(grad_output, ggi, ctx.weight_size, *ctx.window)
            if ctx.needs_input_grad[1] else None)
@@ -132,7 +148,7 @@ def _setup_grad_weight_context(ctx, inputs, output):
 
 def _grad_weight_backward(ctx, ggw):
     grad_output, input = ctx.saved_tensors
-    ops = torch.ops.handgrad
+    ops = OPS
     d_go = ops.conv2d(input, ggw, None, *ctx.window) if ctx.needs_input_grad[0] else None
     d_x = (ops.conv2d_grad_input(grad_output, ggw, ctx.input_size, *ctx.window)
            if ctx.needs_input_grad[1] else None)
@@ -148,12 +164,33 @@ def _grad_bias_backward(ctx, ggb):
     return ggb.reshape(ggb.shape[0], 1, 1).expand(shape)
 
 
-torch.library.register_autograd("handgrad::conv2d_grad_input", _grad_input_backward,
-                                setup_context=_setup_grad_input_context)
-torch.library.register_autograd("handgrad::conv2d_grad_weight", _grad_weight_backward,
-                                setup_context=_setup_grad_weight_context)
-torch.library.register_autograd("handgrad::conv2d_grad_bias", _grad_bias_backward,
-                                setup_context=_setup_grad_bias_context)
+# Forward mode of the backward ops (for forward-over-reverse, e.g. Hessian-
+# vector products): each is bilinear, so its tangent is the op applied to
+# one tangent at a time.
+def _grad_input_jvp(ctx, inputs, t_go, t_w, *_):
+    grad_output, weight, input_size, *window = inputs
+    return _sum_terms(
+        OPS.conv2d_grad_input(t_go, weight, input_size, *window) if t_go is not None else None,
+        OPS.conv2d_grad_input(grad_output, t_w, input_size, *window) if t_w is not None else None)
+
+
+def _grad_weight_jvp(ctx, inputs, t_go, t_x, *_):
+    grad_output, input, weight_size, *window = inputs
+    return _sum_terms(
+        OPS.conv2d_grad_weight(t_go, input, weight_size, *window) if t_go is not None else None,
+        OPS.conv2d_grad_weight(grad_output, t_x, weight_size, *window) if t_x is not None else None)
+
+
+def _grad_bias_jvp(ctx, inputs, t_go):
+    return OPS.conv2d_grad_bias(t_go) if t_go is not None else None
+
+
+register_autograd("handgrad::conv2d_grad_input", _grad_input_backward, _setup_grad_input_context,
+                  _grad_input_jvp)
+register_autograd("handgrad::conv2d_grad_weight", _grad_weight_backward,
+                  _setup_grad_weight_context, _grad_weight_jvp)
+register_autograd("handgrad::conv2d_grad_bias", _grad_bias_backward, _setup_grad_bias_context,
+                  _grad_bias_jvp)
 
 
 def _resolve_padding(padding, weight, stride, dilation):
@@ -191,4 +228,4 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     stride = pair(stride, "stride")
     dilation = pair(dilation, "dilation")
     pads = _resolve_padding(padding, weight, stride, dilation)
-    return torch.ops.handgrad.conv2d(input, weight, bias, stride, pads, dilation, int(groups))
+    return call("handgrad::conv2d", input, weight, bias, stride, pads, dilation, int(groups))

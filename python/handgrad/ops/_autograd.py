@@ -1,0 +1,166 @@
+"""Autograd for handgrad's operators: reverse mode, forward mode, functorch.
+
+``torch.library.register_autograd`` installs an autograd kernel built around
+a backward formula only: forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+``torch.autograd.forward_ad``) then silently sees a zero or missing tangent.
+``register_autograd`` here installs the same kind of kernel -- an
+``autograd.Function`` in the setup_context style, registered on the op's
+Autograd dispatch key, whose forward redispatches below autograd to the
+CPU/CUDA kernel -- with the op's ``jvp`` formula beside its backward, so
+reverse mode, forward mode and the functorch transforms (grad, vjp, jacrev,
+jacfwd, jvp) all use handgrad's own kernels, and opcheck and torch.compile
+see an ordinary autograd registration.
+
+An op registered without a jvp raises a clear error under forward-mode AD
+instead of producing a zero tangent.
+"""
+
+import torch
+
+__all__ = ["register_autograd", "call", "OPS", "NO_JVP"]
+
+_LIBRARY = torch.library.Library("handgrad", "IMPL")
+_TENSOR = object()  # marks where a tensor argument goes back in for jvp
+_TRANSFORMABLE = {}  # qualname -> the formulas as a functorch-compatible Function
+
+
+def NO_JVP(reason):
+    """A jvp that refuses forward-mode AD with `reason` (instead of a wrong tangent)."""
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(reason)
+    return jvp
+
+
+def register_autograd(qualname, backward, setup_context, jvp):
+    """Registers reverse- and forward-mode AD for the op `qualname`.
+
+    backward(ctx, *grad_outputs) -> one gradient (or None) per op argument
+    setup_context(ctx, inputs, output): saves what backward needs
+    jvp(ctx, inputs, *input_tangents) -> one tangent (or None) per output;
+        `inputs` are the op's arguments (tensors are the primal values) and a
+        tangent is None for an argument without one.
+    """
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    below_autograd = torch._C._after_autograd_keyset
+
+    # The dispatcher drops trailing arguments equal to their defaults; the
+    # formulas always see every argument.
+    def all_arguments(args):
+        filled, _ = torch._library.utils.fill_defaults(op._schema, args, {})
+        return tuple(filled)
+
+    class Formula(torch.autograd.Function):
+        # The dispatch key set travels as the last input, so that argument i
+        # of the op stays input i of the Function (needs_input_grad lines up).
+        @staticmethod
+        def forward(*inputs):
+            *args, keyset = inputs
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & below_autograd, *args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            args = all_arguments(inputs[:-1])
+            setup_context(ctx, args, output)
+            ctx.jvp_arguments = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
+            # Tensors for jvp are kept only while forward-mode AD needs them.
+            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)])
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            needs = ctx.needs_input_grad
+            try:
+                ctx.needs_input_grad = needs[:-1]
+                grads = backward(ctx, *grad_outputs)
+            finally:
+                ctx.needs_input_grad = needs
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            return (*grads, *([None] * (len(needs) - len(grads))))
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            primals = iter(ctx.saved_tensors)
+            args = [next(primals) if a is _TENSOR else a for a in ctx.jvp_arguments]
+            return jvp(ctx, args, *tangents[:len(args)])
+
+    Formula.__name__ = Formula.__qualname__ = "handgrad_%s_autograd" % name
+
+    # The same formulas for the torch.func transforms, applied above the
+    # dispatcher by call() (an autograd.Function cannot run under functorch
+    # from inside a dispatcher kernel). Batching comes from the op's vmap
+    # rule, through generate_vmap_rule.
+    class Transformable(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*wrapped):
+            return op(*_unwrap(wrapped))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            Formula.setup_context(ctx, (*_unwrap(inputs), None), output)
+
+        @staticmethod
+        def backward(ctx, *grad_outputs):
+            return backward(ctx, *grad_outputs)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            return Formula.jvp(ctx, *tangents)
+
+    Transformable.__name__ = Transformable.__qualname__ = "handgrad_%s_transformable" % name
+    _TRANSFORMABLE[qualname] = (op, Transformable)
+
+    # Called from inside the dispatcher (the op's Autograd kernel), below any
+    # functorch layer: the plain Function apply, not the functorch-aware
+    # one (which would re-enter the transforms through a higher-order op).
+    apply = super(torch.autograd.Function, Formula).apply
+
+    def autograd_kernel(keyset, *args):
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "%s was called through torch.ops under a torch.func transform; handgrad's "
+                "formulas reach the transforms through handgrad.ops (or "
+                "handgrad.ops._autograd.OPS.%s), not the raw operator" % (qualname, name))
+        return apply(*args, keyset)
+
+    _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+class _Static:
+    """A non-tensor argument, kept whole: the transforms flatten their inputs
+    as pytrees, and a stride list must stay one input, not several."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _unwrap(args):
+    return tuple(a.value if isinstance(a, _Static) else a for a in args)
+
+
+def call(qualname, *args):
+    """Calls the op; under a torch.func transform (grad, vjp, jacrev, jacfwd,
+    jvp, vmap), through its formulas as a functorch-compatible Function."""
+    op, transformable = _TRANSFORMABLE[qualname]
+    if torch._C._are_functorch_transforms_active():
+        return transformable.apply(*(a if isinstance(a, torch.Tensor) else _Static(a)
+                                     for a in args))
+    return op(*args)
+
+
+class _Ops:
+    """torch.ops.handgrad through call(): what formulas use to call ops, so
+    that a backward or jvp formula also works under torch.func transforms."""
+
+    def __getattr__(self, name):
+        qualname = "handgrad::" + name
+        if qualname not in _TRANSFORMABLE:
+            return getattr(torch.ops.handgrad, name)
+        return lambda *args: call(qualname, *args)
+
+
+OPS = _Ops()
