@@ -4,6 +4,8 @@ see handgrad.cuda_emulation) and, where a GPU is usable, on CUDA. Without a
 GPU the CUDA cases are skipped with the reason shown by `pytest -ra`."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +76,64 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------- CUDA emulation coverage
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+
+
+def cuda_kernels():
+    """{(op, kernel)} for every __global__ function of the op .cu files."""
+    found = set()
+    for path in CUDA_DIR.glob("*.cu"):
+        pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
+        found |= {(path.stem, name) for name in re.findall(pattern, path.read_text())}
+    return found
+
+
+def kernels_run():
+    """{(op, kernel)} the emulator launched in this process, with the totals."""
+    stats = cuda_emulation.launch_statistics() if cuda_emulation.available() else {}
+    ran = set()
+    for name in stats:
+        parts = name.split("<", 1)[0].split("::")
+        if len(parts) >= 3 and parts[0] == "handgrad":
+            ran.add((parts[1], parts[-1]))
+    launches = sum(v[0] for v in stats.values())
+    threads = sum(v[2] for v in stats.values())
+    return ran, launches, threads
+
+
+def _ran_every_op_test(session):
+    """Whether this run included every op's whole test file (no -k / -m)."""
+    option = session.config.option
+    if getattr(option, "keyword", "") or getattr(option, "markexpr", ""):
+        return False
+    files = {Path(str(item.fspath)).name for item in session.items}
+    return all("test_%s.py" % path.stem in files for path in CUDA_DIR.glob("*.cu"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ran, launches, threads = kernels_run()
+    if not launches:
+        return
+    missing = sorted(cuda_kernels() - ran)
+    session.config._hg_emulation = (len(cuda_kernels()) - len(missing), len(cuda_kernels()),
+                                    launches, threads, missing)
+    # CI: every CUDA kernel must have run through the emulator.
+    if (missing and os.environ.get("HANDGRAD_EXPECT_EMULATION") == "1"
+            and _ran_every_op_test(session) and exitstatus == 0):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    report = getattr(config, "_hg_emulation", None)
+    if report is None:
+        return
+    covered, total, launches, threads, missing = report
+    terminalreporter.write_sep("-", "CUDA emulation")
+    terminalreporter.write_line("%d of %d CUDA kernels ran on the emulator (%d launches, %d "
+                                "emulated threads)" % (covered, total, launches, threads))
+    if missing:
+        terminalreporter.write_line("not run: " + ", ".join("%s.cu:%s" % m for m in missing))
