@@ -28,6 +28,7 @@
 #include "ops/conv2d.h"
 
 #include "common/cuda_launch.cuh"
+#include "ops/cuda/conv2d_tensor_core.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -273,6 +274,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
                     at::Tensor& output, const Geometry& g) {
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_core::try_forward(input, weight, bias, output, g, stream)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::conv2d", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -294,6 +296,7 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Geometry& g) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (tensor_core::try_grad_input(grad_output, weight, grad_input, g, stream)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_input", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -324,6 +327,23 @@ void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, kMaxPartials / weights,
                                                   65535 / g.groups}));
   const int64_t split_len = (reduction + splits - 1) / splits;
+  if (tensor_core::weight_applicable(input.scalar_type(), g)) {
+    // Tensor cores: partial sums in (co, kh, kw, ci) order, added here in a
+    // fixed order, then laid out as (co, ci, kh, kw).
+    at::Tensor partial = at::empty({splits * weights}, input.options().dtype(at::kFloat));
+    tensor_core::weight_partials(grad_output, input, partial, g, splits, split_len, stream);
+    at::Tensor krsc = at::empty({g.out_channels, g.h.kernel, g.w.kernel, g.in_per_group()},
+                                grad_weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "handgrad::conv2d_grad_weight", [&] {
+      cuda::launch<sum_splits<scalar_t, float>>(blocks_for(weights), kThreads, 0, stream,
+                                                partial.const_data_ptr<float>(),
+                                                krsc.mutable_data_ptr<scalar_t>(), splits,
+                                                weights);
+    });
+    grad_weight.copy_(krsc.permute({0, 3, 1, 2}));
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::conv2d_grad_weight", [&] {
     using Acc = at::opmath_type<scalar_t>;
