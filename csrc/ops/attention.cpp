@@ -268,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (want_mask_grad) {
     a.grad_mask = at::zeros({p.batch, p.heads_q, p.L, p.S}, lse.options());
   }
-  if (p.batch * p.heads_q * p.L > 0 && p.S > 0) {
+  // Nothing reaches the inputs through an empty output (Ev = 0) unless the
+  // weights carry a gradient: all zeros then, as native (no 0 * NaN).
+  if (p.batch * p.heads_q * p.L > 0 && p.S > 0 && (p.Ev > 0 || has_weights)) {
     a.grad_out = as_4d(grad_out, out_shape, p.batch);
     a.q = as_4d(q, c.q_shape, p.batch);
     a.k = as_4d(k, c.k_shape, p.batch);

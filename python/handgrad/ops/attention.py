@@ -81,9 +81,8 @@ def _setup_context(ctx, inputs, output):
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, need_weights = (
         tuple(inputs) + (None, 0.0, False, None, False, False)[len(inputs) - 3:])
     out, lse, rng_state, weights = output
-    ctx.mark_non_differentiable(lse, rng_state)
-    if not need_weights:
-        ctx.mark_non_differentiable(weights)
+    # (one call: a second one would replace the first's set)
+    ctx.mark_non_differentiable(lse, rng_state, *(() if need_weights else (weights,)))
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, rng_state,
                           weights if need_weights else None)
