@@ -6,12 +6,21 @@
 // query rows, keeping per row the running maximum m and sum l of the online
 // softmax; earlier partial results are rescaled by e^(m_old - m_new). No
 // L x S matrix exists: each thread holds one kBlockQ x kBlockK score tile.
+// Special scores follow torch (attention.h): a NaN or +inf score makes its
+// row NaN -- the running maximum keeps a NaN, lse is NaN -- so the NaN
+// reaches every gradient the row touches, all of dV included.
 // Saved for backward: O and one log-sum-exp per query row (lse = m + log l;
 // +inf for a row that sees no key, whose output and gradients are 0, as in
-// torch's CPU implementation).
-// Gradient: with P recomputed per tile as e^(S - lse):
-//   dV = (P o Z)^T dO,  dP = (dO V^T) o Z,  D = rowsum(dO o O) (= rowsum(P o dP)),
-//   dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q.
+// torch's CPU implementation). need_weights adds the weights W = P o Z as an
+// output (L x S per head, as native's), recomputed tile by tile once a row's
+// lse is known.
+// Gradient: with P recomputed per tile as e^(S - lse) and dW the incoming
+// gradient of the weights output (out = W V, so W receives dO V^T + dW):
+//   dV = (P o Z)^T dO,  dP = (dO V^T + dW) o Z,
+//   D = rowsum(dO o O) + rowsum(W o dW) (= rowsum(P o dP)),
+//   dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q,  dMask = dS
+// (the tile's dS is copied out when a float mask needs its gradient; the
+// driver sums it over the mask's broadcast dimensions).
 // The dropout keep pattern is regenerated from (seed, offset, head, row,
 // column) with Philox (attention.h), never stored; the CPU runs 8 Philox
 // counters at once in AVX2 lanes (bit for bit the scalar stream CUDA uses;
@@ -24,7 +33,12 @@
 // its head and dQ of the query heads of its group (grouped-query attention:
 // the group's query heads are summed in a fixed order) -- and otherwise in
 // two passes, dK/dV over (batch, kv head, key tile) and dQ over
-// (batch*head, query tile), which recomputes the score tiles once more.
+// (batch*head, query tile), which recomputes the score tiles once more (a
+// pass whose gradients nobody asked for is skipped). Both schemes add the
+// tiles of each gradient element in the same order, so results do not
+// depend on the thread count; neither does BLAS, which runs each tile
+// product on the calling thread (MKL's thread-local count is set to 1) on
+// 64-byte aligned scratch.
 // The tile products are plain matrix products. float32 ones run the AVX-512
 // product of common/cpu_gemm.h (cpu_gemm::matmul_tile: both operands packed
 // into per-thread scratch, the scale folded into the packing) when the CPU
@@ -33,10 +47,12 @@
 // ours. Elsewhere, and for float64, they are BLAS calls (the sgemm_/dgemm_
 // that libtorch_cpu exports, on raw pointers into per-thread scratch;
 // at::native::cpublas::gemm itself is not exported; a plain loop stands in if
-// a build of torch exports no BLAS). The softmax, masking, dropout and
-// reductions are the loops below, the exponential is the AVX2 one of
-// common/cpu_simd.h. float16/bfloat16 are computed in float32 and rounded at
-// the end.
+// a build of torch exports no BLAS, or for sizes BLAS's int arguments cannot
+// carry). Rows whose stride is not a legal leading dimension (stride 0 of a
+// sequence broadcast by expand) are copied dense first. The softmax,
+// masking, dropout and reductions are the loops below, the exponential is
+// the AVX2 one of common/cpu_simd.h. float16/bfloat16 are computed in
+// float32 and rounded at the end.
 //
 // Speed against native (float32, forward+backward, native / handgrad,
 // `python benchmarks/bench_attention.py --threads 1 --reps 10`, AMD EPYC Zen 5,
@@ -45,9 +61,14 @@
 // the tiles (before the AVX-512 product) these were 0.99x, 0.99x, 1.15x and
 // 1.27x at 2 threads; now, at 2 threads on the quiet machine (`python
 // benchmarks/run.py --threads 2 --reps 15 --max-seconds 6 --modes fwdbwd`),
-// 1.79x, 1.72x, 1.98x and 1.75x. Peak memory of forward+backward at batch 1, 8 heads,
+// 1.79x, 1.72x, 1.98x and 1.75x. After the NaN rules, mask gradient and
+// weights output (`python benchmarks/run.py --only attention --threads 2
+// --reps 10`, AMD EPYC, load average ~11 on 2 cores, so +-20% noise), before
+// / after: 1.00x / 1.42x, 1.08x / 1.09x, 1.34x / 1.29x, 1.66x / 2.97x; no
+// change beyond the noise. Peak memory of forward+backward at batch 1, 8 heads,
 // E 64: 8.1 / 16.1 / 32.3 MB at L = 1024 / 2048 / 4096 (linear in L; native's
-// CPU flash path: 11.0 / 21.1 / 41.1 MB).
+// CPU flash path: 11.0 / 21.1 / 41.1 MB); the per-thread scratch now comes
+// from torch's allocator, so these include it (+0.1 MB).
 #include "ops/attention.h"
 
 #include "common/cpu_gemm.h"
