@@ -113,8 +113,8 @@ Checked check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::T
   if (nd >= 3) {
     const Shape qs = padded(q, nd), ks = padded(k, nd), vs = padded(v, nd);
     for (int64_t d = 0; d < nd - 3; ++d) {
-      const int64_t size = broadcast_size(broadcast_size(qs[d], ks[d]), vs[d]);
-      TORCH_CHECK(size >= 0 && broadcast_size(qs[d], ks[d]) >= 0, op,
+      const int64_t size = broadcast_size(broadcast_size(qs[d], ks[d]), vs[d]);  // -1 stays -1
+      TORCH_CHECK(size >= 0, op,
                   ": the batch dimensions of query, key and value must be broadcastable, but "
                   "got shapes ", q.sizes(), ", ", k.sizes(), " and ", v.sizes());
       c.prefix.push_back(size);
