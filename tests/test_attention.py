@@ -492,6 +492,7 @@ def test_bad_input(device):
         backward(out, q, k, v, out, lse, None, 0.0, False, None, False, rng[:1])
 
 
+@pytest.mark.gpu  # kept by a run narrowed to the GPU (main's conftest registers the mark)
 @requires_cuda
 def test_mixed_devices_cuda():
     q, k, v = make_qkv(SHAPES[0], torch.float32)
@@ -617,6 +618,7 @@ def test_dropout_counter_crossing_a_32_bit_boundary(device):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_cuda_dropout_uses_the_cuda_generator_and_graph_capture():
     q, k, v = make_qkv(((2, 2, 33, 8), (2, 2, 70, 8), (2, 2, 70, 6), False), torch.float32,
