@@ -492,7 +492,7 @@ def test_bad_input(device):
         backward(out, q, k, v, out, lse, None, 0.0, False, None, False, rng[:1])
 
 
-@pytest.mark.gpu  # kept by a run narrowed to the GPU (main's conftest registers the mark)
+@pytest.mark.gpu  # kept when a run is narrowed to the GPU (HANDGRAD_TEST_DEVICES=cuda)
 @requires_cuda
 def test_mixed_devices_cuda():
     q, k, v = make_qkv(SHAPES[0], torch.float32)
