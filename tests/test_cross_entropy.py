@@ -1,13 +1,16 @@
 """handgrad.ops.cross_entropy against torch.nn.functional.cross_entropy."""
 
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import handgrad
-from helpers import assert_matches_native, in_layout, runs_cuda_kernels
+from handgrad import cuda_emulation
+from conftest import requires_emulation
+from helpers import assert_matches_native, forward_backward, in_layout, runs_cuda_kernels
 
 H = handgrad.ops.cross_entropy
 
@@ -321,9 +324,13 @@ BAD_INPUTS = [
     ("bad reduction", lambda: H(_x(), torch.tensor([0, 1, 2, 3]), reduction="avg"), ValueError,
      "avg is not a valid value for reduction"),
     ("integer input", lambda: H(torch.zeros(4, 5, dtype=torch.long), torch.tensor([0, 1, 2, 3])),
-     TypeError, "floating-point"),
+     TypeError, "float32, float64, float16 or bfloat16"),
     ("0-D input", lambda: H(torch.tensor(1.0), torch.tensor(0)), RuntimeError,
      "at least 1 dimension"),
+    ("unbatched input, 2 targets", lambda: H(_x((5,)), torch.tensor([1, 2])), ValueError,
+     "For 1D input, 1D target must have size 1, but got target size: 2"),
+    ("unbatched input, 2-D target", lambda: H(_x((5,)), torch.tensor([[1]])), RuntimeError,
+     r"Expected target size \[\], got \[1, 1\]"),
 ]
 
 
@@ -354,17 +361,321 @@ def test_backward_op_rejects_inconsistent_arguments():
                                                          0.0, lse)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision(device, dtype):
-    x = torch.randn(6, 50, 3, device=device, dtype=dtype)
-    t = torch.randint(0, 50, (6, 3), device=device)
-    if not runs_cuda_kernels(device):
-        # The CPU kernels are float32 / float64 only, and say so.
-        with pytest.raises(RuntimeError, match="not implemented for"):
-            H(x, t)
-        return
+# ---------------------------------------------------------------------------
+# The CUDA forward's reductions (issue 13): the reduced loss, the class-weight
+# total and the 'mean' divisor are two-stage sums over many blocks
+# (cross_entropy.cu): stage 1 runs min(ceil(count / 256), 1024) blocks, block
+# b adding the 256-term tiles b, b + B, b + 2B, ...; one block adds the
+# partial sums. Row counts at and around every boundary of that geometry:
+# one partial tile, a full tile, one more row, several blocks with a partial
+# last one, the 1024-block cap, and past it (threads with two tiles, the last
+# partial).
+REDUCE_THREADS, MAX_PARTIALS = 256, 1024
+CAP = REDUCE_THREADS * MAX_PARTIALS
+REDUCTION_ROWS = [1, 255, 256, 257, 511, 512, 513, 5 * 256 + 17, CAP - 1, CAP, CAP + 1,
+                  2 * CAP + 300]
+
+
+def expected_partials(count):
+    return min(max(1, -(-count // REDUCE_THREADS)), MAX_PARTIALS)
+
+
+def reduction_inputs(rows, kind, device):
+    # (1, 3, rows): one thread per row in the CUDA forward, cheap to emulate.
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, 3, rows, generator=gen, dtype=torch.float64)
+    w = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    if kind == "index":
+        t = torch.randint(0, 3, (1, rows), generator=gen)
+        t[..., 3::7] = -100
+    else:
+        t = torch.rand(1, 3, rows, generator=gen, dtype=torch.float64).softmax(1)
+    return x.to(device), t.to(device), w.to(device)
+
+
+@pytest.mark.parametrize("rows", REDUCTION_ROWS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_reduced_loss_is_exact_and_repeatable_at_reduction_boundaries(device, rows, kind):
+    x, t, w = reduction_inputs(rows, kind, device)
+    per_row = H(x, t, weight=w, reduction="none")
+    ref_rows = F.cross_entropy(x, t, weight=w, reduction="none")
+    torch.testing.assert_close(per_row, ref_rows, rtol=1e-13, atol=1e-13)
+    # The exact sum of the row losses the reduction adds, and its error bound:
+    # a float64 sum of n terms in any order is within (n - 1) 2^-53 sum |l|.
+    terms = per_row.flatten().tolist()
+    exact = math.fsum(terms)
+    bound = len(terms) * 2.0 ** -53 * math.fsum(abs(v) for v in terms)
+    if kind == "index":
+        divisor = math.fsum(w[v].item() if v != -100 else 0.0 for v in t.flatten().tolist())
+    else:
+        divisor = float(rows)
+    for reduction, value, tol in [("sum", exact, bound),
+                                  ("mean", exact / divisor, 3 * bound / divisor)]:
+        first = H(x, t, weight=w, reduction=reduction)
+        again = H(x, t, weight=w, reduction=reduction)
+        assert torch.equal(first, again)  # bit-identical from call to call
+        assert abs(first.item() - value) <= tol, (reduction, first.item(), value)
+        native = F.cross_entropy(x, t, weight=w, reduction=reduction)
+        torch.testing.assert_close(first, native, rtol=1e-12, atol=0)
+    # Backward's 'mean' divisor and smoothing's class-weight total are the same kind of sum.
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(H(xg, t, weight=w, label_smoothing=0.1), xg)
+    xn = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(F.cross_entropy(xn, t, weight=w, label_smoothing=0.1), xn)
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-15)
+
+
+@requires_emulation
+@pytest.mark.parametrize("rows", [257, 100_000, CAP + 1])
+def test_cuda_reductions_run_on_many_blocks(rows):
+    x, t, w = reduction_inputs(rows, "index", "cpu")
+    with cuda_emulation.emulated():
+        cuda_emulation.reset_launch_statistics()
+        x.requires_grad_()
+        H(x, t, weight=w, reduction="mean", label_smoothing=0.1).backward()
+        stats = cuda_emulation.launch_statistics()
+    stage1 = {k: v for k, v in stats.items() if "partial_sums_kernel" in k}
+    stage2 = {k: v for k, v in stats.items() if "final_sum_kernel" in k}
+
+    def blocks(term):
+        (launches, count, _), = [v for k, v in stage1.items() if term in k]
+        return launches, count
+
+    # Forward's row losses and backward's divisor over all rows; the class
+    # weights (3) in forward and backward: each on a single partial.
+    assert blocks("RowLossTerm") == (1, expected_partials(rows))
+    assert blocks("TargetWeightTerm") == (1, expected_partials(rows))
+    assert blocks("ClassWeightTerm") == (2, 2)
+    assert sum(launches for launches, _, _ in stage2.values()) == 4
+    assert all(launches == count for launches, count, _ in stage2.values())  # one block each
+    assert not [k for k in stats if "finish_kernel" in k or "weight_sum_kernel" in k]
+
+
+# ---------------------------------------------------------------------------
+# Devices (issue 16, item 7): every tensor argument must be on the input's
+# device. A meta weight or target with a CPU input dispatches to the Meta
+# (fake) kernel, which used to return an uninitialised CPU loss.
+
+def test_arguments_on_another_device_raise_like_native(device):
+    meta = torch.device("meta")
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 2], device=device)
+    cases = [(t.to(meta), None), (t, torch.ones(4, device=meta)),
+             (torch.rand(3, 4, device=meta), None), (torch.rand(3, 4, device=device),
+                                                     torch.ones(4, device=meta))]
+    for target, weight in cases:
+        with pytest.raises(RuntimeError, match="is not on the expected device"):
+            F.cross_entropy(x, target, weight=weight)  # the rule being matched
+        with pytest.raises(RuntimeError, match="is not on the expected device cpu"):
+            H(x, target, weight=weight)
+    with pytest.raises(RuntimeError, match="Tensor on device cpu is not on the expected device "
+                                           "meta"):
+        H(x.detach().to(meta), t)
+    # All on meta is shape inference, and works.
+    assert H(x.detach().to(meta), t.to(meta), reduction="none").shape == (3,)
+
+    loss, lse = torch.ops.handgrad.cross_entropy(x.detach(), t, None, -100, "mean", 0.0)
+    grad = torch.ones((), device=device)
+    back = torch.ops.handgrad.cross_entropy_backward
+    for args in [(grad.to(meta), x.detach(), t, None, -100, "mean", 0.0, lse),
+                 (grad, x.detach(), t, None, -100, "mean", 0.0, lse.to(meta)),
+                 (grad, x.detach(), t.to(meta), None, -100, "mean", 0.0, lse),
+                 (grad, x.detach(), t, torch.ones(4, device=meta), -100, "mean", 0.0, lse)]:
+        with pytest.raises(RuntimeError, match="is not on the expected device"):
+            back(*args)
+    p = torch.rand(3, 4, device=device)
+    _, lse_p = torch.ops.handgrad.cross_entropy(x.detach(), p, None, -100, "mean", 0.0)
+    with pytest.raises(RuntimeError, match="is not on the expected device"):
+        torch.ops.handgrad.cross_entropy_target_backward(grad, x.detach(), p, None, "mean", 0.0,
+                                                         lse_p.to(meta))
+
+
+# ---------------------------------------------------------------------------
+# Non-finite logits (issue 16, item 10): native's rules, for every path --
+# (N, C) rows of every length class of the CPU kernels (short AVX2 rows with
+# tails, the online long-row path, C = 1) and K-dim positions (the CPU's
+# 8-lane path, with a tail), float32 and float64, on the CPU and CUDA kernels.
+
+INF, NAN = float("inf"), float("nan")
+
+
+def special_rows(classes, gen):
+    """Rows of logits with each non-finite pattern native has a rule for,
+    each given three targets: class 0, class C-1 and ignored (-100)."""
+    def row(**set_to):
+        r = torch.randn(classes, generator=gen, dtype=torch.float64)
+        for where, value in set_to.items():
+            r[{"first": 0, "mid": classes // 2, "last": classes - 1}[where]] = value
+        return r
+
+    rows = [row(), torch.full((classes,), -INF), row(mid=INF), row(last=NAN), row(first=-INF),
+            row(first=INF, last=INF), torch.full((classes,), INF), row(last=NAN, first=INF)]
+    lone = torch.full((classes,), -INF, dtype=torch.float64)
+    lone[classes // 2] = 2.0  # one finite logit among -inf
+    rows.append(lone)
+    x = torch.stack([r for r in rows for _ in range(3)])
+    t = torch.tensor([0, classes - 1, -100] * len(rows))
+    return x, t
+
+
+@pytest.mark.parametrize("classes", [1, 5, 37, 100, 300])
+@pytest.mark.parametrize("layout", ["rows", "positions"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_non_finite_logits_follow_native(device, classes, layout, dtype, kind, weighted,
+                                         smoothing):
+    gen = torch.Generator().manual_seed(classes)
+    x, t = special_rows(classes, gen)
+    if kind == "prob":
+        # one-hot (zero probabilities times -inf logits), uniform, and random rows
+        y = torch.rand(x.shape, generator=gen, dtype=torch.float64).softmax(1)
+        y[0::3] = F.one_hot(torch.zeros(len(x) // 3, dtype=torch.long), classes).double()
+        y[1::3] = 1.0 / classes
+        t = y
+    w = None
+    if weighted:
+        w = torch.rand(classes, generator=gen, dtype=torch.float64) + 0.5
+        w[0] = 0.0  # zero weight times an infinite gap
+    if layout == "positions":  # (3, C, 9): the K-dim kernels, 8 lanes and a tail
+        x = x.reshape(3, -1, classes).transpose(1, 2)
+        t = t.reshape(3, -1, classes).transpose(1, 2) if kind == "prob" else t.reshape(3, -1)
+    x = x.to(device, dtype).contiguous().requires_grad_()
+    t = t.to(device, dtype).contiguous() if kind == "prob" else t.to(device)
+    w = None if w is None else w.to(device, dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for reduction in REDUCTIONS:
+        assert_matches_native(ce(H, w, -100, reduction, smoothing),
+                              ce(F.cross_entropy, w, -100, reduction, smoothing), [x, t], **tol)
+
+
+def test_all_minus_infinity_pixel_is_nan_like_native(device):
+    # The reported case: (N, C, H, W) float32, one pixel's logits all -inf.
+    x = torch.randn(2, 21, 4, 4, device=device)
+    x[1, :, 2, 3] = -INF
+    t = torch.randint(0, 21, (2, 4, 4), device=device)
     x.requires_grad_()
-    # float32 accumulation, results rounded to the input's dtype.
-    assert_matches_native(ce(H, None, -100, "mean", 0.1),
-                          ce(F.cross_entropy, None, -100, "mean", 0.1),
-                          [x, t], rtol=2e-2, atol=2e-3)
+    loss = H(x, t, reduction="none")
+    assert torch.isnan(loss[1, 2, 3]) and torch.isfinite(loss).sum() == loss.numel() - 1
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isnan(grad[1, :, 2, 3]).all() and torch.isfinite(grad).sum() == grad.numel() - 21
+
+
+# ---------------------------------------------------------------------------
+# Unbatched input with a one-element target (issue 16, "Also").
+
+@pytest.mark.parametrize("target", [torch.tensor(2), torch.tensor([2])], ids=["0-D", "(1,)"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_unbatched_input_takes_a_one_element_target(device, target, weighted, smoothing):
+    x = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, device=device) if weighted else None
+    t = target.to(device)
+    for reduction in REDUCTIONS:
+        # Native's result for the 0-D target (it rejects (1,) with smoothing and 'none').
+        (loss,), _ = assert_matches_native(ce(H, w, -100, reduction, smoothing),
+                                           lambda a, b: ce(F.cross_entropy, w, -100, reduction,
+                                                           smoothing)(a, b.reshape(())),
+                                           [x, t])
+        assert loss.shape == ()
+        if smoothing == 0.0:
+            native = F.cross_entropy(x, t, weight=w, reduction=reduction)
+            torch.testing.assert_close(loss, native)
+    assert torch.autograd.gradcheck(lambda a: H(a, t, weight=w, label_smoothing=smoothing), [x])
+
+
+# ---------------------------------------------------------------------------
+# float16 / bfloat16 (issue 16 "Also" for the CPU; issue 20 for CUDA): the
+# kernels compute in float32 and round each result once, so every value is
+# compared with float64 native on the same (upcast) inputs at tolerances
+# derived from the dtype:
+#   rtol = eps: one rounding to the dtype is within eps/2 of the value, and
+#     the other eps/2 covers the float32 arithmetic before it;
+#   atol = the dtype's subnormal spacing (one rounding of a tiny value) plus
+#     8 float32 eps times the largest magnitude the result is formed from
+#     (lse - x_t cancels down from |x|; p_c a - w_t from the largest gradient).
+# A gradient element zeroed by a bug fails unless it is below ~1e-6 of the
+# largest one (test_reduced_precision_check_catches_zeroed_gradients).
+
+def reduced_precision_tolerance(dtype, scale):
+    info = torch.finfo(dtype)
+    return dict(rtol=info.eps,
+                atol=info.smallest_normal * info.eps + 8 * torch.finfo(torch.float32).eps * scale)
+
+
+def assert_close_to_float64(mine, ref, dtype, scale):
+    assert mine.dtype == dtype
+    torch.testing.assert_close(mine.double(), ref, equal_nan=True,
+                               **reduced_precision_tolerance(dtype, scale))
+
+
+def finite_max(*tensors):
+    return max([v.detach().double().abs().nan_to_num(0, 0, 0).max().item()
+                for v in tensors if v.numel()] + [0.0])
+
+
+def check_reduced_precision(shape, kind, weighted, smoothing, reduction, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    rows = () if len(shape) == 1 else (shape[0], *shape[2:])
+    C = classes(shape)
+    if kind == "prob":
+        t = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(
+            0 if len(shape) == 1 else 1).to(dtype)
+    else:
+        t = torch.randint(0, C, rows, generator=gen)
+        if t.numel() > 1:
+            t.view(-1)[::4] = -100
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.2).to(dtype) if weighted else None
+    loss_shape = rows if reduction == "none" else ()
+    upstream = torch.randn(loss_shape, generator=gen, dtype=torch.float64).to(dtype)
+    x, t = x.to(device), t.to(device)
+    w = None if w is None else w.to(device)
+    upstream = upstream.to(device)
+
+    def run(fn, xx, tt, ww, g):
+        xx = xx.clone().requires_grad_()
+        tt = tt.clone().requires_grad_() if kind == "prob" else tt
+        loss = fn(xx, tt, weight=ww, reduction=reduction, label_smoothing=smoothing)
+        diff = [xx, tt] if kind == "prob" else [xx]
+        grads = torch.autograd.grad(loss, diff, g) if loss.numel() else [torch.zeros_like(v)
+                                                                         for v in diff]
+        return loss, grads
+
+    mine, my_grads = run(H, x, t, w, upstream)
+    ref, ref_grads = run(F.cross_entropy, x.double(), t.double() if kind == "prob" else t,
+                         None if w is None else w.double(), upstream.double())
+    assert_close_to_float64(mine, ref, dtype, finite_max(ref, x))
+    for a, b in zip(my_grads, ref_grads):
+        assert_close_to_float64(a, b, dtype, finite_max(b))
+    return my_grads, ref_grads
+
+
+REDUCED_GRID = list(itertools.product([(6, 50), (4, 7, 5, 3), (9, 33, 2), (5,), (0, 4)],
+                                      ["index", "prob"], [False, True], [0.0, 0.1],
+                                      REDUCTIONS))
+
+
+@pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", REDUCED_GRID, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_matches_float64_by_value(device, shape, kind, weighted, smoothing,
+                                                    reduction, dtype):
+    check_reduced_precision(shape, kind, weighted, smoothing, reduction, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_check_catches_zeroed_gradients(device, dtype):
+    # The comparison above must fail a kernel that zeroes gradient elements
+    # (the old atol=2e-3 check passed with 87% of them zeroed): zero 87% of a
+    # correct gradient, and a single element, and the check must fail.
+    my_grads, ref_grads = check_reduced_precision((6, 50, 3), "index", False, 0.1, "mean", dtype,
+                                                  device)
+    grad, ref = my_grads[0], ref_grads[0]
+    gen = torch.Generator().manual_seed(1)
+    for mask in [torch.rand(grad.shape, generator=gen) < 0.87,
+                 torch.arange(grad.numel()).reshape(grad.shape) == int(ref.abs().argmax())]:
+        broken = grad.masked_fill(mask.to(grad.device), 0)
+        with pytest.raises(AssertionError):
+            assert_close_to_float64(broken, ref, dtype, finite_max(ref))
+

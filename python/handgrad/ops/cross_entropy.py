@@ -31,9 +31,24 @@ def _lse_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op, input, **tensors):
+    """Every tensor argument on the input's device, as the C++ drivers check.
+
+    The fake kernels are also the Meta kernels, so a CPU input with a meta
+    weight or target lands here, not in the driver: without this check it
+    returned an uninitialised CPU loss. Native's wording."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == input.device,
+                         lambda: "%s: Tensor on device %s is not on the expected device %s! "
+                                 "(argument '%s' must be on the input's device)"
+                                 % (op, t.device, input.device, name))
+
+
 @torch.library.register_fake("handgrad::cross_entropy")
 def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0):
+    _check_devices("handgrad::cross_entropy", input, target=target, weight=weight)
     torch._check(input.dim() >= 1,
                  lambda: "handgrad::cross_entropy: expected a 1-D or larger input")
     torch._check(reduction in ("none", "mean", "sum"),
@@ -46,12 +61,16 @@ def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction
 @torch.library.register_fake("handgrad::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, input, target, weight, ignore_index, reduction,
                                  label_smoothing, lse):
+    _check_devices("handgrad::cross_entropy_backward", input, grad_loss=grad_loss, target=target,
+                   weight=weight, lse=lse)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("handgrad::cross_entropy_target_backward")
 def _cross_entropy_target_backward_fake(grad_loss, input, target, weight, reduction,
                                         label_smoothing, lse):
+    _check_devices("handgrad::cross_entropy_target_backward", input, grad_loss=grad_loss,
+                   target=target, weight=weight, lse=lse)
     return torch.empty_like(input, dtype=target.dtype, memory_format=torch.contiguous_format)
 
 
