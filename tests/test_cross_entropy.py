@@ -327,6 +327,9 @@ BAD_INPUTS = [
      TypeError, "float32, float64, float16 or bfloat16"),
     ("0-D input", lambda: H(torch.tensor(1.0), torch.tensor(0)), RuntimeError,
      "at least 1 dimension"),
+    ("ignore_index with probabilities",
+     lambda: H(_x(), torch.rand(4, 5), ignore_index=0), RuntimeError,
+     "ignore_index is not supported for floating point target"),
     ("unbatched input, 2 targets", lambda: H(_x((5,)), torch.tensor([1, 2])), ValueError,
      "For 1D input, 1D target must have size 1, but got target size: 2"),
     ("unbatched input, 2-D target", lambda: H(_x((5,)), torch.tensor([[1]])), RuntimeError,
@@ -396,6 +399,9 @@ def reduction_inputs(rows, kind, device):
 @pytest.mark.parametrize("rows", REDUCTION_ROWS)
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_reduced_loss_is_exact_and_repeatable_at_reduction_boundaries(device, rows, kind):
+    if CAP - 1 <= rows <= CAP + 1 and not runs_cuda_kernels(device):
+        pytest.skip("the 1024-block cap is a boundary of the CUDA reduction only (the CPU "
+                    "kernel's tasks are covered by the other sizes); saves ~10 s")
     x, t, w = reduction_inputs(rows, kind, device)
     per_row = H(x, t, weight=w, reduction="none")
     ref_rows = F.cross_entropy(x, t, weight=w, reduction="none")
@@ -406,7 +412,7 @@ def test_reduced_loss_is_exact_and_repeatable_at_reduction_boundaries(device, ro
     exact = math.fsum(terms)
     bound = len(terms) * 2.0 ** -53 * math.fsum(abs(v) for v in terms)
     if kind == "index":
-        divisor = math.fsum(w[v].item() if v != -100 else 0.0 for v in t.flatten().tolist())
+        divisor = math.fsum(w[t[t != -100]].tolist())
     else:
         divisor = float(rows)
     for reduction, value, tol in [("sum", exact, bound),
@@ -492,9 +498,10 @@ def test_arguments_on_another_device_raise_like_native(device):
 
 # ---------------------------------------------------------------------------
 # Non-finite logits (issue 16, item 10): native's rules, for every path --
-# (N, C) rows of every length class of the CPU kernels (short AVX2 rows with
-# tails, the online long-row path, C = 1) and K-dim positions (the CPU's
-# 8-lane path, with a tail), float32 and float64, on the CPU and CUDA kernels.
+# (N, C) rows of every length class of the CPU kernels (C = 1, short AVX2
+# rows with tails, the online long-row path with its 32-logit blocks and
+# tail) and K-dim positions (the CPU's 8-lane path, with a tail), float32 and
+# float64, on the CPU and CUDA kernels (warp per row; thread per position).
 
 INF, NAN = float("inf"), float("nan")
 
@@ -518,7 +525,7 @@ def special_rows(classes, gen):
     return x, t
 
 
-@pytest.mark.parametrize("classes", [1, 5, 37, 100, 300])
+@pytest.mark.parametrize("classes", [1, 5, 37, 100])
 @pytest.mark.parametrize("layout", ["rows", "positions"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["index", "prob"])
@@ -679,3 +686,141 @@ def test_reduced_precision_check_catches_zeroed_gradients(device, dtype):
         with pytest.raises(AssertionError):
             assert_close_to_float64(broken, ref, dtype, finite_max(ref))
 
+
+
+# ---------------------------------------------------------------------------
+# Property-based comparison with native (issue 16, "Done when"): shapes
+# ((C), (N, C), K-dim, empty batch, class counts around the CPU's 8-lane
+# blocks and its 64-logit short-row limit), layouts, index and probability
+# targets, weights, ignore_index, reductions, label smoothing, all four
+# dtypes and non-finite logits. float32 / float64 are compared with native
+# in the same dtype; float16 / bfloat16 with native in float64 on the same
+# values, at the dtype-derived tolerances above. 300 examples take ~15 s per
+# device on the loaded 2-core machine here (6000 per device passed once).
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = 300
+
+
+@st.composite
+def fuzz_cases(draw):
+    dims = draw(st.integers(1, 4))
+    C = draw(st.one_of(st.integers(1, 9), st.sampled_from([16, 17, 63, 64, 65, 100, 257])))
+    if dims == 1:
+        shape = (C,)
+    else:
+        spatial = draw(st.lists(st.integers(1, 6), min_size=dims - 2, max_size=dims - 2))
+        shape = (draw(st.integers(0, 5)), C, *spatial)
+    return dict(
+        shape=shape,
+        kind=draw(st.sampled_from(["index", "prob"])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.float16,
+                                    torch.bfloat16])),
+        weighted=draw(st.booleans()),
+        ignore_index=draw(st.sampled_from([-100, 0, 1])),
+        reduction=draw(st.sampled_from(REDUCTIONS)),
+        smoothing=draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
+        special=draw(st.sampled_from(["finite", "nan", "inf", "-inf", "-inf rows", "mixed"])),
+        layout=draw(st.sampled_from(LAYOUTS_FOR_FUZZ)),
+        target_grad=draw(st.booleans()),
+        seed=draw(st.integers(0, 2 ** 31 - 1)),
+    )
+
+
+LAYOUTS_FOR_FUZZ = ["contiguous", "channels_last", "noncontiguous"]
+
+
+def fuzz_inputs(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    shape, kind, dtype = case["shape"], case["kind"], case["dtype"]
+    class_dim = 0 if len(shape) == 1 else 1
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    special = case["special"]
+    if special != "finite" and x.numel():
+        hit = torch.rand(shape, generator=gen) < 0.15
+        values = {"nan": [NAN], "inf": [INF], "-inf": [-INF], "mixed": [NAN, INF, -INF],
+                  "-inf rows": [-INF]}[special]
+        pick = torch.randint(0, len(values), shape, generator=gen)
+        for i, v in enumerate(values):
+            x[hit & (pick == i)] = v
+        if special == "-inf rows":  # whole rows (all classes of a position)
+            row_hit = torch.rand(x.sum(class_dim, keepdim=True).shape, generator=gen) < 0.3
+            x.masked_fill_(row_hit.expand(shape), -INF)
+    x = x.to(dtype)
+    C = shape[class_dim]
+    if kind == "prob":
+        t = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(class_dim)
+        t[torch.rand(shape, generator=gen) < 0.3] = 0.0  # zero probabilities times -inf logits
+        t = t.to(dtype)
+    else:
+        rows = () if len(shape) == 1 else (shape[0], *shape[2:])
+        t = torch.randint(0, C, rows, generator=gen)
+        if case["ignore_index"] == -100 and t.numel():
+            t[torch.rand(rows, generator=gen) < 0.2] = -100
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(dtype) \
+        if case["weighted"] else None
+    return x, t, w
+
+
+def run_ce(fn, x, t, w, case, upstream):
+    x = x.clone().requires_grad_()
+    diff = [x]
+    if case["kind"] == "prob" and case["target_grad"]:
+        t = t.clone().requires_grad_()
+        diff.append(t)
+    loss = fn(x, t, weight=w, ignore_index=case["ignore_index"], reduction=case["reduction"],
+              label_smoothing=case["smoothing"])
+    if loss.numel() == 0:
+        return loss, [torch.zeros_like(v) for v in diff]
+    return loss, list(torch.autograd.grad(loss, diff, upstream.to(loss.dtype)))
+
+
+@given(case=fuzz_cases())
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_fuzz_against_native(device, case):
+    x, t, w = fuzz_inputs(case)
+    if case["kind"] == "prob" and case["ignore_index"] >= 0:
+        for fn in (H, F.cross_entropy):
+            with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+                fn(x.to(device), t.to(device), ignore_index=case["ignore_index"])
+        return
+    dtype = case["dtype"]
+    rows = () if x.dim() == 1 else (x.shape[0], *x.shape[2:])
+    loss_shape = rows if case["reduction"] == "none" else ()
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    upstream = torch.randn(loss_shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    x_dev = in_layout(x.to(device), case["layout"])
+    t_dev = t.to(device)
+    if case["kind"] == "prob":
+        t_dev = in_layout(t_dev, case["layout"])
+    w_dev = None if w is None else w.to(device)
+    mine, my_grads = run_ce(H, x_dev, t_dev, w_dev, case, upstream)
+    if dtype in (torch.float32, torch.float64):
+        ref, ref_grads = run_ce(F.cross_entropy, x_dev, t_dev, w_dev, case, upstream)
+        tol = tolerances(dtype)
+        torch.testing.assert_close(mine, ref, equal_nan=True, **tol)
+        for a, b in zip(my_grads, ref_grads):
+            torch.testing.assert_close(a, b, equal_nan=True, **tol)
+        return
+    up = lambda v: None if v is None else (v.double() if v.is_floating_point() else v)  # noqa
+    ref, ref_grads = run_ce(F.cross_entropy, up(x_dev), up(t_dev), up(w_dev), case,
+                            upstream.double())
+    assert_close_to_float64(mine, ref, dtype, finite_max(ref, x))
+    # A gradient element cancels terms of the size of the row's share of the
+    # upstream gradient times the weights (p_c a - w_t, exactly 0 for C = 1),
+    # and the target's gradient w_c (lse - x_c) cancels terms of the size of x.
+    share = finite_max(upstream)
+    if case["reduction"] == "mean":
+        if case["kind"] == "prob":
+            divisor = float(max(1, math.prod(rows)))
+        else:
+            kept = t[t != case["ignore_index"]]
+            divisor = float(kept.numel() if w is None else w.double()[kept].sum())
+        share = share / divisor if divisor > 0 else 0.0
+    terms = share * max(1.0, finite_max(w) if w is not None else 1.0)
+    assert_close_to_float64(my_grads[0], ref_grads[0], dtype, max(finite_max(ref_grads[0]),
+                                                                  2 * terms))
+    for a, b in zip(my_grads[1:], ref_grads[1:]):
+        assert_close_to_float64(a, b, dtype, max(finite_max(b), terms * finite_max(x)))

@@ -91,6 +91,7 @@ Params make_params(const at::Tensor& input, const at::Tensor& target,
     TORCH_CHECK(at::isFloatingType(target.scalar_type()),
                 "Expected floating point type for target with class probabilities, got ",
                 target.scalar_type());
+    TORCH_CHECK(ignore_index < 0, "ignore_index is not supported for floating point target");
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
                 "expected target dtype to be Long or Byte, but got ", target.scalar_type());
