@@ -659,6 +659,17 @@ def check_reduced_precision(shape, kind, weighted, smoothing, reduction, dtype, 
     return my_grads, ref_grads
 
 
+def test_reduced_loss_is_rounded_once(device):
+    # 985 rows of two equal logits: each loss is float32's log 2, their exact
+    # (double) sum 682.74997... rounds to 682.5 in float16; through float32
+    # first (682.75, a tie between 682.5 and 683) it would round to 683, as
+    # torch's own double -> float16 conversion does.
+    x = torch.zeros(985, 2, dtype=torch.float16, device=device)
+    t = torch.zeros(985, dtype=torch.long, device=device)
+    assert torch.tensor(682.74997472763062, dtype=torch.float64).half().item() == 683.0
+    assert H(x, t, reduction="sum").item() == 682.5
+
+
 REDUCED_GRID = list(itertools.product([(6, 50), (4, 7, 5, 3), (9, 33, 2), (5,), (0, 4)],
                                       ["index", "prob"], [False, True], [0.0, 0.1],
                                       REDUCTIONS))

@@ -38,6 +38,8 @@
 #include <math.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace handgrad {
 namespace cross_entropy {
@@ -86,6 +88,28 @@ HG_HOST_DEVICE A row_log_s(A m, A s, A log_of_s) {
 template <typename A>
 HG_HOST_DEVICE A ignored_row_lse(bool softmax_is_nan) {
   return softmax_is_nan ? quiet_nan<A>() : A(0);
+}
+
+// x rounded to the nearest T (ties to even) in a single rounding, also for
+// float16 / bfloat16, whose conversions start from float: the double goes to
+// float with round-to-odd first (truncated, the last bit set when inexact),
+// and float's 13 or more extra bits keep the second rounding exact.
+template <typename T>
+HG_HOST_DEVICE T round_once(double x) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+    return static_cast<T>(x);
+  } else {
+    float f = static_cast<float>(x);  // nearest
+    if (x - x == 0.0 && static_cast<double>(f) != x) {
+      uint32_t bits;
+      memcpy(&bits, &f, sizeof bits);
+      const double abs_f = f < 0 ? -static_cast<double>(f) : static_cast<double>(f);
+      if (abs_f > (x < 0 ? -x : x)) bits -= 1;  // one step toward zero (sign-magnitude)
+      bits |= 1u;
+      memcpy(&f, &bits, sizeof bits);
+    }
+    return static_cast<T>(f);
+  }
 }
 
 // Loss of a row with an index target.

@@ -8,11 +8,19 @@
 // max first instead), giving lse = m + log s, and the loss of the row
 // (p - y formulas in ops/cross_entropy.h). Label smoothing and probability
 // targets add a second sweep over the row, still in cache, for the linear
-// terms sum_c w_c y_c (m - x_c), taken relative to the final max so that
+// terms sum_c w_c y'_c (m - x_c), taken relative to the final max so that
 // logits of +-1e4 lose nothing to cancellation. Rows with S == 1 are
 // vectorized along the classes; for S > 1 eight neighbouring positions s form
 // the AVX2 lanes and the loop walks the classes (two sweeps: max, then exp).
-// Saved for backward: lse only (one float/double per row; ignored rows 0).
+// Non-finite logits follow native's rules on every path (scalar, short and
+// long AVX2 rows, 8-lane positions): the max starts at the lowest finite
+// float so that -inf logits add exp(-inf) = 0, and a row whose maximum is
+// +inf, or whose sum is NaN (a NaN logit) or 0 (only -inf logits), gets
+// lse = NaN (row_log_s in ops/cross_entropy.h), hence a NaN loss and
+// gradient, as native's log_softmax gives.
+// Saved for backward: lse only (one float/double per row). Ignored rows
+// are not exponentiated; their lse is 0, or NaN when a scan of the row (NaN
+// or +inf, or only -inf) says native's gradient of it is NaN.
 // Gradient: dloss/dx_c = scale * (p_c a - (1-e) w_t [c==t] - e/C w_c) with
 // p_c = exp(x_c - lse) recomputed from the logits, written straight into
 // grad_input; probability targets: scale * (p_c sum_k w_k y'_k - w_c y'_c),
@@ -20,11 +28,14 @@
 //
 // Threads split fixed blocks of rows (at::parallel_for); reduced losses add
 // per-block partial sums (double) in block order, so results do not depend
-// on the thread count. float32 and float64; the vector exp is
-// common/cpu_simd.h's softmax exponential (exp_nonpositive: every argument
-// here is shifted by the row maximum or the log-sum-exp; results below e^-87
-// are 0, no denormal is computed). float64, and probability targets with
-// S > 1, run scalar loops.
+// on the thread count. The vector exp is common/cpu_simd.h's softmax
+// exponential (exp_nonpositive: every argument here is shifted by the row
+// maximum or the log-sum-exp; results below e^-87 are 0, no denormal is
+// computed; NaN stays NaN). float64, and probability targets with S > 1, run
+// scalar loops. float16 / bfloat16 run the float32 code: each task converts
+// its rows (about 32K logits) into a per-thread float buffer and rounds each
+// result to the storage type once (per-row losses and gradients from float;
+// the reduced loss from its double sum: round_once in ops/cross_entropy.h).
 //
 // Speed against native (float32, forward+backward, native / handgrad,
 // interleaved medians, quiet 2-core AMD EPYC Zen 5, 2 threads, `python
@@ -117,27 +128,6 @@ double weight_sum(const A* w, int64_t classes) {
   double total = 0;
   for (int64_t c = 0; c < classes; ++c) total += w[c];
   return total;
-}
-
-// x rounded to the nearest T (ties to even) in one rounding, also for
-// float16 / bfloat16: the double first goes to float with round-to-odd
-// (truncated, the last bit set when inexact), whose 13 or more extra bits
-// keep the second rounding exact.
-template <typename T>
-T round_once(double x) {
-  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
-    return static_cast<T>(x);
-  } else {
-    float f = static_cast<float>(x);
-    if (std::isfinite(x) && static_cast<double>(f) != x) {
-      if (std::fabs(static_cast<double>(f)) > std::fabs(x)) f = std::nextafter(f, 0.0f);
-      uint32_t bits;
-      std::memcpy(&bits, &f, sizeof bits);
-      bits |= 1u;
-      std::memcpy(&f, &bits, sizeof bits);
-    }
-    return static_cast<T>(f);
-  }
 }
 
 // The class weights as compute-type values (nullptr without weight).

@@ -10,7 +10,8 @@
 // more for the linear terms relative to the final max (no cancellation for
 // +-1e4 logits). Rows that native's log_softmax makes NaN (a NaN or +inf
 // logit, or only -inf ones) get lse = NaN (row_log_s in ops/cross_entropy.h);
-// ignored rows record 0 or that NaN. Saved for backward: lse.
+// ignored rows are swept too (only for that) and record 0 or that NaN, so
+// backward can give native's NaN gradient there. Saved for backward: lse.
 // Reduced losses, the class-weight total and the 'mean' divisor are sums
 // over up to 1e7+ rows: a per-row buffer, then a two-stage reduction with
 // no atomics -- up to kMaxPartials blocks each add a fixed set of 256-row
@@ -20,13 +21,15 @@
 // Gradient (derivation in ops/cross_entropy.h): dloss/dx_c = scale *
 // (p_c a - (1-e) w_t [c==t] - e/C w_c), p_c = exp(x_c - lse), one thread per
 // element of grad_input, so no N x C probability matrix is ever stored;
-// probability targets first get sum_k w_k y_k per row. float16 / bfloat16
-// inputs accumulate in float. As in native's CUDA kernels, an index target
+// probability targets first get sum_k w_k y'_k per row. float16 / bfloat16
+// inputs accumulate in float and round each result once (the reduced loss
+// from its double sum: round_once). As in native's CUDA kernels, an index target
 // out of range is a device-side assert (checking it on the host would need a
 // synchronization). Contiguous rows whose length is a multiple of 16 bytes
 // are read with 16-byte loads in forward; backward reads and writes 16-byte
 // packs whenever the sizes and alignment allow.
-// Speed: not measured: no GPU here.
+// Speed: not measured: no GPU was available (every kernel runs in CI on the
+// host emulator, csrc/emulation, against native).
 #include "ops/cross_entropy.h"
 
 #include "common/cuda_launch.cuh"
@@ -312,7 +315,7 @@ struct WriteLoss {
   __device__ void operator()(Sums total) const {
     double value = total.loss;
     if (mean) value /= prob_target ? rows : total.weight;
-    *loss = static_cast<T>(value);
+    *loss = round_once<T>(value);
   }
 };
 

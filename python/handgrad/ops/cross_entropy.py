@@ -2,8 +2,10 @@
 
 The kernels are in csrc/ops/{cross_entropy.cpp, cpu/cross_entropy.cpp,
 cuda/cross_entropy.cu}. Forward returns the loss and the log-sum-exp of every
-row (float32, float64 for float64 input); lse is the only tensor saved besides
-the inputs. Backward recomputes p - y from the logits and lse and writes the
+row (float32, float64 for float64 input; an ignored row records 0, or NaN where
+native's gradient of that row is NaN); lse is the only tensor saved besides
+the inputs. float32, float64, float16 and bfloat16 on the CPU and CUDA
+(reduced precision computes in float32 and rounds each result once). Backward recomputes p - y from the logits and lse and writes the
 input gradient directly (torch.ops.handgrad.cross_entropy_backward);
 probability targets that require grad get theirs from
 torch.ops.handgrad.cross_entropy_target_backward.
@@ -79,9 +81,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """Cross-entropy of softmax(input) with the semantics of torch.nn.functional.cross_entropy.
 
     input (C), (N, C) or (N, C, d1, ..., dK); target class indices (int64, the
-    input's shape without dim 1; ignore_index skipped) or class probabilities
-    (the input's shape); per-class weight; reduction 'none', 'mean' (native's
-    weighted mean) or 'sum'; label_smoothing in [0, 1] for both target kinds.
+    input's shape without dim 1, or (1) for a (C) input; ignore_index skipped)
+    or class probabilities (the input's shape); per-class weight; reduction
+    'none', 'mean' (native's weighted mean) or 'sum'; label_smoothing in
+    [0, 1] for both target kinds. NaN and infinite logits give native's NaN
+    and inf results, in the loss and the gradients.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
