@@ -670,6 +670,30 @@ def test_reduced_loss_is_rounded_once(device):
     assert H(x, t, reduction="sum").item() == 682.5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_float32_like_native(device, dtype):
+    # Native runs cross_entropy in float32 under autocast; so does handgrad
+    # (csrc/ops/cross_entropy_autocast.cpp), so a float32 class weight meets
+    # the reduced-precision logits of an autocast model without an error.
+    layer = torch.nn.Linear(8, 5).to(device)
+    x = torch.randn(6, 8, device=device)
+    t = torch.tensor([0, 1, 2, 3, 4, -100], device=device)
+    w = torch.rand(5, device=device) + 0.1
+    results = []
+    for loss_fn in (handgrad.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1),
+                    torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)):
+        layer.zero_grad()
+        with torch.autocast(device.type, dtype=dtype):
+            logits = layer(x)
+            loss = loss_fn(logits, t)
+        assert logits.dtype == dtype and loss.dtype == torch.float32
+        loss.backward()
+        results.append((loss, layer.weight.grad.clone()))
+    (mine, my_grad), (ref, ref_grad) = results
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(my_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
 REDUCED_GRID = list(itertools.product([(6, 50), (4, 7, 5, 3), (9, 33, 2), (5,), (0, 4)],
                                       ["index", "prob"], [False, True], [0.0, 0.1],
                                       REDUCTIONS))
