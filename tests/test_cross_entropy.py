@@ -233,6 +233,11 @@ def _opcheck_cases(device):
         (x, p.requires_grad_(), None, -100, "mean", 0.2),
         (torch.randn(5, device=device, requires_grad=True), torch.tensor(2, device=device), None,
          -100, "none", 0.0),
+        (torch.randn(5, device=device, requires_grad=True), torch.tensor([2], device=device),
+         None, -100, "sum", 0.1),
+        (xk.detach().to(torch.bfloat16).requires_grad_(), tk,
+         torch.rand(5, device=device).to(torch.bfloat16), 1, "mean", 0.1),
+        (x.detach().half().requires_grad_(), p.half().requires_grad_(), None, -100, "none", 0.2),
     ]
 
 
