@@ -574,6 +574,16 @@ def test_all_minus_infinity_pixel_is_nan_like_native(device):
     assert torch.isnan(grad[1, :, 2, 3]).all() and torch.isfinite(grad).sum() == grad.numel() - 21
 
 
+def test_zero_classes_match_native(device):
+    # Rows of no classes: probabilities give loss 0 per row (0/0 for 'mean'),
+    # index targets must all be ignored; the gradients are empty.
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    for t in (torch.rand(3, 0, device=device), torch.full((3,), -100, device=device)):
+        for reduction in REDUCTIONS:
+            assert_matches_native(ce(H, None, -100, reduction, 0.0),
+                                  ce(F.cross_entropy, None, -100, reduction, 0.0), [x, t])
+
+
 # ---------------------------------------------------------------------------
 # Unbatched input with a one-element target (issue 16, "Also").
 
