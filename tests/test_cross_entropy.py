@@ -674,6 +674,44 @@ def check_reduced_precision(shape, kind, weighted, smoothing, reduction, dtype, 
     return my_grads, ref_grads
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 50), (3, 21, 9, 5), (4, 3)], ids=str)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_reduced_precision_is_the_float32_result_rounded_once(device, dtype, shape, kind,
+                                                               reduction):
+    # float16 / bfloat16 run the float32 code on converted values (the CPU's
+    # 8-wide conversions, the CUDA kernels' float arithmetic): per-row losses
+    # and gradients must be exactly the float32 results on the same values,
+    # rounded to nearest even as torch rounds -- NaN and inf included.
+    gen = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=gen) * 4).to(dtype)
+    x.view(-1)[::17] = -INF
+    x.view(-1)[5::97] = NAN
+    if kind == "prob":
+        t = torch.rand(shape, generator=gen).softmax(1).to(dtype)
+    else:
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
+        t.view(-1)[::5] = -100
+    loss_shape = (shape[0], *shape[2:]) if reduction == "none" else ()
+    upstream = torch.randn(loss_shape, generator=gen).to(dtype)
+
+    def run(xx, tt, g):
+        xx = xx.to(device).requires_grad_()
+        tt = tt.to(device).requires_grad_() if kind == "prob" else tt.to(device)
+        loss = H(xx, tt, reduction=reduction, label_smoothing=0.1)
+        grads = torch.autograd.grad(loss, [xx, tt] if kind == "prob" else [xx], g.to(device))
+        return [loss] + list(grads)
+
+    mine = run(x, t, upstream)
+    ref = run(x.float(), t.float() if kind == "prob" else t, upstream.float())
+    if reduction != "none":  # the reduced loss rounds its double sum (round_once), not a float
+        mine, ref = mine[1:], ref[1:]
+    for a, b in zip(mine, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def test_reduced_loss_is_rounded_once(device):
     # 985 rows of two equal logits: each loss is float32's log 2, their exact
     # (double) sum 682.74997... rounds to 682.5 in float16; through float32
