@@ -20,20 +20,23 @@ import handgrad
 
 
 def make_cases(device):
-    def case(shape, target=None, memory_target=None, ignore=False, smoothing=0.0, prob=False):
+    def case(shape, target=None, memory_target=None, ignore=False, smoothing=0.0, prob=False,
+             dtype=torch.float32):
         def make_inputs():
-            x = torch.randn(shape, device=device)
+            x = torch.randn(shape, device=device, dtype=dtype)
             rows = (shape[0], *shape[2:])
             if prob:
-                t = torch.rand(shape, device=device).softmax(1)
+                t = torch.rand(shape, device=device, dtype=dtype).softmax(1)
             else:
                 t = torch.randint(0, shape[1], rows, device=device)
                 if ignore:
                     t[torch.rand(rows, device=device) < 0.1] = -100
             return [x.requires_grad_(), t]
 
-        name = "%s%s%s%s" % (tuple(shape), " prob" if prob else "", " ignore 10%" if ignore else "",
-                             " smoothing %g" % smoothing if smoothing else "")
+        name = "%s%s%s%s%s" % (tuple(shape), " prob" if prob else "",
+                               " ignore 10%" if ignore else "",
+                               " smoothing %g" % smoothing if smoothing else "",
+                               "" if dtype == torch.float32 else " " + str(dtype)[6:])
         return harness.Case(
             name=name, make_inputs=make_inputs, target=target, memory_target=memory_target,
             handgrad=lambda x, t: handgrad.ops.cross_entropy(x, t, label_smoothing=smoothing),
@@ -45,6 +48,10 @@ def make_cases(device):
         case((8, 21, 128, 128), target=1.0),
         case((8, 21, 128, 128), ignore=True, smoothing=0.1),
         case((512, 1000), prob=True),
+        # Reduced precision against native in the same dtype (float32 inside).
+        case((8, 21, 128, 128), dtype=torch.bfloat16),
+        case((1024, 8000), dtype=torch.float16),
+        case((1024, 8000), dtype=torch.bfloat16),
     ]
 
 

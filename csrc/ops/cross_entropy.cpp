@@ -5,14 +5,19 @@
 // views the input as (N, C, d1*...*dK), makes the tensors the kernels read
 // contiguous and allocates the outputs. Whether the target holds class
 // indices or class probabilities is decided as in native: probabilities
-// when it has the input's shape.
+// when it has the input's shape. Every tensor argument's device is checked
+// first, before anything is read or allocated.
 #include "ops/cross_entropy.h"
 
 #include "common/checks.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace handgrad {
@@ -37,6 +42,28 @@ at::ScalarType lse_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Every tensor argument must be on the input's device (native's wording,
+// which names the device it found and the one it expected).
+void check_devices(const char* op, const at::Tensor& input,
+                   std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  for (const auto& [name, t] : others) {
+    if (t == nullptr || !t->defined()) continue;
+    TORCH_CHECK(t->device() == input.device(), op, ": Tensor on device ", t->device(),
+                " is not on the expected device ", input.device(), "! (argument '", name,
+                "' must be on the input's device)");
+  }
+}
+
+const at::Tensor* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
+// An unbatched (C) input takes a 0-D target, or (as in native) a 1-D one of size 1.
+bool unbatched_one_row_target(const at::Tensor& input, const at::Tensor& target) {
+  return input.dim() == 1 && target.dim() == 1 && target.size(0) == 1 &&
+         !at::isFloatingType(target.scalar_type());
+}
+
 Params make_params(const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
                    c10::string_view reduction, double label_smoothing, const char* op) {
@@ -44,7 +71,6 @@ Params make_params(const at::Tensor& input, const at::Tensor& target,
   TORCH_CHECK(input.dim() >= 1, op,
               ": expected input with at least 1 dimension, (C) or (N, C, ...), but got a 0-D "
               "tensor");
-  check_same_device(input, target, op, "input", "target");
   const int reduction_enum = parse_reduction(reduction);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
@@ -65,6 +91,7 @@ Params make_params(const at::Tensor& input, const at::Tensor& target,
     TORCH_CHECK(at::isFloatingType(target.scalar_type()),
                 "Expected floating point type for target with class probabilities, got ",
                 target.scalar_type());
+    TORCH_CHECK(ignore_index < 0, "ignore_index is not supported for floating point target");
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
                 "expected target dtype to be Long or Byte, but got ", target.scalar_type());
@@ -72,12 +99,15 @@ Params make_params(const at::Tensor& input, const at::Tensor& target,
       TORCH_CHECK_VALUE(target.size(0) == input.size(0), "Expected input batch_size (",
                         input.size(0), ") to match target batch_size (", target.size(0), ").");
     }
+    TORCH_CHECK_VALUE(!(input.dim() == 1 && target.dim() == 1 && target.size(0) != 1),
+                      "For 1D input, 1D target must have size 1, but got target size: ",
+                      target.size(0));
     const std::vector<int64_t> expected = row_shape(input);
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "Expected target size ",
-                at::IntArrayRef(expected), ", got ", target.sizes());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected) ||
+                    unbatched_one_row_target(input, target),
+                "Expected target size ", at::IntArrayRef(expected), ", got ", target.sizes());
   }
   if (p.has_weight) {
-    check_same_device(input, *weight, op, "input", "weight");
     TORCH_CHECK(weight->dim() == 1 && weight->numel() == p.classes,
                 "weight tensor should be defined either for all ", p.classes,
                 " classes or no classes but got weight tensor of shape: ", weight->sizes());
@@ -100,7 +130,6 @@ at::Tensor kernel_weight(const std::optional<at::Tensor>& weight, const Params& 
 }
 
 void check_lse(const at::Tensor& lse, const at::Tensor& input, const char* op) {
-  check_same_device(input, lse, op, "input", "lse");
   TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(input), op, ": expected lse to be ",
                    lse_dtype(input), ", but got ", lse.scalar_type());
   const std::vector<int64_t> rows = row_shape(input);
@@ -110,7 +139,6 @@ void check_lse(const at::Tensor& lse, const at::Tensor& input, const char* op) {
 
 void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& input, const Params& p,
                      const char* op) {
-  check_same_device(input, grad_loss, op, "input", "grad_loss");
   check_same_dtype(input, grad_loss, op, "input", "grad_loss");
   if (p.reduction == kNone) {
     const std::vector<int64_t> rows = row_shape(input);
@@ -130,9 +158,19 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
                                            const std::optional<at::Tensor>& weight,
                                            int64_t ignore_index, c10::string_view reduction,
                                            double label_smoothing, ForwardKernel kernel) {
+  constexpr const char* op = "handgrad::cross_entropy";
+  check_devices(op, input, {{"target", &target}, {"weight", optional_ptr(weight)}});
   const Params p = make_params(input, target, weight, ignore_index, reduction, label_smoothing,
-                               "handgrad::cross_entropy");
+                               op);
   const std::vector<int64_t> rows = row_shape(input);
+  if (p.classes == 0 && p.prob_target) {
+    // Rows of no classes, as native: loss -sum over nothing = 0, lse = log 0;
+    // the mean over the rows divides by numel / C = 0 / 0.
+    const double total = p.reduction == kMean ? std::nan("") : 0.0;
+    return {p.reduction == kNone ? at::full(rows, 0.0, input.options())
+                                 : at::full({}, total, input.options()),
+            at::full(rows, -INFINITY, input.options().dtype(lse_dtype(input)))};
+  }
   at::Tensor lse = at::empty(rows, input.options().dtype(lse_dtype(input)));
   at::Tensor loss = p.reduction == kNone ? at::empty(rows, input.options())
                                          : at::empty({}, input.options());
@@ -146,6 +184,9 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input,
                     int64_t ignore_index, c10::string_view reduction, double label_smoothing,
                     const at::Tensor& lse, BackwardKernel kernel) {
   constexpr const char* op = "handgrad::cross_entropy_backward";
+  check_devices(op, input,
+                {{"grad_loss", &grad_loss}, {"target", &target},
+                 {"weight", optional_ptr(weight)}, {"lse", &lse}});
   const Params p =
       make_params(input, target, weight, ignore_index, reduction, label_smoothing, op);
   check_grad_loss(grad_loss, input, p, op);
@@ -162,6 +203,9 @@ at::Tensor target_backward(const at::Tensor& grad_loss, const at::Tensor& input,
                            c10::string_view reduction, double label_smoothing,
                            const at::Tensor& lse, TargetBackwardKernel kernel) {
   constexpr const char* op = "handgrad::cross_entropy_target_backward";
+  check_devices(op, input,
+                {{"grad_loss", &grad_loss}, {"target", &target},
+                 {"weight", optional_ptr(weight)}, {"lse", &lse}});
   const Params p = make_params(input, target, weight, -100, reduction, label_smoothing, op);
   TORCH_CHECK(p.prob_target, op, ": only probability targets (the input's shape ",
               input.sizes(), ") have a gradient, but got a target of shape ", target.sizes());

@@ -8,11 +8,19 @@
 // max first instead), giving lse = m + log s, and the loss of the row
 // (p - y formulas in ops/cross_entropy.h). Label smoothing and probability
 // targets add a second sweep over the row, still in cache, for the linear
-// terms sum_c w_c y_c (m - x_c), taken relative to the final max so that
+// terms sum_c w_c y'_c (m - x_c), taken relative to the final max so that
 // logits of +-1e4 lose nothing to cancellation. Rows with S == 1 are
 // vectorized along the classes; for S > 1 eight neighbouring positions s form
 // the AVX2 lanes and the loop walks the classes (two sweeps: max, then exp).
-// Saved for backward: lse only (one float/double per row; ignored rows 0).
+// Non-finite logits follow native's rules on every path (scalar, short and
+// long AVX2 rows, 8-lane positions): the max starts at the lowest finite
+// float so that -inf logits add exp(-inf) = 0, and a row whose maximum is
+// +inf, or whose sum is NaN (a NaN logit) or 0 (only -inf logits), gets
+// lse = NaN (row_log_s in ops/cross_entropy.h), hence a NaN loss and
+// gradient, as native's log_softmax gives.
+// Saved for backward: lse only (one float/double per row). Ignored rows
+// are not exponentiated; their lse is 0, or NaN when a scan of the row (NaN
+// or +inf, or only -inf) says native's gradient of it is NaN.
 // Gradient: dloss/dx_c = scale * (p_c a - (1-e) w_t [c==t] - e/C w_c) with
 // p_c = exp(x_c - lse) recomputed from the logits, written straight into
 // grad_input; probability targets: scale * (p_c sum_k w_k y'_k - w_c y'_c),
@@ -20,11 +28,14 @@
 //
 // Threads split fixed blocks of rows (at::parallel_for); reduced losses add
 // per-block partial sums (double) in block order, so results do not depend
-// on the thread count. float32 and float64; the vector exp is
-// common/cpu_simd.h's softmax exponential (exp_nonpositive: every argument
-// here is shifted by the row maximum or the log-sum-exp; results below e^-87
-// are 0, no denormal is computed). float64, and probability targets with
-// S > 1, run scalar loops.
+// on the thread count. The vector exp is common/cpu_simd.h's softmax
+// exponential (exp_nonpositive: every argument here is shifted by the row
+// maximum or the log-sum-exp; results below e^-87 are 0, no denormal is
+// computed; NaN stays NaN). float64, and probability targets with S > 1, run
+// scalar loops. float16 / bfloat16 run the float32 code: each task converts
+// its rows (about 32K logits) into a per-thread float buffer and rounds each
+// result to the storage type once (per-row losses and gradients from float;
+// the reduced loss from its double sum: round_once in ops/cross_entropy.h).
 //
 // Speed against native (float32, forward+backward, native / handgrad,
 // interleaved medians, quiet 2-core AMD EPYC Zen 5, 2 threads, `python
@@ -35,7 +46,16 @@
 // see ../cross_entropy_autograd.cpp); (8, 21, 128, 128) 1.29x (forward alone
 // 0.56x before the vector log and the cheaper exponential, ~1.2-1.6x after,
 // 1 thread); with ignore_index and label smoothing 1.72x; probability
-// targets (512, 1000) 1.22x (0.72x before).
+// targets (512, 1000) 1.22x (0.72x before). float16 / bfloat16 against
+// native in the same dtype (`benchmarks/run.py --only cross_entropy
+// --threads 2 --reps 10 --cases 16`, same CPU loaded by other jobs,
+// forward+backward): (8, 21, 128, 128) bfloat16 1.62x,
+// (1024, 8000) float16 2.11x and bfloat16 2.41x, each with 1/3 of native's
+// peak memory; float16 was 0.73x at (1024, 8000) with c10's scalar
+// conversions before the 8-wide ones. The NaN/inf rules and the staging left
+// float32 within the run-to-run spread (1 thread, min of 5 alternating runs
+// of the old and new builds: forward (8, 21, 128, 128) 2.59 -> 2.66 ms,
+// backward 2.88 -> 2.87 ms; (512, 1000) probabilities 0.58 -> 0.56 ms).
 #include "ops/cross_entropy.h"
 
 #include "common/cpu_simd.h"
@@ -107,24 +127,149 @@ struct Split {
   }
 };
 
+// The compute type: float for float16 / bfloat16 storage (converted on the
+// way in, results rounded once on the way out), else the storage type.
 template <typename T>
-double weight_sum(const T* w, int64_t classes) {
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename A>
+double weight_sum(const A* w, int64_t classes) {
   double total = 0;
   for (int64_t c = 0; c < classes; ++c) total += w[c];
   return total;
 }
 
+// The class weights as compute-type values (nullptr without weight).
+template <typename T>
+const acc_t<T>* compute_weights(const at::Tensor& weight, const Params& p,
+                                std::vector<acc_t<T>>& store) {
+  if (!p.has_weight) return nullptr;
+  const T* w = weight.const_data_ptr<T>();
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return w;
+  } else {
+    store.assign(w, w + p.classes);
+    return store.data();
+  }
+}
+
+// n values converted to float, or rounded from float to nearest even, 8 at
+// a time: float16 through the F16C instructions, bfloat16 as the upper half
+// of a float's bits with c10::BFloat16's rounding (a NaN becomes 0x7FC0).
+// c10's scalar conversions made float16 0.73x native at (1024, 8000).
+template <typename T>
+void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if HG_HAVE_AVX2 && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    } else {
+      const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(bits));
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void narrow(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+#if HG_HAVE_AVX2 && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    __m128i h;
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i bias = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+          _mm256_set1_epi32(0x7FFF));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0),
+                             _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      // 32 -> 16 bits: packus works within 128-bit halves; gather the halves.
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+      h = _mm256_castsi256_si128(packed);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// The rows of one task as compute-type values: the tensor itself when T is
+// the compute type, else a per-thread buffer of the same layout (float16 /
+// bfloat16). Row s of the task starts at (s - s0) * row_step(p); its classes
+// are class_stride apart (S in the tensor, the task's width in a buffer).
+int64_t row_step(const Params& p) { return p.inner == 1 ? p.classes : 1; }
+
+template <typename T>
+struct TaskRows {
+  using A = acc_t<T>;
+  std::vector<A> buf;
+
+  static int64_t offset(const Params& p, int64_t n, int64_t s0) {
+    return n * p.classes * p.inner + (p.inner == 1 ? s0 * p.classes : s0);
+  }
+
+  const A* load(const T* src, const Params& p, int64_t n, int64_t s0, int64_t s1,
+                int64_t& class_stride) {
+    const T* first = src + offset(p, n, s0);
+    if constexpr (std::is_same_v<T, A>) {
+      class_stride = p.inner;
+      return first;
+    } else {
+      const int64_t width = s1 - s0, C = p.classes, S = p.inner;
+      buf.resize(width * C);
+      if (S == 1) {
+        widen(first, buf.data(), width * C);
+        class_stride = 1;
+      } else {
+        for (int64_t c = 0; c < C; ++c) widen(first + c * S, buf.data() + c * width, width);
+        class_stride = width;
+      }
+      return buf.data();
+    }
+  }
+
+  // Where the task's gradient is computed (same layout as load()).
+  A* output(T* dst, const Params& p, int64_t n, int64_t s0, int64_t s1) {
+    if constexpr (std::is_same_v<T, A>) {
+      return dst + offset(p, n, s0);
+    } else {
+      buf.resize((s1 - s0) * p.classes);
+      return buf.data();
+    }
+  }
+
+  // Rounds a gradient computed into the buffer to T, once per element.
+  void store(T* dst, const Params& p, int64_t n, int64_t s0, int64_t s1) const {
+    if constexpr (!std::is_same_v<T, A>) {
+      T* first = dst + offset(p, n, s0);
+      const int64_t width = s1 - s0, C = p.classes, S = p.inner;
+      if (S == 1) {
+        narrow(buf.data(), first, width * C);
+      } else {
+        for (int64_t c = 0; c < C; ++c) narrow(buf.data() + c * width, first + c * S, width);
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Scalar row kernels (any stride; float64, and float32 where AVX2 is absent or
 // the target holds probabilities).
 
+// The maximum m (from the lowest finite value up) and sum_c exp(x_c - m); a
+// NaN logit reaches s (row_is_nan).
 template <typename T>
 void row_max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
   m = std::numeric_limits<T>::lowest();
-  for (int64_t c = 0; c < classes; ++c) {
-    const T v = x[c * stride];
-    if (v > m || v != v) m = v;
-  }
+  for (int64_t c = 0; c < classes; ++c) m = std::max(m, x[c * stride]);
   s = 0;
   for (int64_t c = 0; c < classes; ++c) s += std::exp(x[c * stride] - m);
 }
@@ -220,11 +365,14 @@ HG_FLATTEN void grad_row_avx2(const float* x, float* out, int64_t classes, float
   }
 }
 
-// Contiguous row, float32: sum_c w_c (m - x_c), sum_c w_c y_c (m - x_c) and
-// sum_c w_c y_c (y, w may be null).
+// Contiguous row, float32: sum_c w_c (m - x_c), and with a probability
+// target y: sum_c w_c y'_c (m - x_c) and sum_c w_c y'_c, y' = (1-e) y + e/C
+// (y, w may be null).
 HG_FLATTEN void row_linear_avx2(const float* x, const float* y, const float* w, int64_t classes,
-                                float m, float& lin_w, float& lin_y, float& mass_y) {
+                                float m, float e, float& lin_w, float& lin_y, float& mass_y) {
   const __m256 M = _mm256_set1_ps(m), one = _mm256_set1_ps(1.0f);
+  const __m256 keep = _mm256_set1_ps(1.0f - e);
+  const __m256 spread = _mm256_set1_ps(e / static_cast<float>(classes));
   __m256 LW = _mm256_setzero_ps(), LY = _mm256_setzero_ps(), MY = _mm256_setzero_ps();
   for (int64_t i = 0; i < classes; i += 8) {
     const int64_t n = std::min<int64_t>(8, classes - i);
@@ -239,7 +387,7 @@ HG_FLATTEN void row_linear_avx2(const float* x, const float* y, const float* w, 
         w ? load(w + i) : (full ? one : _mm256_and_ps(one, _mm256_castsi256_ps(mask)));
     LW = _mm256_fmadd_ps(wv, gap, LW);
     if (y) {
-      const __m256 wy = _mm256_mul_ps(wv, load(y + i));
+      const __m256 wy = _mm256_mul_ps(wv, _mm256_fmadd_ps(keep, load(y + i), spread));
       LY = _mm256_fmadd_ps(wy, gap, LY);
       MY = _mm256_add_ps(MY, wy);
     }
@@ -247,6 +395,19 @@ HG_FLATTEN void row_linear_avx2(const float* x, const float* y, const float* w, 
   lin_w = simd::reduce_add(LW);
   lin_y = simd::reduce_add(LY);
   mass_y = simd::reduce_add(MY);
+}
+
+// Whether native's log_softmax of a contiguous float32 row is NaN (a NaN or
+// +inf logit, or only -inf ones), without exponentials: for ignored rows.
+HG_FLATTEN bool row_softmax_is_nan_avx2(const float* x, int64_t classes) {
+  const __m256 inf = _mm256_set1_ps(INFINITY), neg_inf = _mm256_set1_ps(-INFINITY);
+  __m256 special = _mm256_setzero_ps(), above = _mm256_setzero_ps();
+  for (int64_t i = 0; i < classes; i += 8) {
+    const __m256 v = i + 8 <= classes ? _mm256_loadu_ps(x + i) : load_tail(x + i, classes - i);
+    special = _mm256_or_ps(special, _mm256_cmp_ps(v, inf, _CMP_EQ_UQ));  // NaN or +inf
+    above = _mm256_or_ps(above, _mm256_cmp_ps(v, neg_inf, _CMP_GT_OQ));
+  }
+  return _mm256_movemask_ps(special) != 0 || (classes > 0 && _mm256_movemask_ps(above) == 0);
 }
 
 // Contiguous row, float32, probability target:
@@ -286,22 +447,41 @@ void max_sumexp(const T* x, int64_t stride, int64_t classes, T& m, T& s) {
   row_max_sumexp(x, stride, classes, m, s);
 }
 
-// sum_c w_c (m - x_c) and sum_c w_c y_c (m - x_c), sum_c w_c y_c (y, w may be null).
+// See row_softmax_is_nan_avx2.
 template <typename T>
-void row_linear(const T* x, const T* y, const T* w, int64_t stride, int64_t classes, T m,
+bool row_softmax_is_nan(const T* x, int64_t stride, int64_t classes) {
+#if HG_HAVE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) return row_softmax_is_nan_avx2(x, classes);
+  }
+#endif
+  bool above = false;
+  for (int64_t c = 0; c < classes; ++c) {
+    const T v = x[c * stride];
+    if (std::isnan(v) || v == std::numeric_limits<T>::infinity()) return true;
+    above = above || v > -std::numeric_limits<T>::infinity();
+  }
+  return classes > 0 && !above;
+}
+
+// sum_c w_c (m - x_c), and with y: sum_c w_c y'_c (m - x_c) and
+// sum_c w_c y'_c, y' = (1-e) y + e/C (y, w may be null).
+template <typename T>
+void row_linear(const T* x, const T* y, const T* w, int64_t stride, int64_t classes, T m, T e,
                 T& lin_w, T& lin_y, T& mass_y) {
 #if HG_HAVE_AVX2
   if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) return row_linear_avx2(x, y, w, classes, m, lin_w, lin_y, mass_y);
+    if (stride == 1) return row_linear_avx2(x, y, w, classes, m, e, lin_w, lin_y, mass_y);
   }
 #endif
   lin_w = lin_y = mass_y = 0;
+  const T C = static_cast<T>(classes);
   for (int64_t c = 0; c < classes; ++c) {
     const T wc = w ? w[c] : T(1);
     const T gap = m - x[c * stride];
     lin_w += wc * gap;
     if (y) {
-      const T wy = wc * y[c * stride];
+      const T wy = wc * smoothed(y[c * stride], e, C);
       lin_y += wy * gap;
       mass_y += wy;
     }
@@ -317,7 +497,7 @@ T forward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, con
   const T w_total = static_cast<T>(p.weight_total);
   if (!p.prob_target) {
     if (is_ignored(t, p.ignore_index)) {
-      lse = 0;
+      lse = ignored_row_lse<T>(row_softmax_is_nan(x, stride, p.classes));
       return 0;
     }
     if (!in_range(t, p.classes)) {
@@ -328,14 +508,14 @@ T forward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride, con
   }
   T m, s;
   max_sumexp(x, stride, p.classes, m, s);
-  const T log_s = std::log(s);
+  const T log_s = row_log_s(m, s, std::log(s));
   lse = m + log_s;
   T lin_w = 0, lin_y = 0, mass_y = 0;
   if (p.prob_target || p.smoothing > 0) {
-    row_linear(x, p.prob_target ? y : static_cast<const T*>(nullptr), w, stride, p.classes, m,
+    row_linear(x, p.prob_target ? y : static_cast<const T*>(nullptr), w, stride, p.classes, m, e,
                lin_w, lin_y, mass_y);
   }
-  if (p.prob_target) return prob_row_loss(log_s, lin_y, mass_y, lin_w, e, C, w_total);
+  if (p.prob_target) return prob_row_loss(log_s, lin_y, mass_y);
   const T w_t = w ? w[t] : T(1);
   w_acc += w_t;
   return index_row_loss(log_s, m - x[t * stride], w_t, lin_w, e, C, w_total);
@@ -381,12 +561,19 @@ HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg,
     XT = _mm256_blendv_ps(XT, v, hit);
     if (smooth) LW = _mm256_fmadd_ps(_mm256_set1_ps(w ? w[c] : 1.0f), _mm256_sub_ps(M, v), LW);
   }
+  // Rows whose log_softmax native makes NaN (row_is_nan): s is NaN or 0, or m is +inf.
+  const __m256 nan_lanes =
+      _mm256_or_ps(_mm256_cmp_ps(Ssum, _mm256_setzero_ps(), _CMP_NGT_UQ),
+                   _mm256_cmp_ps(M, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
   if (!smooth && !w) {
     // The common case in vector lanes: lse = m + log s, loss = lse - x_t
-    // (index_row_loss with e = 0, w_t = 1); ignored rows give 0 for both.
+    // (index_row_loss with e = 0, w_t = 1); ignored rows give loss 0 and
+    // lse 0, or NaN (ignored_row_lse).
     const __m256 valid_lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(Tv, _mm256_set1_epi32(-1)));
-    const __m256 log_s = simd::log_positive(Ssum);
-    const __m256 lse_v = _mm256_and_ps(_mm256_add_ps(M, log_s), valid_lanes);
+    const __m256 log_s =
+        _mm256_blendv_ps(simd::log_positive(Ssum), _mm256_set1_ps(NAN), nan_lanes);
+    const __m256 lse_v =
+        _mm256_and_ps(_mm256_add_ps(M, log_s), _mm256_or_ps(valid_lanes, nan_lanes));
     const __m256 loss_v = _mm256_and_ps(_mm256_add_ps(_mm256_sub_ps(M, XT), log_s), valid_lanes);
     alignas(32) float losses[8];
     _mm256_store_ps(losses, loss_v);
@@ -412,11 +599,13 @@ HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg,
     float row_loss = 0;
     lse[l] = 0;
     if (valid >> l & 1) {
-      const float log_s = std::log(s[l]);
+      const float log_s = row_log_s(m[l], s[l], std::log(s[l]));
       lse[l] = m[l] + log_s;
       const float w_t = w ? w[tl[l]] : 1.0f;
       w_acc += w_t;
       row_loss = index_row_loss(log_s, m[l] - xt[l], w_t, lw[l], e, Cf, w_total);
+    } else if (is_ignored(tg[l], p.ignore_index)) {
+      lse[l] = ignored_row_lse<float>(row_is_nan(m[l], s[l]));
     }
     if (loss) loss[l] = row_loss;
     loss_acc += row_loss;
@@ -427,46 +616,60 @@ HG_FLATTEN void forward_lanes_avx2(const float* x, int64_t S, const int64_t* tg,
 template <typename T>
 void forward_typed(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
                    Params p, at::Tensor& loss, at::Tensor& lse_t) {
+  using A = acc_t<T>;
   const T* x = input.const_data_ptr<T>();
-  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
+  std::vector<A> w_store;
+  const A* w = compute_weights<T>(weight, p, w_store);
   if (w) p.weight_total = weight_sum(w, p.classes);
   const T* y = p.prob_target ? target.const_data_ptr<T>() : nullptr;
   const int64_t* tg = p.prob_target ? nullptr : target.const_data_ptr<int64_t>();
-  T* lse = lse_t.mutable_data_ptr<T>();
+  A* lse = lse_t.mutable_data_ptr<A>();
   T* rows_out = p.reduction == kNone ? loss.mutable_data_ptr<T>() : nullptr;
-  const int64_t C = p.classes, S = p.inner;
+  const int64_t S = p.inner, step = row_step(p);
   const Split split(p);
   std::vector<double> loss_part(split.count, 0.0), w_part(split.count, 0.0);
   BadTarget bad_target;
 
   at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
+    TaskRows<T> x_rows, y_rows;
     for (int64_t task = begin; task < end; ++task) {
-      int64_t n, s0, s1;
+      int64_t n, s0, s1, stride;
       split.rows(p, task, n, s0, s1);
+      const A* xt = x_rows.load(x, p, n, s0, s1, stride);
+      const A* yt = y ? y_rows.load(y, p, n, s0, s1, stride) : nullptr;
       double loss_acc = 0, w_acc = 0;
-      const T* xn = x + n * C * S;
       int64_t s = s0;
 #if HG_HAVE_AVX2
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<A, float>) {
         if (S > 1 && !p.prob_target) {
           for (; s < s1; s += 8) {
             const int lanes = static_cast<int>(std::min<int64_t>(8, s1 - s));
             const int64_t r = n * S + s;
-            forward_lanes_avx2(xn + s, S, tg + r, lanes, w, p, rows_out ? rows_out + r : nullptr,
-                               lse + r, loss_acc, w_acc, r, bad_target);
+            alignas(32) float lane_loss[8];
+            float* loss_out = nullptr;
+            if constexpr (std::is_same_v<T, float>) {
+              loss_out = rows_out ? rows_out + r : nullptr;
+            } else {
+              loss_out = rows_out ? lane_loss : nullptr;
+            }
+            forward_lanes_avx2(xt + (s - s0), stride, tg + r, lanes, w, p, loss_out, lse + r,
+                               loss_acc, w_acc, r, bad_target);
+            if constexpr (!std::is_same_v<T, float>) {
+              for (int l = 0; rows_out && l < lanes; ++l) rows_out[r + l] = T(lane_loss[l]);
+            }
           }
         }
       }
 #endif
       for (; s < s1; ++s) {
         const int64_t r = n * S + s;
-        const T* xr = xn + (S == 1 ? s * C : s);
-        const T* yr = y ? y + (xr - x) : nullptr;
+        const int64_t at = (s - s0) * step;
         bool bad = false;
-        const T row_loss =
-            forward_row(xr, yr, tg ? tg[r] : 0, w, S, p, lse[r], w_acc, bad);
+        const A row_loss =
+            forward_row(xt + at, yt ? yt + at : nullptr, tg ? tg[r] : 0, w, stride, p, lse[r],
+                        w_acc, bad);
         if (bad) bad_target.report(r);
-        if (rows_out) rows_out[r] = row_loss;
+        if (rows_out) rows_out[r] = static_cast<T>(row_loss);
         loss_acc += row_loss;
       }
       loss_part[task] = loss_acc;
@@ -484,12 +687,13 @@ void forward_typed(const at::Tensor& input, const at::Tensor& target, const at::
     const double rows = static_cast<double>(p.outer * p.inner);
     total /= p.prob_target ? rows : weight_total;
   }
-  *loss.mutable_data_ptr<T>() = static_cast<T>(total);
+  *loss.mutable_data_ptr<T>() = round_once<T>(total);
 }
 
 void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
                     const Params& p, at::Tensor& loss, at::Tensor& lse) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy", [&] {
     forward_typed<scalar_t>(input, target, weight, p, loss, lse);
   });
 }
@@ -527,21 +731,32 @@ double mean_divisor(const int64_t* tg, const T* w, const Params& p, BadTarget& b
 }
 
 // The upstream gradient's share of every row: g_row or g * factor.
-template <typename T>
+template <typename A>
 struct RowScale {
-  const T* per_row;  // reduction 'none'
-  T common;
+  const A* per_row;  // reduction 'none'
+  A common;
 
-  T operator()(int64_t r) const { return per_row ? per_row[r] : common; }
+  A operator()(int64_t r) const { return per_row ? per_row[r] : common; }
 };
 
+// grad_loss as compute-type values (per_row converted into store for float16 / bfloat16).
 template <typename T>
-RowScale<T> row_scale(const at::Tensor& grad_loss, const Params& p, const int64_t* tg,
-                      const T* w, BadTarget& bad_target) {
+RowScale<acc_t<T>> row_scale(const at::Tensor& grad_loss, const Params& p, const int64_t* tg,
+                             const acc_t<T>* w, BadTarget& bad_target,
+                             std::vector<acc_t<T>>& store) {
+  using A = acc_t<T>;
   const T* g = grad_loss.const_data_ptr<T>();
-  if (p.reduction == kNone) return {g, T(0)};
-  if (p.reduction == kSum) return {nullptr, g[0]};
-  return {nullptr, static_cast<T>(static_cast<double>(g[0]) / mean_divisor(tg, w, p, bad_target))};
+  if (p.reduction == kNone) {
+    if constexpr (std::is_same_v<T, A>) {
+      return {g, A(0)};
+    } else {
+      store.assign(g, g + grad_loss.numel());
+      return {store.data(), A(0)};
+    }
+  }
+  const A g0 = static_cast<A>(g[0]);
+  if (p.reduction == kSum) return {nullptr, g0};
+  return {nullptr, static_cast<A>(static_cast<double>(g0) / mean_divisor(tg, w, p, bad_target))};
 }
 
 // Gradient of one row (any stride).
@@ -553,20 +768,21 @@ void backward_row(const T* x, const T* y, int64_t t, const T* w, int64_t stride,
   const T w_total = static_cast<T>(p.weight_total);
   if (!p.prob_target && (is_ignored(t, p.ignore_index) || !in_range(t, C))) {
     bad = !is_ignored(t, p.ignore_index);
-    for (int64_t c = 0; c < C; ++c) out[c * stride] = 0;
+    const T fill = std::isnan(lse) ? lse : T(0);  // ignored_row_lse
+    for (int64_t c = 0; c < C; ++c) out[c * stride] = fill;
     return;
   }
   if (p.prob_target) {
     T mass_y = 0, unused_w, unused_y;
-    row_linear(x, y, w, stride, C, T(0), unused_w, unused_y, mass_y);
-    const T k = scale * prob_row_p_factor(mass_y, e, Cf, w_total);
+    row_linear(x, y, w, stride, C, T(0), e, unused_w, unused_y, mass_y);
+    const T k = scale * mass_y;
 #if HG_HAVE_AVX2
     if constexpr (std::is_same_v<T, float>) {
       if (stride == 1) return prob_grad_row_avx2(x, y, w, out, C, lse, k, scale, e);
     }
 #endif
     for (int64_t c = 0; c < C; ++c) {
-      const T yc = (T(1) - e) * y[c * stride] + e / Cf;
+      const T yc = smoothed(y[c * stride], e, Cf);
       out[c * stride] = std::exp(x[c * stride] - lse) * k - scale * (w ? w[c] : T(1)) * yc;
     }
     return;
@@ -607,7 +823,12 @@ HG_FLATTEN void backward_lanes_avx2(const float* x, float* out, int64_t S, const
     keep[l] = 0;
     if (l >= lanes) continue;
     const int64_t t = tg[l];
-    if (is_ignored(t, p.ignore_index)) continue;
+    if (is_ignored(t, p.ignore_index)) {
+      // Gradient 0, or NaN where the forward recorded lse = NaN (ignored_row_lse).
+      L[l] = lse[l];
+      keep[l] = std::isnan(lse[l]) ? -1 : 0;
+      continue;
+    }
     if (!in_range(t, C)) {
       bad_target.report(row0 + l);
       continue;
@@ -650,45 +871,51 @@ template <typename T>
 void backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
                     const at::Tensor& target, const at::Tensor& weight, const at::Tensor& lse_t,
                     Params p, at::Tensor& grad_input) {
+  using A = acc_t<T>;
   const T* x = input.const_data_ptr<T>();
-  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
+  std::vector<A> w_store, g_store;
+  const A* w = compute_weights<T>(weight, p, w_store);
   if (w) p.weight_total = weight_sum(w, p.classes);
   const T* y = p.prob_target ? target.const_data_ptr<T>() : nullptr;
   const int64_t* tg = p.prob_target ? nullptr : target.const_data_ptr<int64_t>();
-  const T* lse = lse_t.const_data_ptr<T>();
+  const A* lse = lse_t.const_data_ptr<A>();
   T* gx = grad_input.mutable_data_ptr<T>();
   BadTarget bad_target;
-  const RowScale<T> scale = row_scale<T>(grad_loss, p, tg, w, bad_target);
+  const RowScale<A> scale = row_scale<T>(grad_loss, p, tg, w, bad_target, g_store);
   if (tg) bad_target.raise_if_any(tg);
-  const int64_t C = p.classes, S = p.inner;
+  const int64_t S = p.inner, step = row_step(p);
   const Split split(p);
 
   at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
+    TaskRows<T> x_rows, y_rows, g_rows;
     for (int64_t task = begin; task < end; ++task) {
-      int64_t n, s0, s1;
+      int64_t n, s0, s1, stride;
       split.rows(p, task, n, s0, s1);
-      const int64_t base = n * C * S;
+      const A* xt = x_rows.load(x, p, n, s0, s1, stride);
+      const A* yt = y ? y_rows.load(y, p, n, s0, s1, stride) : nullptr;
+      A* gt = g_rows.output(gx, p, n, s0, s1);
       int64_t s = s0;
 #if HG_HAVE_AVX2
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<A, float>) {
         if (S > 1 && !p.prob_target) {
           for (; s < s1; s += 8) {
             const int lanes = static_cast<int>(std::min<int64_t>(8, s1 - s));
             const int64_t r = n * S + s;
-            backward_lanes_avx2(x + base + s, gx + base + s, S, tg + r, lanes, w, lse + r, scale,
-                                p, r, bad_target);
+            backward_lanes_avx2(xt + (s - s0), gt + (s - s0), stride, tg + r, lanes, w, lse + r,
+                                scale, p, r, bad_target);
           }
         }
       }
 #endif
       for (; s < s1; ++s) {
         const int64_t r = n * S + s;
-        const int64_t off = base + (S == 1 ? s * C : s);
+        const int64_t at = (s - s0) * step;
         bool bad = false;
-        backward_row(x + off, y ? y + off : nullptr, tg ? tg[r] : 0, w, S, lse[r], scale(r), p,
-                     gx + off, bad);
+        backward_row(xt + at, yt ? yt + at : nullptr, tg ? tg[r] : 0, w, stride, lse[r],
+                     scale(r), p, gt + at, bad);
         if (bad) bad_target.report(r);
       }
+      g_rows.store(gx, p, n, s0, s1);
     }
   });
   if (tg) bad_target.raise_if_any(tg);
@@ -697,7 +924,8 @@ void backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
 void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
                      const at::Tensor& target, const at::Tensor& weight, const at::Tensor& lse,
                      const Params& p, at::Tensor& grad_input) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy_backward", [&] {
     backward_typed<scalar_t>(grad_loss, input, target, weight, lse, p, grad_input);
   });
 }
@@ -707,14 +935,16 @@ template <typename T>
 void target_backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
                            const at::Tensor& weight, const at::Tensor& lse_t, const Params& p,
                            at::Tensor& grad_target) {
+  using A = acc_t<T>;
   const T* x = input.const_data_ptr<T>();
-  const T* w = p.has_weight ? weight.const_data_ptr<T>() : nullptr;
-  const T* lse = lse_t.const_data_ptr<T>();
+  std::vector<A> w_store, g_store;
+  const A* w = compute_weights<T>(weight, p, w_store);
+  const A* lse = lse_t.const_data_ptr<A>();
   T* gy = grad_target.mutable_data_ptr<T>();
   BadTarget unused;
-  const RowScale<T> scale = row_scale<T>(grad_loss, p, nullptr, w, unused);
+  const RowScale<A> scale = row_scale<T>(grad_loss, p, nullptr, w, unused, g_store);
   const int64_t C = p.classes, S = p.inner;
-  const T keep = T(1) - static_cast<T>(p.smoothing);
+  const A keep = A(1) - static_cast<A>(p.smoothing);
   const Split split(p);
   at::parallel_for(0, split.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -723,9 +953,10 @@ void target_backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t r = n * S + s;
         const int64_t off = n * C * S + (S == 1 ? s * C : s);
-        const T k = scale(r) * keep;
+        const A k = scale(r) * keep;
         for (int64_t c = 0; c < C; ++c) {
-          gy[off + c * S] = k * (w ? w[c] : T(1)) * (lse[r] - x[off + c * S]);
+          const A xc = static_cast<A>(x[off + c * S]);
+          gy[off + c * S] = static_cast<T>(k * (w ? w[c] : A(1)) * (lse[r] - xc));
         }
       }
     }
@@ -735,7 +966,8 @@ void target_backward_typed(const at::Tensor& grad_loss, const at::Tensor& input,
 void target_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
                             const at::Tensor& weight, const at::Tensor& lse, const Params& p,
                             at::Tensor& grad_target) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::cross_entropy_target_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "handgrad::cross_entropy_target_backward", [&] {
     target_backward_typed<scalar_t>(grad_loss, input, weight, lse, p, grad_target);
   });
 }

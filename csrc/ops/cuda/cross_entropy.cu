@@ -8,18 +8,28 @@
 // group combines them (shuffles, then shared memory across warps) into
 // lse = m + log s. Label smoothing and probability targets sweep the row once
 // more for the linear terms relative to the final max (no cancellation for
-// +-1e4 logits). Reduced losses go through a per-row buffer and one block
-// that adds it in a fixed order (deterministic). Saved for backward: lse.
+// +-1e4 logits). Rows that native's log_softmax makes NaN (a NaN or +inf
+// logit, or only -inf ones) get lse = NaN (row_log_s in ops/cross_entropy.h);
+// ignored rows are swept too (only for that) and record 0 or that NaN, so
+// backward can give native's NaN gradient there. Saved for backward: lse.
+// Reduced losses, the class-weight total and the 'mean' divisor are sums
+// over up to 1e7+ rows: a per-row buffer, then a two-stage reduction with
+// no atomics -- up to kMaxPartials blocks each add a fixed set of 256-row
+// tiles and tree-add their threads' sums, one block adds those partial
+// sums the same way -- so every addition's order depends on the row count
+// alone and results are bit-identical from call to call (and GPU to GPU).
 // Gradient (derivation in ops/cross_entropy.h): dloss/dx_c = scale *
 // (p_c a - (1-e) w_t [c==t] - e/C w_c), p_c = exp(x_c - lse), one thread per
 // element of grad_input, so no N x C probability matrix is ever stored;
-// probability targets first get sum_k w_k y_k per row. float16 / bfloat16
-// inputs accumulate in float. As in native's CUDA kernels, an index target
+// probability targets first get sum_k w_k y'_k per row. float16 / bfloat16
+// inputs accumulate in float and round each result once (the reduced loss
+// from its double sum: round_once). As in native's CUDA kernels, an index target
 // out of range is a device-side assert (checking it on the host would need a
 // synchronization). Contiguous rows whose length is a multiple of 16 bytes
 // are read with 16-byte loads in forward; backward reads and writes 16-byte
 // packs whenever the sizes and alignment allow.
-// Speed: not measured: no GPU here.
+// Speed: not measured: no GPU was available (every kernel runs in CI on the
+// host emulator, csrc/emulation, against native).
 #include "ops/cross_entropy.h"
 
 #include "common/cuda_launch.cuh"
@@ -42,6 +52,16 @@ namespace cross_entropy {
 namespace {
 
 constexpr int kThreads = 256;
+
+// The deterministic reduction (see the top of the file): stage 1 runs
+// reduce_blocks(count) blocks of kReduceThreads threads; tile k holds terms
+// [256 k, 256 k + 256) and block b adds tiles b, b + B, b + 2B, ...
+constexpr int kReduceThreads = 256;
+constexpr int64_t kMaxPartials = 1024;  // 8 resident blocks on each of an H100's 132 SMs
+
+int64_t reduce_blocks(int64_t count) {
+  return std::clamp<int64_t>((count + kReduceThreads - 1) / kReduceThreads, 1, kMaxPartials);
+}
 
 // 16-byte packs for vectorized loads and stores (4 floats, 8 halves, 2 doubles).
 template <typename T>
@@ -122,19 +142,14 @@ __global__ void forward_rows_kernel(const T* __restrict__ x, const int64_t* __re
        r += int64_t(gridDim.x) * groups) {
     const int64_t off = row_offset(r, p);
     int64_t t = 0;
+    bool ignored = false;
     if (!p.prob_target) {
       t = tg[r];
-      if (is_ignored(t, p.ignore_index)) {
-        if (lane == 0) {
-          lse[r] = 0;
-          if (loss_rows) loss_rows[r] = T(0);
-          if (row_loss) row_loss[r] = 0;
-          if (row_w) row_w[r] = 0;
-        }
-        continue;
-      }
-      CUDA_KERNEL_ASSERT(in_range(t, C) && "cross_entropy: target out of bounds");
+      ignored = is_ignored(t, p.ignore_index);
+      CUDA_KERNEL_ASSERT((ignored || in_range(t, C)) && "cross_entropy: target out of bounds");
     }
+    // Ignored rows are swept too: their lse records whether native's
+    // gradient of the row is NaN (ignored_row_lse).
     A m = lowest<A>(), s = 0;
     auto consume = [&](A v) {
       if (v > m) {
@@ -158,30 +173,41 @@ __global__ void forward_rows_kernel(const T* __restrict__ x, const int64_t* __re
     }
     const A row_max = group_reduce<G>(m, MaxOp(), shm);
     s = group_reduce<G>(s * ce_exp(m - row_max), SumOp(), shm);
-    const A log_s = ce_log(s);
+    if (ignored) {  // the whole group skips the rest together
+      if (lane == 0) {
+        lse[r] = ignored_row_lse<A>(row_is_nan(row_max, s));
+        if (loss_rows) loss_rows[r] = T(0);
+        if (row_loss) row_loss[r] = 0;
+        if (row_w) row_w[r] = 0;
+      }
+      continue;
+    }
+    const A log_s = row_log_s(row_max, s, ce_log(s));
     A lin_w = 0, lin_y = 0, mass_y = 0;
     if (p.prob_target || p.smoothing > 0) {
       for (int64_t c = lane; c < C; c += G) {
         const A wc = w ? static_cast<A>(w[c]) : A(1);
         const A gap = row_max - static_cast<A>(x[off + c * S]);
-        lin_w += wc * gap;
         if (p.prob_target) {
-          const A wy = wc * static_cast<A>(y[off + c * S]);
+          const A wy = wc * smoothed(static_cast<A>(y[off + c * S]), e, Cf);
           lin_y += wy * gap;
           mass_y += wy;
+        } else {
+          lin_w += wc * gap;
         }
       }
-      lin_w = group_reduce<G>(lin_w, SumOp(), shm);
       if (p.prob_target) {
         lin_y = group_reduce<G>(lin_y, SumOp(), shm);
         mass_y = group_reduce<G>(mass_y, SumOp(), shm);
+      } else {
+        lin_w = group_reduce<G>(lin_w, SumOp(), shm);
       }
     }
     if (lane == 0) {
       A loss;
       A w_t = 0;
       if (p.prob_target) {
-        loss = prob_row_loss(log_s, lin_y, mass_y, lin_w, e, Cf, w_total);
+        loss = prob_row_loss(log_s, lin_y, mass_y);
       } else {
         w_t = w ? static_cast<A>(w[t]) : A(1);
         const A gap_t = row_max - static_cast<A>(x[off + t * S]);
@@ -195,71 +221,133 @@ __global__ void forward_rows_kernel(const T* __restrict__ x, const int64_t* __re
   }
 }
 
-// One block adds the per-row losses (and target weights) in a fixed order.
-template <typename T>
-__global__ void finish_kernel(const at::opmath_type<T>* __restrict__ row_loss,
-                              const double* __restrict__ row_w, int64_t rows, Params p,
-                              T* __restrict__ loss) {
-  __shared__ double sl[kThreads], sw[kThreads];
-  double l = 0, wt = 0;
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-    l += static_cast<double>(row_loss[r]);
-    wt += row_w[r];
-  }
-  sl[threadIdx.x] = l;
-  sw[threadIdx.x] = wt;
+// ---------------------------------------------------------------------------
+// The deterministic two-stage sum.
+
+struct Sums {
+  double loss, weight;
+};
+
+// Tree-adds the block's values in a fixed order; every thread gets the total.
+__device__ Sums block_sum(Sums v, double* sl, double* sw) {
+  sl[threadIdx.x] = v.loss;
+  sw[threadIdx.x] = v.weight;
   __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
     if (threadIdx.x < half) {
       sl[threadIdx.x] += sl[threadIdx.x + half];
       sw[threadIdx.x] += sw[threadIdx.x + half];
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    double total = sl[0];
-    if (p.reduction == kMean) total /= p.prob_target ? static_cast<double>(rows) : sw[0];
-    loss[0] = static_cast<T>(total);
-  }
+  return {sl[0], sw[0]};
 }
 
-// Sum of the class weights (label smoothing), or of the target weights of
-// the non-ignored rows (the 'mean' divisor of index targets).
+// Stage 1: block b adds the terms of tiles b, b + B, b + 2B, ... (each
+// thread its column of every tile, in tile order) into partial[b].
+template <typename Term>
+__global__ void partial_sums_kernel(Term term, int64_t count, Sums* __restrict__ partial) {
+  __shared__ double sl[kReduceThreads], sw[kReduceThreads];
+  Sums acc{0, 0};
+  for (int64_t i = blockIdx.x * int64_t(kReduceThreads) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * kReduceThreads) {
+    const Sums v = term(i);
+    acc.loss += v.loss;
+    acc.weight += v.weight;
+  }
+  const Sums total = block_sum(acc, sl, sw);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// Stage 2: one block adds the partial sums the same way and hands the
+// total to finish.
+template <typename Finish>
+__global__ void final_sum_kernel(const Sums* __restrict__ partial, int64_t parts, Finish finish) {
+  __shared__ double sl[kReduceThreads], sw[kReduceThreads];
+  Sums acc{0, 0};
+  for (int64_t i = threadIdx.x; i < parts; i += kReduceThreads) {
+    acc.loss += partial[i].loss;
+    acc.weight += partial[i].weight;
+  }
+  const Sums total = block_sum(acc, sl, sw);
+  if (threadIdx.x == 0) finish(total);
+}
+
+// Terms: the per-row losses and target weights of the forward,
+template <typename A>
+struct RowLossTerm {
+  const A* row_loss;
+  const double* row_w;  // null unless 'mean' of index targets
+  __device__ Sums operator()(int64_t r) const {
+    return {static_cast<double>(row_loss[r]), row_w ? row_w[r] : 0.0};
+  }
+};
+
+// the class weights (their total scales label smoothing),
 template <typename T>
-__global__ void weight_sum_kernel(const T* __restrict__ w, const int64_t* __restrict__ tg,
-                                  int64_t count, Params p, double* __restrict__ out) {
-  __shared__ double buf[kThreads];
-  double acc = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    if (tg == nullptr) {
-      acc += static_cast<double>(w[i]);
-    } else {
-      const int64_t t = tg[i];
-      if (is_ignored(t, p.ignore_index)) continue;
-      CUDA_KERNEL_ASSERT(in_range(t, p.classes) && "cross_entropy: target out of bounds");
-      acc += w ? static_cast<double>(w[t]) : 1.0;
-    }
+struct ClassWeightTerm {
+  const T* w;
+  __device__ Sums operator()(int64_t c) const { return {0.0, static_cast<double>(w[c])}; }
+};
+
+// the target weights of the non-ignored rows (the 'mean' divisor of index targets).
+template <typename T>
+struct TargetWeightTerm {
+  const int64_t* tg;
+  const T* w;
+  Params p;
+  __device__ Sums operator()(int64_t r) const {
+    const int64_t t = tg[r];
+    if (is_ignored(t, p.ignore_index)) return {0.0, 0.0};
+    CUDA_KERNEL_ASSERT(in_range(t, p.classes) && "cross_entropy: target out of bounds");
+    return {0.0, w ? static_cast<double>(w[t]) : 1.0};
   }
-  buf[threadIdx.x] = acc;
-  __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
-    if (threadIdx.x < half) buf[threadIdx.x] += buf[threadIdx.x + half];
-    __syncthreads();
+};
+
+// Finishers: the reduced loss ('mean': over the target weights, or the rows
+// for probability targets),
+template <typename T>
+struct WriteLoss {
+  T* loss;
+  bool mean;
+  bool prob_target;
+  double rows;
+  __device__ void operator()(Sums total) const {
+    double value = total.loss;
+    if (mean) value /= prob_target ? rows : total.weight;
+    *loss = round_once<T>(value);
   }
-  if (threadIdx.x == 0) *out = buf[0];
+};
+
+// or a weight total.
+struct WriteWeight {
+  double* out;
+  __device__ void operator()(Sums total) const { *out = total.weight; }
+};
+
+template <typename Term, typename Finish>
+void deterministic_sum(Term term, int64_t count, Finish finish, const at::Tensor& like,
+                       cudaStream_t stream) {
+  const int64_t blocks = reduce_blocks(count);
+  at::Tensor partial = at::empty({blocks * 2}, like.options().dtype(at::kDouble));
+  Sums* parts = reinterpret_cast<Sums*>(partial.mutable_data_ptr<double>());
+  cuda::launch<partial_sums_kernel<Term>>(blocks, kReduceThreads, 0, stream, term, count, parts);
+  cuda::launch<final_sum_kernel<Finish>>(1, kReduceThreads, 0, stream, parts, blocks, finish);
 }
 
-// sum_c w_c y_c of every row (probability targets), one thread per row.
+// sum_c w_c y'_c of every row (probability targets, y' smoothed), one thread per row.
 template <typename T>
 __global__ void target_mass_kernel(const T* __restrict__ y, const T* __restrict__ w, Params p,
                                    int64_t rows, at::opmath_type<T>* __restrict__ mass) {
   using A = at::opmath_type<T>;
+  const A e = static_cast<A>(p.smoothing), Cf = static_cast<A>(p.classes);
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows;
        r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t off = row_offset(r, p);
     A acc = 0;
     for (int64_t c = 0; c < p.classes; ++c) {
-      acc += (w ? static_cast<A>(w[c]) : A(1)) * static_cast<A>(y[off + c * p.inner]);
+      acc += (w ? static_cast<A>(w[c]) : A(1)) *
+             smoothed(static_cast<A>(y[off + c * p.inner]), e, Cf);
     }
     mass[r] = acc;
   }
@@ -299,12 +387,14 @@ __device__ __forceinline__ T grad_element(const BackwardArgs<T>& a, const Params
                           static_cast<double>(p.outer * p.inner), p);
   const A wc = a.w ? static_cast<A>(a.w[c]) : A(1);
   if (p.prob_target) {
-    const A yc = (A(1) - e) * static_cast<A>(a.y[i]) + e / Cf;
-    return static_cast<T>(ce_exp(xc - a.lse[r]) * g * prob_row_p_factor(a.mass[r], e, Cf, w_total) -
-                          g * wc * yc);
+    const A yc = smoothed(static_cast<A>(a.y[i]), e, Cf);
+    return static_cast<T>(ce_exp(xc - a.lse[r]) * g * a.mass[r] - g * wc * yc);
   }
   const int64_t t = a.tg[r];
-  if (is_ignored(t, p.ignore_index)) return T(0);
+  if (is_ignored(t, p.ignore_index)) {
+    const A l = a.lse[r];
+    return static_cast<T>(l != l ? l : A(0));  // ignored_row_lse: NaN or 0
+  }
   CUDA_KERNEL_ASSERT(in_range(t, C) && "cross_entropy: target out of bounds");
   const A w_t = a.w ? static_cast<A>(a.w[t]) : A(1);
   A out = ce_exp(xc - a.lse[r]) * g * index_row_p_factor(w_t, e, Cf, w_total) - g * e / Cf * wc;
@@ -361,8 +451,8 @@ template <typename T>
 at::Tensor class_weight_sum(const at::Tensor& weight, const Params& p, cudaStream_t stream) {
   if (!p.has_weight || p.smoothing <= 0) return at::Tensor();
   at::Tensor out = at::empty({1}, weight.options().dtype(at::kDouble));
-  cuda::launch<weight_sum_kernel<T>>(1, kThreads, 0, stream, weight.const_data_ptr<T>(), nullptr,
-                                     p.classes, p, out.mutable_data_ptr<double>());
+  deterministic_sum(ClassWeightTerm<T>{weight.const_data_ptr<T>()}, p.classes,
+                    WriteWeight{out.mutable_data_ptr<double>()}, weight, stream);
   return out;
 }
 
@@ -396,6 +486,8 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at:
     at::Tensor row_loss, row_w;
     if (p.reduction != kNone) {
       row_loss = at::empty({rows}, input.options().dtype(c10::CppTypeToScalarType<A>::value));
+    }
+    if (p.reduction == kMean && !p.prob_target) {
       row_w = at::empty({rows}, input.options().dtype(at::kDouble));
     }
     scalar_t* loss_rows = p.reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
@@ -415,8 +507,10 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& target, const at:
       }
     }
     if (p.reduction != kNone) {
-      cuda::launch<finish_kernel<scalar_t>>(1, kThreads, 0, stream, rl, rw, rows, p,
-                                            loss.mutable_data_ptr<scalar_t>());
+      deterministic_sum(RowLossTerm<A>{rl, rw}, rows,
+                        WriteLoss<scalar_t>{loss.mutable_data_ptr<scalar_t>(), p.reduction == kMean,
+                                            p.prob_target, static_cast<double>(rows)},
+                        input, stream);
     }
   });
 }
@@ -436,9 +530,8 @@ void backward_kernel(const at::Tensor& grad_loss, const at::Tensor& input,
     at::Tensor divisor, mass;
     if (p.reduction == kMean && !p.prob_target) {
       divisor = at::empty({1}, input.options().dtype(at::kDouble));
-      cuda::launch<weight_sum_kernel<scalar_t>>(1, kThreads, 0, stream, w,
-                                                target.const_data_ptr<int64_t>(), rows, p,
-                                                divisor.mutable_data_ptr<double>());
+      deterministic_sum(TargetWeightTerm<scalar_t>{target.const_data_ptr<int64_t>(), w, p}, rows,
+                        WriteWeight{divisor.mutable_data_ptr<double>()}, input, stream);
     }
     if (p.prob_target) {
       mass = at::empty({rows}, input.options().dtype(c10::CppTypeToScalarType<A>::value));

@@ -2,8 +2,10 @@
 
 The kernels are in csrc/ops/{cross_entropy.cpp, cpu/cross_entropy.cpp,
 cuda/cross_entropy.cu}. Forward returns the loss and the log-sum-exp of every
-row (float32, float64 for float64 input); lse is the only tensor saved besides
-the inputs. Backward recomputes p - y from the logits and lse and writes the
+row (float32, float64 for float64 input; an ignored row records 0, or NaN where
+native's gradient of that row is NaN); lse is the only tensor saved besides
+the inputs. float32, float64, float16 and bfloat16 on the CPU and CUDA
+(reduced precision computes in float32 and rounds each result once). Backward recomputes p - y from the logits and lse and writes the
 input gradient directly (torch.ops.handgrad.cross_entropy_backward);
 probability targets that require grad get theirs from
 torch.ops.handgrad.cross_entropy_target_backward.
@@ -31,9 +33,24 @@ def _lse_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op, input, **tensors):
+    """Every tensor argument on the input's device, as the C++ drivers check.
+
+    The fake kernels are also the Meta kernels, so a CPU input with a meta
+    weight or target lands here, not in the driver: without this check it
+    returned an uninitialised CPU loss. Native's wording."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == input.device,
+                         lambda: "%s: Tensor on device %s is not on the expected device %s! "
+                                 "(argument '%s' must be on the input's device)"
+                                 % (op, t.device, input.device, name))
+
+
 @torch.library.register_fake("handgrad::cross_entropy")
 def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0):
+    _check_devices("handgrad::cross_entropy", input, target=target, weight=weight)
     torch._check(input.dim() >= 1,
                  lambda: "handgrad::cross_entropy: expected a 1-D or larger input")
     torch._check(reduction in ("none", "mean", "sum"),
@@ -46,12 +63,16 @@ def _cross_entropy_fake(input, target, weight=None, ignore_index=-100, reduction
 @torch.library.register_fake("handgrad::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, input, target, weight, ignore_index, reduction,
                                  label_smoothing, lse):
+    _check_devices("handgrad::cross_entropy_backward", input, grad_loss=grad_loss, target=target,
+                   weight=weight, lse=lse)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("handgrad::cross_entropy_target_backward")
 def _cross_entropy_target_backward_fake(grad_loss, input, target, weight, reduction,
                                         label_smoothing, lse):
+    _check_devices("handgrad::cross_entropy_target_backward", input, grad_loss=grad_loss,
+                   target=target, weight=weight, lse=lse)
     return torch.empty_like(input, dtype=target.dtype, memory_format=torch.contiguous_format)
 
 
@@ -60,9 +81,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """Cross-entropy of softmax(input) with the semantics of torch.nn.functional.cross_entropy.
 
     input (C), (N, C) or (N, C, d1, ..., dK); target class indices (int64, the
-    input's shape without dim 1; ignore_index skipped) or class probabilities
-    (the input's shape); per-class weight; reduction 'none', 'mean' (native's
-    weighted mean) or 'sum'; label_smoothing in [0, 1] for both target kinds.
+    input's shape without dim 1, or (1) for a (C) input; ignore_index skipped)
+    or class probabilities (the input's shape); per-class weight; reduction
+    'none', 'mean' (native's weighted mean) or 'sum'; label_smoothing in
+    [0, 1] for both target kinds. NaN and infinite logits give native's NaN
+    and inf results, in the loss and the gradients.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
