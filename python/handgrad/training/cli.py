@@ -119,8 +119,8 @@ def run(args):
         if "handgrad::" not in str(e) or not args.amp:
             raise
         # An op without kernels for the autocast dtype on this device.
-        print("handgrad train: error: --amp %s on %s: %s"
-              % (args.amp, args.device, str(e).strip().splitlines()[0]), file=sys.stderr)
+        print("handgrad train: error: --amp %s: %s" % (args.amp, str(e).strip().splitlines()[0]),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("handgrad train: interrupted; continue with --resume", file=sys.stderr)
