@@ -9,10 +9,10 @@ initial weights; the model's own batch size, optimizer, augmentation and
 learning-rate schedule), and trains one epoch of each on N training images
 (--limit's class-balanced subset) with their steps interleaved -- native,
 handgrad, handgrad, native, ... -- so both backends meet the same machine at
-the same moments. It reports each backend's images per second over the whole epoch (the sum of its step times:
-data preparation, forward, backward, optimizer; evaluation is not timed), the
-ratio handgrad / native (above 1: handgrad trains faster) and the median of
-the per-step ratios. An epoch's time is the full training set divided by the
+the same moments. It reports each backend's images per second over the whole
+epoch (the sum of its step times: data preparation, forward, backward,
+optimizer; evaluation is not timed), the ratio handgrad / native (above 1:
+handgrad trains faster) and the median of the per-step ratios. An epoch's time is the full training set divided by the
 throughput.
 
 Why one process: on these shared machines the speed of a whole process moves by
