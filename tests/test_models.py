@@ -93,12 +93,18 @@ def test_autocast_on_the_cpu_matches_native_or_names_the_dtype(name, dtype):
     native = recipe.build().eval()
     mine = models.apply_backend(copy.deepcopy(native), "handgrad")
     x, y = tiny_batch(recipe)
-    ref_logits, ref_loss = _autocast_outputs(
-        native, models.apply_backend(recipe.losses()["cross_entropy"], "native"), x, y, dtype)
+    try:
+        ref_logits, ref_loss = _autocast_outputs(
+            native, models.apply_backend(recipe.losses()["cross_entropy"], "native"), x, y, dtype)
+    except RuntimeError as e:
+        # e.g. native nn.LSTM under CPU autocast float16: "could not create a primitive
+        # descriptor for the LSTM forward propagation primitive" (oneDNN): no reference.
+        pytest.skip("native PyTorch cannot run %s under CPU autocast %s: %s"
+                    % (name, dtype, str(e).splitlines()[0][:120]))
     try:
         logits, loss = _autocast_outputs(
             mine, models.apply_backend(recipe.losses()["cross_entropy"], "handgrad"), x, y, dtype)
-    except (RuntimeError, NotImplementedError) as e:
+    except (RuntimeError, TypeError, NotImplementedError) as e:
         assert "handgrad::" in str(e) and any(n in str(e) for n in ("BFloat16", "bfloat16", "Half",
                                                                     "float16")), str(e)
         return

@@ -115,7 +115,7 @@ def run(args):
     except OSError as e:  # e.g. the disk filled up while writing the checkpoint
         print("handgrad train: error: %s" % _one_line(e), file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, NotImplementedError) as e:
         if "handgrad::" not in str(e) or not args.amp:
             raise
         # An op without kernels for the autocast dtype on this device.
