@@ -48,7 +48,7 @@ ifdef TORCH_ENV
 else
 	PIP_FIND_LINKS= $(PY) -m pip install torch torchvision
 endif
-	$(PY) -m pip install ninja setuptools wheel pytest expecttest hypothesis numpy tqdm matplotlib
+	$(PY) -m pip install ninja "setuptools>=77" wheel pytest expecttest hypothesis numpy tqdm matplotlib
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| torchvision', torchvision.__version__)"
 	touch $@
 
