@@ -13,9 +13,11 @@ they replace, then call the op below autocast:
 * cross_entropy: to float32, like native's log_softmax and nll_loss;
 * max_pool2d: not cast; it runs in its input's dtype, like native's.
 
-float64 tensors are never cast (autocast leaves them alone too). Whether the
-op then has kernels for that dtype on that device is the op's business: where
-it has none, it raises its usual error naming the dtype.
+float64 tensors and tensors on another device are never cast (autocast leaves
+them alone too). Whether the op then has kernels for that dtype on that device
+is the op's business: where it has none, it raises its usual error naming the
+dtype. An op module that registers its own autocast kernel (before this module
+is imported, from handgrad/ops/__init__.py) keeps it.
 """
 
 import torch
@@ -29,12 +31,13 @@ _AUTOCAST_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 _library = torch.library.Library("handgrad", "IMPL")
 
 
-def _cast(value, dtype):
+def _cast(value, device_type, dtype):
     if isinstance(value, torch.Tensor):
-        eligible = value.is_floating_point() and value.dtype != torch.float64
-        return value.to(dtype) if eligible and value.dtype != dtype else value
+        eligible = (value.is_floating_point() and value.dtype not in (torch.float64, dtype)
+                    and value.device.type == device_type)
+        return value.to(dtype) if eligible else value
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, dtype) for v in value)
+        return type(value)(_cast(v, device_type, dtype) for v in value)
     return value
 
 
@@ -42,7 +45,7 @@ def _kernel(op, device_type, fixed_dtype):
     def autocast_kernel(*args, **kwargs):
         dtype = fixed_dtype or torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-            return op(*_cast(args, dtype), **_cast(kwargs, dtype))
+            return op(*_cast(args, device_type, dtype), **_cast(kwargs, device_type, dtype))
 
     return autocast_kernel
 
@@ -51,7 +54,12 @@ def _register():
     for name, dtype in [(n, None) for n in LOWER_PRECISION] + [(n, torch.float32) for n in FLOAT32]:
         op = getattr(torch.ops.handgrad, name).default
         for device_type, key in _DEVICE_KEYS.items():
-            _library.impl(name, _kernel(op, device_type, dtype), key)
+            if torch._C._dispatch_has_kernel_for_dispatch_key("handgrad::" + name, key):
+                continue  # the op module registered its own
+            kernel = _kernel(op, device_type, dtype)
+            # The dispatcher's kernel serves eager calls; the Python one torch.compile's tracing.
+            op.py_impl(getattr(torch._C.DispatchKey, key))(kernel)
+            _library.impl(name, kernel, key)
 
 
 _register()
