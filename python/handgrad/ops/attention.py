@@ -88,11 +88,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Args:
         query: ``(..., Hq, L, E)``.
         key: ``(..., Hkv, S, E)``.
-        value: ``(..., Hkv, S, Ev)``.
+        value: ``(..., Hkv, S, Ev)``; the leading dimensions broadcast against
+            each other (query may have fewer).
         attn_mask: bool (True takes part) or additive float, broadcastable to
-            ``(..., Hq, L, S)``. It gets no gradient.
-        dropout_p: dropout probability on the attention weights, seeded from
-            torch's default CPU generator (``torch.manual_seed`` reproduces it).
+            ``(..., Hq, L, S)``; a float mask that requires grad gets its gradient.
+        dropout_p: dropout probability on the attention weights, in ``[0, 1]``,
+            seeded from the generator of the inputs' device
+            (``torch.manual_seed`` reproduces it).
         is_causal: mask with the top-left aligned lower triangle.
         scale: multiplier of the scores; default ``1/sqrt(E)``.
         enable_gqa: let ``Hq`` be a multiple of ``Hkv`` (grouped-query attention).
