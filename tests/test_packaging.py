@@ -196,3 +196,19 @@ def test_the_sdist_manifest_holds_everything_the_build_reads():
 
 def test_py_typed_marks_the_package_as_typed():
     assert os.path.exists(os.path.join(os.path.dirname(handgrad.__file__), "py.typed"))
+
+
+def test_a_broken_build_gives_one_sentence(tmp_path):
+    """The recorded torch matches, but the compiled module is missing (a partial build)."""
+    package = os.path.dirname(os.path.abspath(handgrad.__file__))
+    shutil.copytree(package, tmp_path / "handgrad",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = run_python(["-c", "import handgrad"], env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: handgrad's compiled module could not be loaded "
+                           "(handgrad._C is missing: the build did not finish or was not "
+                           "installed); rebuild it:"), last
+    proc = run_python(["-m", "handgrad", "info"], env)
+    assert proc.returncode == 0 and "could not be loaded" in proc.stdout

@@ -64,9 +64,14 @@ def missing_torch_message():
 def load_failure_message(error):
     """One sentence for a compiled module that failed to load although the
     recorded torch matches (a broken or partial build)."""
-    return ("handgrad's compiled module could not be loaded (%s); rebuild it: %s"
-            % (str(error).splitlines()[0] if str(error) else type(error).__name__,
-               _rebuild_command()))
+    import importlib.util
+
+    if importlib.util.find_spec(__package__ + "._C") is None:
+        reason = "handgrad._C is missing: the build did not finish or was not installed"
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return "handgrad's compiled module could not be loaded (%s); rebuild it: %s" % (
+        reason, _rebuild_command())
 
 
 def loading_for_the_command_line():
