@@ -34,9 +34,12 @@ if grep -q "_build_config.py\|\.so\$" <<<"$listing"; then
 fi
 stage "sdist $(basename "$sdist") complete"
 
-# 2. a CPU-only wheel from the sdist (the build sees .venv's torch: no isolation)
-HANDGRAD_CUDA=0 HANDGRAD_CUDA_EMULATION=0 "$PY" -m pip wheel -q --no-build-isolation --no-deps \
-    -w "$WORK/dist" "$sdist"
+# 2. a CPU-only wheel from the sdist, unpacked here (the build sees .venv's torch:
+#    no isolation; ccache hits across runs need the unpacked folder as its base)
+mkdir "$WORK/src" && tar xzf "$sdist" -C "$WORK/src"
+src=$(ls -d "$WORK"/src/handgrad-*)
+(cd "$src" && CCACHE_BASEDIR="$src" HANDGRAD_CUDA=0 HANDGRAD_CUDA_EMULATION=0 \
+    "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" .)
 wheel=$(ls "$WORK"/dist/handgrad-*.whl)
 torch_release=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 tag=$("$PY" -c "import sys; sys.path.insert(0, '$ROOT/tools'); import torch, build_env
@@ -75,9 +78,10 @@ PYEOF
 (cd "$WORK/elsewhere" && "$WORK/venv/bin/handgrad" --version && "$WORK/venv/bin/handgrad" info | head -3)
 stage "wheel installed into a fresh environment and smoke-tested"
 
-# 4. the sdist's tests against the installed CPU-only build
-mkdir "$WORK/src" && tar xzf "$sdist" -C "$WORK/src"
-src=$(ls -d "$WORK"/src/handgrad-*)
+# 4. the sdist's tests against the installed CPU-only build (a clean copy: the
+#    wheel's build left its objects in the first one)
+mkdir "$WORK/tests" && tar xzf "$sdist" -C "$WORK/tests"
+src=$(ls -d "$WORK"/tests/handgrad-*)
 (cd "$src" && env -u HANDGRAD_EXPECT_CUDA -u HANDGRAD_EXPECT_EMULATION -u PYTHONPATH \
     "$VPY" -m pytest tests -q -p no:cacheprovider -x)
 stage "CPU-only build passed the tests"
