@@ -15,6 +15,28 @@ from synthetic_data import write_cifar10_tree, write_mnist
 QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress"]
 
 
+def train_here(*args):
+    """`handgrad train ARGS` in this process (the error paths, which stop before any
+    training: a subprocess would spend seconds importing torch for each); the
+    exit status, stdout and stderr as from a subprocess."""
+    import contextlib
+    import io
+
+    from handgrad.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(["train", *args])
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def train(*args, env=None, expect=0):
     proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
@@ -216,8 +238,8 @@ def test_cifar_test_classes_must_match_the_training_classes(data_root, tmp_path,
         shutil.rmtree(os.path.join(test_dir, "truck"))
     else:
         shutil.copytree(os.path.join(test_dir, "cat"), os.path.join(test_dir, "zebra"))
-    proc = train("lenet5", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
-                 *QUICK, expect=None)
+    proc = train_here("lenet5", "--data-root", str(tmp_path / "data"), "--out",
+                      str(tmp_path / "o"), *QUICK)
     assert_one_line_error(proc, "training and test classes differ", message)
 
 
@@ -246,8 +268,7 @@ def _rewrite(path, edit):
 def test_broken_mnist_files_give_a_one_line_error(data_root, tmp_path, file, edit, message):
     root, raw = mnist_copy(data_root, tmp_path)
     _rewrite(os.path.join(raw, file), edit)
-    proc = train("mnist_cnn", "--data-root", root, "--out", str(tmp_path / "o"), *QUICK,
-                 expect=None)
+    proc = train_here("mnist_cnn", "--data-root", root, "--out", str(tmp_path / "o"), *QUICK)
     assert_one_line_error(proc, file, message)
 
 
@@ -265,8 +286,8 @@ def test_broken_cifar_images_give_a_one_line_error(data_root, tmp_path, defect, 
         _rewrite(victim, lambda d: d[:len(d) // 2])
     else:
         Image.new("RGB", (31, 32)).save(victim)
-    proc = train("lenet5", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
-                 *QUICK, expect=None)
+    proc = train_here("lenet5", "--data-root", str(tmp_path / "data"), "--out",
+                      str(tmp_path / "o"), *QUICK)
     assert_one_line_error(proc, victim, message)
 
 
@@ -283,6 +304,11 @@ def resume(data_root, out, expect=0):
     return train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "1",
                  "--batch-size", "64", "--threads", "1", "--no-progress", "--limit", "64",
                  expect=expect)
+
+
+def resume_here(data_root, out):
+    return train_here("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs",
+                      "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--limit", "64")
 
 
 class Exploit:
@@ -323,15 +349,14 @@ def test_broken_checkpoints_give_a_one_line_error(data_root, finished_run, tmp_p
     else:
         saved["history"] = Exploit(marker)
         torch.save(saved, path)
-    assert_one_line_error(resume(data_root, out, expect=None), path, message)
+    assert_one_line_error(resume_here(data_root, out), path, message)
     assert not os.path.exists(marker), "--resume ran code stored in the checkpoint"
 
 
 def test_output_folder_that_cannot_be_written_is_refused_before_training(data_root, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = train("mnist_cnn", "--data-root", data_root, "--out", str(blocker / "run"), *QUICK,
-                 expect=None)
+    proc = train_here("mnist_cnn", "--data-root", data_root, "--out", str(blocker / "run"), *QUICK)
     assert_one_line_error(proc, "cannot write to the output folder --out", str(blocker))
     assert "epoch" not in proc.stdout
 
@@ -480,14 +505,14 @@ def test_a_missing_optional_package_names_the_train_extra(data_root, tmp_path):
     (["--amp", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_device_and_amp_arguments(data_root, args, message):
-    proc = train("mnist_cnn", "--data-root", data_root, *args, expect=None)
+    proc = train_here("mnist_cnn", "--data-root", data_root, *args)
     assert_one_line_error(proc, message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_device_cuda_without_a_gpu_says_so(data_root, tmp_path):
-    proc = train("mnist_cnn", "--data-root", data_root, "--out", str(tmp_path / "o"),
-                 "--device", "cuda", expect=None)
+    proc = train_here("mnist_cnn", "--data-root", data_root, "--out", str(tmp_path / "o"),
+                      "--device", "cuda")
     assert_one_line_error(proc, "--device cuda: no CUDA GPU is usable here")
 
 
