@@ -75,7 +75,8 @@ assert handgrad.info()["cuda_kernels_compiled"] is False
 print("smoke test: handgrad", handgrad.__version__, "from", os.path.dirname(handgrad.__file__))
 PYEOF
 )
-(cd "$WORK/elsewhere" && "$WORK/venv/bin/handgrad" --version && "$WORK/venv/bin/handgrad" info | head -3)
+(cd "$WORK/elsewhere" && "$WORK/venv/bin/handgrad" --version \
+    && "$WORK/venv/bin/handgrad" info > info.txt && head -3 info.txt)
 stage "wheel installed into a fresh environment and smoke-tested"
 
 # 4. the sdist's tests against the installed CPU-only build (a clean copy: the
