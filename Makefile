@@ -12,6 +12,9 @@
 # TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
 # HANDGRAD_CUDA_EMULATION=1 (the default here) also builds the CUDA emulation
 # module, with which the tests run every CUDA kernel on the CPU.
+# TORCH_ENV=DIR makes .venv use the torch and torchvision installed in the
+# environment DIR (through a .pth file) instead of installing them: .ci/run
+# keeps one such environment between runs (5 GB, minutes to install).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +23,7 @@ export MAX_JOBS ?= 2
 export HANDGRAD_CUDA_EMULATION ?= 1
 
 SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.inc') \
-	setup.py pyproject.toml tools/build_env.py
+	setup.py pyproject.toml tools/build_env.py tools/build_backend.py
 TORCH_STAMP := $(VENV)/.torch-installed
 BUILD_STAMP := $(VENV)/.handgrad-built
 
@@ -40,8 +43,13 @@ install: $(BUILD_STAMP)
 $(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+ifdef TORCH_ENV
+	$(TORCH_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torch-env.pth"
+else
 	PIP_FIND_LINKS= $(PY) -m pip install torch torchvision
-	$(PY) -m pip install ninja setuptools wheel pytest expecttest hypothesis numpy tqdm matplotlib
+endif
+	$(PY) -m pip install ninja "setuptools>=77" wheel pytest expecttest hypothesis numpy tqdm matplotlib
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '| torchvision', torchvision.__version__)"
 	touch $@
 
@@ -51,7 +59,7 @@ $(BUILD_STAMP): $(TORCH_STAMP) $(SOURCES)
 	touch $@
 
 cmake-test: $(BUILD_STAMP)
-	cmake -S . -B cmake-build $$($(PY) tools/build_env.py cmake-args)
+	cmake -S . -B cmake-build $$($(PY) tools/build_env.py cmake-args) $(CMAKE_ARGS)
 	cmake --build cmake-build -j $(MAX_JOBS)
 	ctest --test-dir cmake-build --output-on-failure
 
@@ -59,4 +67,5 @@ gpu-check: $(BUILD_STAMP)
 	$(PY) tools/gpu_check.py --out gpu-report $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build cmake-build python/handgrad/*.so *.egg-info python/*.egg-info
+	rm -rf build cmake-build python/handgrad/*.so python/handgrad/_build_config.py *.egg-info \
+		python/*.egg-info docs/_build

@@ -6,14 +6,14 @@
 For each model this builds the training run of `handgrad train MODEL` twice in
 one process, `--backend native` and `--backend handgrad` (same seed, so the same
 initial weights; the model's own batch size, optimizer, augmentation and
-learning-rate schedule), and trains one epoch of each on the first N training
-images with their steps interleaved -- native, handgrad, handgrad, native, ... --
-so both backends meet the same machine at the same moments. It reports each
-backend's images per second over the whole epoch (the sum of its step times:
-data preparation, forward, backward, optimizer; evaluation is not timed), the
-ratio handgrad / native (above 1: handgrad trains faster) and the median of
-the per-step ratios. An epoch's time is the full training set divided by the
-throughput.
+learning-rate schedule), and trains one epoch of each on N training images
+(--limit's class-balanced subset) with their steps interleaved -- native,
+handgrad, handgrad, native, ... -- so both backends meet the same machine at
+the same moments. It reports each backend's images per second over the whole
+epoch (the sum of its step times: data preparation, forward, backward,
+optimizer; evaluation is not timed), the ratio handgrad / native (above 1:
+handgrad trains faster) and the median of the per-step ratios. An epoch's
+time is the full training set divided by the throughput.
 
 Why one process: on these shared machines the speed of a whole process moves by
 up to ~40% from one minute to the next (native mnist_cnn steps measured 29 to

@@ -96,3 +96,22 @@ def test_unpatch_restores_native_classes():
     model = handgrad.patch(nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2)))
     handgrad.unpatch(model)
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.MaxPool2d
+
+
+def test_patched_model_on_each_device_matches_native(device):
+    """handgrad.patch on a model living on the device: the CPU, the CUDA kernels
+    (emulated on the CPU, or a GPU where one is usable)."""
+    torch.manual_seed(0)
+    native = Mixed().eval().to(device)
+    mine = handgrad.patch(copy.deepcopy(native))
+    x = torch.randn(2, 3, 8, 8, device=device)
+    y = torch.tensor([0, 3], device=device)
+    losses = []
+    for model in (native, mine):
+        loss = model(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (n, p), q in zip(native.named_parameters(), mine.parameters()):
+        assert q.device == p.device
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)

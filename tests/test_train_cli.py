@@ -15,6 +15,28 @@ from synthetic_data import write_cifar10_tree, write_mnist
 QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress"]
 
 
+def train_here(*args):
+    """`handgrad train ARGS` in this process (the error paths, which stop before any
+    training: a subprocess would spend seconds importing torch for each); the
+    exit status, stdout and stderr as from a subprocess."""
+    import contextlib
+    import io
+
+    from handgrad.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(["train", *args])
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def train(*args, env=None, expect=0):
     proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
@@ -184,3 +206,337 @@ def test_missing_data_names_the_searched_path(tmp_path):
     proc = train("mnist_cnn", "--data-root", str(tmp_path), expect=2)
     assert os.path.join(str(tmp_path), "MNIST", "raw") in proc.stderr
     assert "--data-root" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- bad data, checkpoints and output folders: one line, exit status 2 ----------------------------
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def copy_tree(source, dest):
+    import shutil
+
+    shutil.copytree(source, dest)
+    return str(dest)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("remove truck", "the test set lacks truck"),
+    ("add zebra", "the test set has zebra, absent from the training set"),
+])
+def test_cifar_test_classes_must_match_the_training_classes(data_root, tmp_path, change, message):
+    import shutil
+
+    root = copy_tree(os.path.join(data_root, "cifar10"), tmp_path / "data" / "cifar10")
+    test_dir = os.path.join(root, "test")
+    if change == "remove truck":
+        shutil.rmtree(os.path.join(test_dir, "truck"))
+    else:
+        shutil.copytree(os.path.join(test_dir, "cat"), os.path.join(test_dir, "zebra"))
+    proc = train_here("lenet5", "--data-root", str(tmp_path / "data"), "--out",
+                      str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(proc, "training and test classes differ", message)
+
+
+def mnist_copy(data_root, tmp_path):
+    root = tmp_path / "data"
+    copy_tree(os.path.join(data_root, "MNIST"), root / "MNIST")
+    return str(root), os.path.join(str(root), "MNIST", "raw")
+
+
+def _rewrite(path, edit):
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    with open(path, "wb") as f:
+        f.write(edit(data))
+
+
+@pytest.mark.parametrize("file, edit, message", [
+    ("train-labels-idx1-ubyte", lambda d: d[:8 + 100].replace(d[4:8], (100).to_bytes(4, "big")),
+     "holds 100 labels for the 192 images"),
+    ("t10k-labels-idx1-ubyte", lambda d: d[:-1] + bytes([10]), "holds label 10, outside 0..9"),
+    ("train-images-idx3-ubyte", lambda d: (1234).to_bytes(4, "big") + d[4:],
+     "is not an MNIST image file: magic number 1234, expected 2051"),
+    ("train-images-idx3-ubyte", lambda d: d[:-5], "holds 150523 bytes of data, but its header"),
+    ("t10k-images-idx3-ubyte", lambda d: d[:10], "is truncated"),
+])
+def test_broken_mnist_files_give_a_one_line_error(data_root, tmp_path, file, edit, message):
+    root, raw = mnist_copy(data_root, tmp_path)
+    _rewrite(os.path.join(raw, file), edit)
+    proc = train_here("mnist_cnn", "--data-root", root, "--out", str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(proc, file, message)
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("truncated", "cannot decode image"),
+    ("odd size", "is 31x32; CIFAR-10 images are 32x32"),
+])
+def test_broken_cifar_images_give_a_one_line_error(data_root, tmp_path, defect, message):
+    from PIL import Image
+
+    root = copy_tree(os.path.join(data_root, "cifar10"), tmp_path / "data" / "cifar10")
+    folder = os.path.join(root, "train", "bird")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[0])
+    if defect == "truncated":
+        _rewrite(victim, lambda d: d[:len(d) // 2])
+    else:
+        Image.new("RGB", (31, 32)).save(victim)
+    proc = train_here("lenet5", "--data-root", str(tmp_path / "data"), "--out",
+                      str(tmp_path / "o"), *QUICK)
+    assert_one_line_error(proc, victim, message)
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory):
+    """A complete one-epoch mnist_cnn run whose folder the tests copy and damage."""
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    train("mnist_cnn", "--data-root", data_root, "--out", out, "--epochs", "1",
+          "--batch-size", "64", "--threads", "1", "--no-progress", "--limit", "64")
+    return out
+
+
+def resume(data_root, out, expect=0):
+    return train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "1",
+                 "--batch-size", "64", "--threads", "1", "--no-progress", "--limit", "64",
+                 expect=expect)
+
+
+def resume_here(data_root, out):
+    return train_here("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs",
+                      "1", "--batch-size", "64", "--threads", "1", "--no-progress", "--limit", "64")
+
+
+class Exploit:
+    """Unpickling this runs os.mkdir: a checkpoint that executes code when loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "is empty"),
+    ("truncated", "cannot be read (truncated, corrupt, or not a handgrad checkpoint"),
+    ("garbage", "cannot be read (truncated, corrupt, or not a handgrad checkpoint"),
+    ("missing keys", "lacks model, optimizers"),
+    ("other model", "does not fit model mnist_cnn"),
+    ("code", "cannot be read"),
+])
+def test_broken_checkpoints_give_a_one_line_error(data_root, finished_run, tmp_path, damage,
+                                                  message):
+    out = copy_tree(finished_run, tmp_path / "run")
+    path = os.path.join(out, "checkpoint.pt")
+    saved = torch.load(path, weights_only=True)
+    marker = str(tmp_path / "code-ran")
+    if damage == "empty":
+        open(path, "wb").close()
+    elif damage == "truncated":
+        _rewrite(path, lambda d: d[:len(d) // 3])
+    elif damage == "garbage":
+        _rewrite(path, lambda d: bytes(range(256)) * 4)
+    elif damage == "missing keys":
+        torch.save({k: v for k, v in saved.items() if k not in ("model", "optimizers")}, path)
+    elif damage == "other model":
+        saved["model"] = {"weight": torch.zeros(3)}
+        torch.save(saved, path)
+    else:
+        saved["history"] = Exploit(marker)
+        torch.save(saved, path)
+    assert_one_line_error(resume_here(data_root, out), path, message)
+    assert not os.path.exists(marker), "--resume ran code stored in the checkpoint"
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_training(data_root, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = train_here("mnist_cnn", "--data-root", data_root, "--out", str(blocker / "run"), *QUICK)
+    assert_one_line_error(proc, "cannot write to the output folder --out", str(blocker))
+    assert "epoch" not in proc.stdout
+
+
+def test_resuming_a_finished_run_rewrites_metrics_and_plots(data_root, finished_run, tmp_path):
+    """A run killed after its last checkpoint but before its metrics and plots were written."""
+    out = copy_tree(finished_run, tmp_path / "run")
+    for name in ("loss_curves.png", "confusion_matrix.png"):
+        os.unlink(os.path.join(out, name))
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({"history": [], "epochs_done": 0}, f)
+    proc = resume(data_root, out)
+    assert "metrics and plots rewritten" in proc.stdout
+    metrics, curve = learning_curve(out)
+    assert metrics["epochs_done"] == 1 and len(curve) == 1
+    for name in ("loss_curves.png", "confusion_matrix.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+
+
+def test_stale_temporary_files_are_removed(data_root, finished_run, tmp_path):
+    out = copy_tree(finished_run, tmp_path / "run")
+    stale = [os.path.join(out, ".checkpoint.pt.k1ll3d"), os.path.join(out, ".metrics.json.x")]
+    for path in stale:
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+    proc = resume(data_root, out)
+    assert all(not os.path.exists(p) for p in stale)
+    assert "removed %s" % stale[0] in proc.stdout
+    assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_mode_the_umask_gives(data_root, tmp_path, umask):
+    out = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "handgrad", "train", "mnist_cnn", "--data-root",
+                           data_root, "--out", out, "--epochs", "1", "--limit", "32",
+                           "--no-progress", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("checkpoint.pt", "metrics.json", "loss_curves.png"):
+        mode = os.stat(os.path.join(out, name)).st_mode & 0o777
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+# -- --limit, the CIFAR-10 cache, progress bars --------------------------------------------------
+
+def test_limit_takes_a_class_balanced_seeded_subset():
+    from handgrad.training.data import ImageData
+
+    labels = torch.arange(10).repeat_interleave(50)  # sorted by class, as an image tree lists them
+    data = ImageData(torch.arange(500).view(500, 1, 1, 1).to(torch.uint8), labels,
+                     [str(c) for c in range(10)], "sorted")
+    subset = data.subset(45, seed=3)
+    counts = torch.bincount(subset.labels, minlength=10)
+    assert len(subset) == 45 and int(counts.min()) == 4 and int(counts.max()) == 5
+    assert torch.equal(subset.labels, data.subset(45, seed=3).labels)
+    assert not torch.equal(subset.images, data.subset(45, seed=4).images)
+    assert "45 class-balanced, seed 3" in subset.source
+    rare = ImageData(data.images[:53], labels[:53], data.classes, "one class and a bit")
+    assert torch.bincount(rare.subset(10, seed=0).labels, minlength=2).tolist()[:2] == [7, 3]
+
+
+def test_limit_on_cifar_trains_on_every_class(data_root, tmp_path):
+    out = str(tmp_path / "run")
+    train("lenet5", "--data-root", data_root, "--out", out, "--epochs", "1", "--limit", "20",
+          "--no-progress")
+    metrics, _ = learning_curve(out)
+    assert "20 class-balanced, seed 0" in metrics["train_data"]
+
+
+def test_decoded_cifar_is_cached_and_rebuilt_when_the_folder_changes(data_root, tmp_path,
+                                                                     monkeypatch):
+    from handgrad.training import data
+
+    root = str(tmp_path / "data")
+    copy_tree(os.path.join(data_root, "cifar10"), tmp_path / "data" / "cifar10")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    first = data.load_cifar10(root, train=False, progress=False)
+    cache = os.path.join(root, "cifar10", ".test.handgrad-cache.pt")
+    assert os.path.exists(cache)
+
+    def no_decoding(path):
+        raise AssertionError("decoded %s although the cache is valid" % path)
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "_decode", no_decoding)
+        again = data.load_cifar10(root, train=False, progress=False)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    folder = os.path.join(root, "cifar10", "test", "cat")
+    os.unlink(os.path.join(folder, sorted(os.listdir(folder))[0]))
+    changed = data.load_cifar10(root, train=False, progress=False)
+    assert len(changed) == len(first) - 1
+    # A data folder where the cache cannot be written: the user's cache folder instead.
+    os.unlink(cache)
+    os.mkdir(cache)
+    data.load_cifar10(root, train=False, progress=False)
+    assert len(os.listdir(tmp_path / "xdg" / "handgrad")) == 1
+
+
+def test_progress_bars_for_decoding_training_and_evaluation(data_root, tmp_path):
+    root = str(tmp_path / "data")
+    copy_tree(os.path.join(data_root, "cifar10"), tmp_path / "data" / "cifar10")
+    proc = train("lenet5", "--data-root", root, "--out", str(tmp_path / "run"), "--epochs", "1")
+    for bar in ("decoding CIFAR-10 train", "epoch 1/1", "evaluating"):
+        assert bar in proc.stderr, bar
+
+
+# -- the command itself --------------------------------------------------------------------------
+
+def handgrad_command(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "handgrad", *args], capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def test_version():
+    import handgrad
+
+    proc = handgrad_command("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("handgrad %s" % handgrad.__version__)
+    assert "torch" in proc.stdout
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    reader = subprocess.Popen([sys.executable, "-m", "handgrad", "info"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `handgrad info | head -0` does
+    _, err = reader.communicate(timeout=300)
+    assert err == b"", err.decode()
+    assert reader.returncode == 1
+
+
+def test_a_missing_optional_package_names_the_train_extra(data_root, tmp_path):
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "tqdm.py").write_text("raise ImportError('No module named tqdm', name='tqdm')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(blocker)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = handgrad_command("train", "mnist_cnn", "--data-root", data_root, env=env)
+    assert_one_line_error(proc, "needs the optional package tqdm: pip install handgrad[train]")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, not 'tpu'"),
+    (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_bad_device_and_amp_arguments(data_root, args, message):
+    proc = train_here("mnist_cnn", "--data-root", data_root, *args)
+    assert_one_line_error(proc, message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_says_so(data_root, tmp_path):
+    proc = train_here("mnist_cnn", "--data-root", data_root, "--out", str(tmp_path / "o"),
+                      "--device", "cuda")
+    assert_one_line_error(proc, "--device cuda: no CUDA GPU is usable here")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_end_to_end_on_the_cpu(data_root, tmp_path, amp):
+    out = str(tmp_path / "run")
+    train("mnist_ae", "--data-root", data_root, "--out", out, "--epochs", "1", "--limit", "64",
+          "--amp", amp, "--no-progress")
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["amp"] == amp and metrics["device"] == "cpu"
+    assert all(h["train_loss"] == h["train_loss"] for h in metrics["history"])  # not NaN
+    proc = train("mnist_ae", "--data-root", data_root, "--out", out, "--resume", "--epochs", "1",
+                 "--limit", "64", "--no-progress", expect=2)
+    assert "amp='%s' (now None)" % amp in proc.stderr
+
+
+def test_amp_on_a_model_of_handgrad_ops_trains_or_names_the_missing_dtype(data_root, tmp_path):
+    """Until every op has CPU bfloat16 kernels, --amp bf16 on a CNN may stop; with one
+    line naming the dtype, never a traceback."""
+    proc = train("mnist_cnn", "--data-root", data_root, "--out", str(tmp_path / "run"),
+                 "--epochs", "1", "--limit", "64", "--amp", "bf16", "--no-progress", expect=None)
+    if proc.returncode == 0:
+        metrics, _ = learning_curve(str(tmp_path / "run"))
+        assert metrics["amp"] == "bf16"
+    else:
+        assert_one_line_error(proc, "--amp bf16", "BFloat16")

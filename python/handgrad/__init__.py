@@ -5,16 +5,41 @@ CUDA kernels, a fake implementation for torch.compile and autograd that calls
 the op's own backward kernel. Use them through:
 
 * ``handgrad.ops``: functions with the signatures of torch.nn.functional;
-* ``handgrad.nn``: drop-in modules for their torch.nn counterparts.
+* ``handgrad.nn``: drop-in modules for their torch.nn counterparts;
+* ``handgrad.patch(model)``: runs an existing torch.nn model on them.
 """
 
-import torch  # noqa: F401  (libtorch must be loaded before the extension)
+from . import _compat
 
-from . import _C  # noqa: F401  (registers torch.ops.handgrad.*)
-from . import cuda_emulation, nn, ops
-from ._info import info
-from .patch import patch, unpatch
+# Checked before the binary loads: with another torch it would fail with an
+# "undefined symbol" (or load and misbehave). The `handgrad` command still starts
+# without it, so that --help, --version and `handgrad info` can say what is wrong.
+try:
+    import torch
+except ImportError:
+    _load_problem = _compat.missing_torch_message()
+else:
+    _load_problem = _compat.torch_mismatch(torch.__version__, torch.version.cuda)
 
-__version__ = _C.build_info()["version"]
+if _load_problem is None:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.handgrad.*)
+    except ImportError as e:
+        _load_problem = _compat.load_failure_message(e)
+
+if _load_problem is not None:
+    if not _compat.loading_for_the_command_line():
+        raise ImportError(_load_problem)
+    __version__ = _compat.build.version if _compat.build is not None else "unknown"
+
+    def __getattr__(name):
+        raise ImportError(_load_problem)
+else:
+    from . import cuda_emulation, nn, ops
+    from ._info import info
+    from .patch import patch, unpatch
+
+    __version__ = (_compat.build.version if _compat.build is not None
+                   else _C.build_info()["version"])
 
 __all__ = ["cuda_emulation", "info", "nn", "ops", "patch", "unpatch", "__version__"]

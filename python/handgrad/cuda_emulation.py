@@ -18,11 +18,12 @@ The emulator runs one block at a time; keep problem sizes small.
 import contextlib
 import importlib.util
 import os
+from typing import Dict, Iterator, List, Tuple
 
 
 def _load():
     # HANDGRAD_CUDA_EMULATION_MODULE names another build of the module, e.g.
-    # the ThreadSanitizer one of tools/emulation_tsan.py.
+    # the ThreadSanitizer one of tools/emulation_build.py.
     path = os.environ.get("HANDGRAD_CUDA_EMULATION_MODULE")
     if path:
         spec = importlib.util.spec_from_file_location("handgrad._cuda_emulation", path)
@@ -45,18 +46,18 @@ _MISSING = ("handgrad was built without its CUDA emulation module; rebuild with 
             "HANDGRAD_CUDA_EMULATION=1 pip install --no-build-isolation -e .")
 
 
-def available():
+def available() -> bool:
     """Whether this build has the emulation module."""
     return _module is not None
 
 
-def active():
+def active() -> bool:
     """Whether handgrad ops on CPU tensors run the emulated CUDA kernels now."""
     return _module is not None and _module.enabled()
 
 
 @contextlib.contextmanager
-def emulated():
+def emulated() -> Iterator[None]:
     """Runs handgrad ops on CPU tensors through the emulated CUDA kernels.
 
     Process-wide (the dispatcher's CPU kernels are swapped), not thread-local.
@@ -73,20 +74,21 @@ def emulated():
         _module.set_enabled(was_on)
 
 
-def launch_statistics():
+def launch_statistics() -> Dict[str, Tuple[int, int, int]]:
     """{kernel name: (launches, blocks, threads)} run by the emulator so far."""
     if _module is None:
         raise RuntimeError(_MISSING)
     return {name: tuple(v) for name, v in _module.launch_statistics().items()}
 
 
-def reset_launch_statistics():
+def reset_launch_statistics() -> None:
+    """Zeroes the counts of launch_statistics()."""
     if _module is None:
         raise RuntimeError(_MISSING)
     _module.reset_launch_statistics()
 
 
-def emulated_files():
+def emulated_files() -> List[str]:
     """The .cu files compiled into the emulation module."""
     if _module is None:
         raise RuntimeError(_MISSING)

@@ -14,6 +14,7 @@ warning (or raises with strict=True).
 """
 
 import warnings
+from typing import Optional, Type
 
 import torch
 
@@ -34,17 +35,25 @@ class PatchReport(list):
     """The modules patch left native: (qualified name, class name, reason)."""
 
 
-def unsupported_reason(module, drop_in):
+def unsupported_reason(module: torch.nn.Module, drop_in: Type[torch.nn.Module]) -> Optional[str]:
     """Why drop_in cannot run this module's configuration, or None."""
     check = getattr(drop_in, "handgrad_unsupported_reason", None)
     return check(module) if check is not None else None
 
 
-def patch(model, strict=False):
-    """Swaps every supported native module in `model` for its handgrad drop-in.
+def patch(model: torch.nn.Module, strict: bool = False) -> torch.nn.Module:
+    """Swaps every supported native module in `model` for its handgrad drop-in, in place.
 
-    Returns the model. Modules left native are listed in a warning (and in
-    ``model.handgrad_patch_report``); with ``strict=True`` they raise instead.
+    Args:
+        model: any torch.nn.Module, on any device (the drop-ins run where the
+            model's tensors are: handgrad's CPU kernels, or its CUDA kernels).
+        strict: raise ValueError instead of warning when a module's
+            configuration is unsupported (e.g. an LSTM with ``proj_size``).
+
+    Returns:
+        The same model object. Modules left native are listed, with the
+        reason, in a warning and in ``model.handgrad_patch_report`` (a list
+        of ``(qualified name, class name, reason)``).
     """
     left_native = PatchReport()
     for name, module in model.named_modules():
@@ -71,8 +80,9 @@ def patch(model, strict=False):
     return model
 
 
-def unpatch(model):
-    """Turns handgrad drop-ins back into their native classes (the inverse of patch)."""
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Turns handgrad drop-ins back into their native classes (the inverse of
+    :func:`patch`), in place; returns the model."""
     natives = {getattr(hgnn, name, None): native for native, name in DROP_INS.items()}
     for module in model.modules():
         native = natives.get(type(module))

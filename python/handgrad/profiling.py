@@ -1,4 +1,4 @@
-"""Peak memory of CPU tensors, for the benchmarks (PyTorch tracks CUDA only).
+"""Peak memory of CPU tensors, for the benchmarks (PyTorch tracks CUDA only)::
 
     with handgrad.profiling.track_cpu_memory() as mem:
         loss = model(x).sum(); loss.backward()

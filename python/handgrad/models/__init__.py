@@ -5,6 +5,7 @@ runs their convolutions, max-pooling, cross-entropy, LSTMs and attention on
 handgrad's ops (via handgrad.patch), ``backend="native"`` leaves them native.
 """
 
+from ..training.options import BACKENDS  # noqa: F401  (re-exported)
 from . import autoencoders, cifar_cnn, gan, lenet5, lstm_mnist, mnist_cnn, vae, vit_mnist
 
 RECIPES = {r.name: r for r in (
@@ -19,8 +20,6 @@ RECIPES = {r.name: r for r in (
     vae.VAERecipe(),
     gan.GANRecipe(),
 )}
-
-BACKENDS = ("handgrad", "native")
 
 
 def recipe(name):

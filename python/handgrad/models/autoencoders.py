@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..training.recipe import Recipe
+from ..training.recipe import FLOAT32, Recipe
 
 EVAL_NOISE_SEED = 1234  # the same corrupted test set at every epoch
 
@@ -108,19 +108,18 @@ class ReconstructionRecipe(Recipe):
     def corrupt(self, x, generator=None):
         if not self.noise:
             return x
-        return x + self.noise * torch.randn(x.shape, generator=generator)
+        # Drawn on the CPU whatever the device: a run is the same on a GPU.
+        return x + self.noise * torch.randn(x.shape, generator=generator).to(x.device)
 
     def loss(self, model, x_in, x):
         """(the loss and its parts as scalar tensors, "loss" first; the reconstruction)"""
         recon = model(x_in)
         return {"loss": F.mse_loss(recon, x)}, recon
 
-    def train_batch(self, model, losses, optimizers, x, y, step=0):
-        parts, _ = self.loss(model, self.corrupt(x), x)
-        optimizer = optimizers["model"]
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
+    def train_batch(self, model, losses, optimizers, x, y, step=0, precision=FLOAT32):
+        with precision.autocast():
+            parts, _ = self.loss(model, self.corrupt(x), x)
+        precision.step(parts["loss"], optimizers["model"])
         return {k: v.item() for k, v in parts.items()}
 
     @torch.no_grad()

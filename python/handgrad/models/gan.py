@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..training.recipe import Recipe
+from ..training.recipe import FLOAT32, Recipe
 
 NOISE_DIM = 64
 REAL, FAKE = 1, 0
@@ -64,7 +64,10 @@ class GAN(nn.Module):
         self.discriminator = Discriminator()
 
     def sample(self, n, generator=None):
-        return self.generator(torch.randn(n, self.generator.noise_dim, generator=generator))
+        """n images from noise drawn on the CPU (the same on every device)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.generator.noise_dim, generator=generator).to(device)
+        return self.generator(z)
 
 
 def _prob_real(logits):
@@ -100,28 +103,27 @@ class GANRecipe(Recipe):
         return images.float().div_(127.5).sub_(1), labels
 
     @staticmethod
-    def _targets(n, label):
-        return torch.full((n,), label, dtype=torch.long)
+    def _targets(n, label, like):
+        return torch.full((n,), label, dtype=torch.long, device=like.device)
 
-    def train_batch(self, model, losses, optimizers, x, y, step=0):
+    def train_batch(self, model, losses, optimizers, x, y, step=0, precision=FLOAT32):
         ce = losses["cross_entropy"]
         n = len(x)
-        d, g = model.discriminator, model.generator
-        fake = model.sample(n)
-        real_logits = d(x)
-        fake_logits = d(fake.detach())
-        d_loss = ce(real_logits, self._targets(n, REAL)) + ce(fake_logits, self._targets(n, FAKE))
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers["discriminator"].step()
+        d = model.discriminator
+        with precision.autocast():
+            fake = model.sample(n)
+            real_logits = d(x)
+            fake_logits = d(fake.detach())
+            d_loss = (ce(real_logits, self._targets(n, REAL, x))
+                      + ce(fake_logits, self._targets(n, FAKE, x)))
+        precision.step(d_loss, optimizers["discriminator"])
         out = {"d_loss": d_loss.item(), "D_x": _prob_real(real_logits).item(),
                "D_G_z": _prob_real(fake_logits).item()}
         # A generator step after every d_steps discriminator steps of the epoch.
         if (step + 1) % self.d_steps == 0:
-            g_loss = ce(d(g(torch.randn(n, g.noise_dim))), self._targets(n, REAL))
-            optimizers["generator"].zero_grad(set_to_none=True)
-            g_loss.backward()
-            optimizers["generator"].step()
+            with precision.autocast():
+                g_loss = ce(d(model.sample(n)), self._targets(n, REAL, x))
+            precision.step(g_loss, optimizers["generator"])
             out["g_loss"] = g_loss.item()
         return out
 
@@ -136,9 +138,9 @@ class GANRecipe(Recipe):
             n = len(x)
             real_logits = model.discriminator(x)
             fake_logits = model.discriminator(model.sample(n, generator))
-            sums["d_loss"] += (ce(real_logits, self._targets(n, REAL))
-                               + ce(fake_logits, self._targets(n, FAKE))).item() * n
-            sums["g_loss"] += ce(fake_logits, self._targets(n, REAL)).item() * n
+            sums["d_loss"] += (ce(real_logits, self._targets(n, REAL, x))
+                               + ce(fake_logits, self._targets(n, FAKE, x))).item() * n
+            sums["g_loss"] += ce(fake_logits, self._targets(n, REAL, x)).item() * n
             sums["D_x"] += _prob_real(real_logits).item() * n
             sums["D_G_z"] += _prob_real(fake_logits).item() * n
             n_total += n

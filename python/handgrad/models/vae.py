@@ -70,7 +70,8 @@ class VAERecipe(ReconstructionRecipe):
         from ..training import plots
 
         files = super().plots(model, losses, history, extras, out_dir, test_data, prepare)
-        z = torch.randn(64, model.latent, generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device
+        z = torch.randn(64, model.latent, generator=torch.Generator().manual_seed(0)).to(device)
         files.append(plots.image_grid(model.decode(z), out_dir, "vae_samples.png",
                                       "mnist_vae: decoded samples z ~ N(0, I)",
                                       value_range=(0, 1)))
@@ -89,6 +90,6 @@ class VAERecipe(ReconstructionRecipe):
         for a, b in pairs:
             x, _ = prepare(images[[firsts[a], firsts[b]]], labels[[firsts[a], firsts[b]]])
             mu, _ = model.encode(x)
-            t = torch.linspace(0, 1, steps).view(-1, 1)
+            t = torch.linspace(0, 1, steps, device=mu.device).view(-1, 1)
             rows.append(model.decode((1 - t) * mu[0] + t * mu[1]))
         return torch.cat(rows)

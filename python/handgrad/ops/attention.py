@@ -10,6 +10,8 @@ matrix is saved (memory linear in L) unless the weights were returned or the
 mask needs a gradient.
 """
 
+from typing import Optional
+
 import torch
 
 __all__ = ["scaled_dot_product_attention"]
@@ -118,19 +120,34 @@ torch.library.register_autograd("handgrad::scaled_dot_product_attention_backward
                                 _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False):
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
     """softmax(scale * query @ key^T + mask) @ value, with the semantics of
-    torch.nn.functional.scaled_dot_product_attention.
+    torch.nn.functional.scaled_dot_product_attention, in O(L) memory.
 
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); the
-    leading dimensions broadcast against each other (query may have fewer).
-    attn_mask is bool (True takes part) or additive float, broadcastable to
-    (..., Hq, L, S); a float mask that requires grad gets its gradient.
-    is_causal uses the top-left aligned lower triangle; scale defaults to
-    1/sqrt(E); enable_gqa lets Hq be a multiple of Hkv. Dropout (on the
-    attention probabilities, dropout_p in [0, 1]) is seeded from the
-    generator of the inputs' device, so torch.manual_seed reproduces it.
+    Args:
+        query: ``(..., Hq, L, E)``.
+        key: ``(..., Hkv, S, E)``.
+        value: ``(..., Hkv, S, Ev)``; the leading dimensions broadcast against
+            each other (query may have fewer).
+        attn_mask: bool (True takes part) or additive float, broadcastable to
+            ``(..., Hq, L, S)``; a float mask that requires grad gets its gradient.
+        dropout_p: dropout probability on the attention probabilities, in ``[0, 1]``,
+            seeded from the generator of the inputs' device
+            (``torch.manual_seed`` reproduces it).
+        is_causal: mask with the top-left aligned lower triangle.
+        scale: multiplier of the scores; default ``1/sqrt(E)``.
+        enable_gqa: let ``Hq`` be a multiple of ``Hkv`` (grouped-query attention).
+
+    Returns:
+        ``(..., Hq, L, Ev)``, the dtype and device of ``query``.
+
+    Dtypes and devices: float32, float64, float16 and bfloat16 on the CPU
+    (half types computed in float32) and on CUDA. Differentiable in query, key,
+    value and a float mask; saved for backward: the output and one log-sum-exp
+    per query row (plus what a mask gradient needs).
     """
     return torch.ops.handgrad.scaled_dot_product_attention(
         query, key, value, attn_mask, float(dropout_p), bool(is_causal),

@@ -8,6 +8,7 @@ computes one. Padding is passed to the ops as (top, bottom, left, right).
 """
 
 import numbers
+from typing import Optional, Tuple, Union
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -213,12 +214,28 @@ def _resolve_padding(padding, weight, stride, dilation):
     return (top, top, left, left)
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution with the semantics of torch.nn.functional.conv2d.
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: Union[int, Tuple[int, int]] = 1,
+           padding: Union[int, Tuple[int, int], str] = 0,
+           dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1) -> torch.Tensor:
+    """2-D convolution (cross-correlation) with the semantics of torch.nn.functional.conv2d.
 
-    Accepts (C, H, W) or (N, C, H, W) input in any layout (the result is
-    channels_last when the input or weight is); padding may be an int, a
-    pair, 'valid' or 'same'; groups split the channels as in native conv2d.
+    Args:
+        input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, any layout.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        bias: ``(C_out,)`` or None.
+        stride: an int or a pair.
+        padding: an int, a pair, ``'valid'`` or ``'same'`` (zeros).
+        dilation: an int or a pair.
+        groups: split the channels into this many independent convolutions.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (or unbatched), channels_last when the
+        input or the weight is.
+
+    Dtypes and devices: float32 and float64 on the CPU; float32, float64,
+    float16 and bfloat16 on CUDA. Differentiable in input, weight and bias
+    (also twice); saved for backward: input and weight.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError("handgrad.ops.conv2d: expected a 4-D weight tensor, but got %r"

@@ -17,6 +17,8 @@ cost more than native's whole forward + backward (measurements in that file).
 A weight that requires grad raises; double backward raises NotImplementedError.
 """
 
+from typing import Optional
+
 import torch
 from torch.nn import _reduction
 
@@ -76,16 +78,32 @@ def _cross_entropy_target_backward_fake(grad_loss, input, target, weight, reduct
     return torch.empty_like(input, dtype=target.dtype, memory_format=torch.contiguous_format)
 
 
-def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0):
-    """Cross-entropy of softmax(input) with the semantics of torch.nn.functional.cross_entropy.
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100,
+                  reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of softmax(input), fused, with the semantics of
+    torch.nn.functional.cross_entropy.
 
-    input (C), (N, C) or (N, C, d1, ..., dK); target class indices (int64, the
-    input's shape without dim 1, or (1) for a (C) input; ignore_index skipped)
-    or class probabilities (the input's shape); per-class weight; reduction
-    'none', 'mean' (native's weighted mean) or 'sum'; label_smoothing in
-    [0, 1] for both target kinds. NaN and infinite logits give native's NaN
-    and inf results, in the loss and the gradients.
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        target: class indices (int64, the input's shape without dim 1, or ``(1)``
+            for a ``(C)`` input; entries equal to ``ignore_index`` are skipped) or
+            class probabilities (the input's shape).
+        weight: per-class weights ``(C,)`` or None.
+        size_average, reduce: deprecated, as in torch.
+        ignore_index: the target value that contributes neither loss nor gradient.
+        reduction: ``'none'``, ``'mean'`` (native's weighted mean) or ``'sum'``.
+        label_smoothing: in ``[0, 1]``, for both target kinds.
+
+    Returns:
+        A scalar, or the per-element losses ``(N, d1, ..., dK)`` with ``'none'``.
+
+    Dtypes and devices: float32, float64, float16 and bfloat16 on the CPU and
+    CUDA (16-bit inputs are computed in float32 and rounded once). NaN and
+    infinite logits give native's NaN and inf results, in the loss and the
+    gradients. Differentiable in input (and in probability targets); saved
+    for backward: one log-sum-exp per row, no N x C matrix.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)

@@ -16,6 +16,8 @@ input gradient (returning an empty placeholder) when input_grad=False, the
 usual case for the first layer, whose input is data.
 """
 
+from typing import Optional, Tuple
+
 import torch
 
 __all__ = ["lstm_cell", "lstm_layer"]
@@ -124,11 +126,25 @@ torch.library.register_autograd("handgrad::lstm_layer", _layer_backward,
                                 setup_context=_layer_setup_context)
 
 
-def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """One LSTM step with the semantics of torch's LSTM cell (torch.nn.LSTMCell).
+def lstm_cell(input: torch.Tensor, hx: Tuple[torch.Tensor, torch.Tensor], w_ih: torch.Tensor,
+              w_hh: torch.Tensor, b_ih: Optional[torch.Tensor] = None,
+              b_hh: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step with the semantics of torch's LSTM cell (torch.nn.LSTMCell),
+    one fused kernel for the gates.
 
-    input: (batch, input_size) or unbatched (input_size,); hx: the tuple
-    (h, c), each (batch, hidden_size) or (hidden_size,). Returns (hy, cy).
+    Args:
+        input: ``(batch, input_size)`` or unbatched ``(input_size,)``.
+        hx: the tuple ``(h, c)``, each ``(batch, hidden_size)`` or ``(hidden_size,)``.
+        w_ih: ``(4 * hidden_size, input_size)``, gates in the order i, f, g, o.
+        w_hh: ``(4 * hidden_size, hidden_size)``.
+        b_ih, b_hh: ``(4 * hidden_size,)`` or None.
+
+    Returns:
+        ``(hy, cy)``, shaped like ``h`` and ``c``.
+
+    Dtypes and devices: float32 and float64 on the CPU; float32, float64,
+    float16 and bfloat16 on CUDA. Differentiable in every tensor; saved for
+    backward: the activated gates and the cell states.
     """
     h, c = hx
     if input.dim() == 1:
@@ -139,13 +155,25 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     return hy, cy
 
 
-def lstm_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False):
-    """One direction of one LSTM layer over a (seq_len, batch, input_size) sequence.
+def lstm_layer(input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
+               w_hh: torch.Tensor, b_ih: Optional[torch.Tensor] = None,
+               b_hh: Optional[torch.Tensor] = None, reverse: bool = False
+               ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """One direction of one LSTM layer over a whole sequence, the time loop in C++.
 
-    h0, c0: (batch, hidden_size). With reverse=True the sequence is read from
-    the last step to the first (the backward direction of a bidirectional
-    LSTM); output[t] is always the hidden state at step t. Returns
-    (output, (h_T, c_T)), output of shape (seq_len, batch, hidden_size).
+    Args:
+        input: ``(seq_len, batch, input_size)``.
+        h0, c0: ``(batch, hidden_size)``.
+        w_ih, w_hh, b_ih, b_hh: as in :func:`lstm_cell`.
+        reverse: read the sequence from the last step to the first (the
+            backward direction of a bidirectional LSTM); ``output[t]`` is
+            always the hidden state at step t.
+
+    Returns:
+        ``(output, (h_T, c_T))``, output ``(seq_len, batch, hidden_size)``.
+
+    Dtypes and devices: as :func:`lstm_cell`. Saved for backward: the
+    activated gates and cell states of every step.
     """
     output, h_t, c_t, _, _ = torch.ops.handgrad.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                            bool(reverse))

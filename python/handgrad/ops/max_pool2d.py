@@ -6,6 +6,8 @@ of each maximum; backward routes each output gradient to its argmax, so the
 indices are the only tensor saved for backward.
 """
 
+from typing import Optional, Tuple, Union
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -98,13 +100,30 @@ torch.library.register_autograd("handgrad::max_pool2d_backward", _backward_backw
                                 setup_context=_setup_backward_context)
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+def max_pool2d(input: torch.Tensor, kernel_size: Union[int, Tuple[int, int]],
+               stride: Optional[Union[int, Tuple[int, int]]] = None,
+               padding: Union[int, Tuple[int, int]] = 0,
+               dilation: Union[int, Tuple[int, int]] = 1, ceil_mode: bool = False,
+               return_indices: bool = False
+               ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """2-D max pooling with the semantics of torch.nn.functional.max_pool2d.
 
-    Accepts (C, H, W) or (N, C, H, W) input in NCHW or channels_last layout.
-    Returns the pooled tensor, and with ``return_indices=True`` also the flat
-    index (h * W + w within each input plane) of every maximum.
+    Args:
+        input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``, NCHW or channels_last.
+        kernel_size: the window, an int or a pair.
+        stride: an int or a pair; default ``kernel_size``.
+        padding: implicit -inf padding on both sides, at most half the window.
+        dilation: spacing of the window's taps.
+        ceil_mode: count a partial window at the end (as native does).
+        return_indices: also return the indices of the maxima.
+
+    Returns:
+        The pooled ``(N, C, H_out, W_out)`` tensor in the input's layout, and
+        with ``return_indices=True`` also the int64 flat index
+        (``h * W + w`` within each input plane) of every maximum.
+
+    Dtypes and devices: float32, float64, float16 and bfloat16 on the CPU and
+    on CUDA. Differentiable (also twice); saved for backward: the indices only.
     """
     kernel_size = pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None or stride == [] or stride == () else pair(stride, "stride")

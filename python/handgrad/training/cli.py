@@ -1,11 +1,15 @@
-"""``handgrad train MODEL ...`` (also ``python -m handgrad train``)."""
+"""``handgrad train MODEL ...`` and ``handgrad compare`` (also ``python -m handgrad``).
+
+Every problem a user can cause -- a bad argument, missing or broken data, an
+unreadable checkpoint, an output folder that cannot be written -- ends the
+command with one line on stderr and exit status 2, never a traceback.
+"""
 
 import argparse
 import os
 import sys
 
-from .. import models
-from .recipe import AUGMENTATIONS, LR_SCHEDULES
+from .options import AMP_CHOICES, AUGMENTATIONS, BACKENDS, DEVICE_CHOICES, LR_SCHEDULES
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -15,15 +19,23 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-def add_arguments(p):
-    p.add_argument("model", help="one of: " + ", ".join(sorted(models.RECIPES)))
+def _model_names():
+    try:
+        from .. import models
+    except ImportError:  # no torch: --help still works
+        return []
+    return sorted(models.RECIPES)
+
+
+def add_train_arguments(p):
+    p.add_argument("model", help="one of: " + (", ".join(_model_names()) or "(needs torch)"))
     p.add_argument("--data-root", default=os.environ.get("HANDGRAD_DATA", "data"),
                    help="folder holding MNIST/raw and/or cifar10/{train,test} "
                         "(default: $HANDGRAD_DATA or ./data)")
     p.add_argument("--epochs", type=int, help="number of epochs (default: the model's)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the model's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the model's)")
-    p.add_argument("--backend", default="handgrad", choices=models.BACKENDS,
+    p.add_argument("--backend", default="handgrad", choices=BACKENDS,
                    help="run conv/pool/cross-entropy/LSTM/attention on handgrad's ops or natively")
     p.add_argument("--out", help="output folder (default: runs/MODEL-BACKEND)")
     p.add_argument("--seed", type=int, default=0)
@@ -31,7 +43,9 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--download", action="store_true",
                    help="download the dataset into --data-root if it is missing")
-    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--limit", type=int,
+                   help="train on N training images only, drawn at random with --seed and "
+                        "balanced over the classes")
     p.add_argument("--noise", type=float, default=0.0,
                    help="autoencoders: std of Gaussian noise added to inputs (denoising)")
     p.add_argument("--d-steps", type=int, default=1,
@@ -46,10 +60,18 @@ def add_arguments(p):
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="learning rate over the run: constant, or cosine annealing to 0 per step "
                         "(default: the model's)")
+    p.add_argument("--device", default="auto",
+                   help="where to train: %s (default auto: the GPU when one is usable)"
+                        % DEVICE_CHOICES)
+    p.add_argument("--amp", choices=AMP_CHOICES,
+                   help="mixed precision: forward passes under torch.autocast in bfloat16 or "
+                        "float16 (float16 with loss scaling); default: float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def validate(args):
+    from .. import models
+
     if args.model not in models.RECIPES:
         raise ValueError("unknown model %r; valid models: %s"
                          % (args.model, ", ".join(sorted(models.RECIPES))))
@@ -67,8 +89,14 @@ def validate(args):
                          % os.path.abspath(args.data_root))
 
 
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def run(args):
-    from .data import DataNotFound
+    from .checkpoint import CheckpointError
+    from .data import DataError
     from .trainer import Run, TrainConfig
 
     try:
@@ -78,11 +106,21 @@ def run(args):
                              out=args.out, seed=args.seed, resume=args.resume,
                              threads=args.threads, download=args.download, limit=args.limit,
                              noise=args.noise, d_steps=args.d_steps, augment=args.augment,
-                             lr_schedule=args.lr_schedule,
+                             lr_schedule=args.lr_schedule, device=args.device, amp=args.amp,
                              progress=not args.no_progress)
         Run(config).fit()
-    except (ValueError, DataNotFound) as e:
-        print("handgrad train: error: %s" % e, file=sys.stderr)
+    except (ValueError, DataError, CheckpointError) as e:
+        print("handgrad train: error: %s" % _one_line(e), file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up while writing the checkpoint
+        print("handgrad train: error: %s" % _one_line(e), file=sys.stderr)
+        return 2
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        if "handgrad::" not in str(e) or not args.amp:
+            raise
+        # An op without kernels for the autocast dtype on this device.
+        print("handgrad train: error: --amp %s: %s" % (args.amp, str(e).strip().splitlines()[0]),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("handgrad train: interrupted; continue with --resume", file=sys.stderr)
@@ -117,7 +155,7 @@ def compare(args):
         try:
             with open(path) as f:
                 history = json.load(f)["history"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             print("handgrad compare: error: cannot read %s: %s" % (path, e), file=sys.stderr)
             return 2
         if history and args.key not in history[0]:
@@ -126,7 +164,12 @@ def compare(args):
             return 2
         runs[label] = history
     out_dir, name = os.path.split(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    plots.compare_runs(runs, args.key, out_dir, name, args.title or args.key.replace("_", " "))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        plots.compare_runs(runs, args.key, out_dir, name, args.title or args.key.replace("_", " "))
+    except OSError as e:
+        print("handgrad compare: error: cannot write %s: %s" % (args.out, e.strerror or e),
+              file=sys.stderr)
+        return 2
     print("wrote %s" % args.out)
     return 0

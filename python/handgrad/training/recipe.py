@@ -6,38 +6,69 @@ it native (``--backend native``), so both backends train the very same
 architecture and the same weights load into either.
 """
 
+import contextlib
 import copy
-import math
+from typing import Any, Dict, Optional
 
 import torch
+
+# The named choices live in options.py (importable without torch); re-exported here.
+from .options import AUGMENTATIONS, LR_SCHEDULES, schedule_factor  # noqa: F401
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def normalize(images, mean, std):
-    """uint8 (N, C, H, W) -> float32 in [0, 1], then (x - mean) / std per channel."""
+    """uint8 (N, C, H, W) -> float32 in [0, 1], then (x - mean) / std per channel
+    (on the images' device)."""
     x = images.float().div_(255)
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
-AUGMENTATIONS = {"none": None, "flip": 0, "crop-flip": 4}  # name -> crop padding (pixels)
-
-# name -> the learning rate's multiplier at `progress` through the run (0 at the
-# first step, below 1 at the last): constant, or cosine annealing from 1 towards 0.
-LR_SCHEDULES = {
-    "constant": lambda progress: 1.0,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
-}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def schedule_factor(schedule, progress):
-    if schedule not in LR_SCHEDULES:
-        raise ValueError("unknown learning-rate schedule %r (have %s)"
-                         % (schedule, ", ".join(LR_SCHEDULES)))
-    return LR_SCHEDULES[schedule](progress)
+class Precision:
+    """Mixed precision for a training step (``--amp``): the forward pass under
+    torch.autocast in bfloat16 or float16, backward and the optimizer step
+    outside it; float16 scales the loss (torch.amp.GradScaler) so that small
+    gradients do not flush to zero. ``Precision(device, None)`` is plain float32."""
+
+    def __init__(self, device: torch.device, amp: Optional[str] = None):
+        self.device = torch.device(device)
+        self.amp = amp
+        self.dtype = AMP_DTYPES[amp] if amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        """The context for forward passes (a no-op without --amp)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """zero_grad, backward and the optimizer step (through the scaler for float16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+FLOAT32 = Precision("cpu")
 
 
 def random_crop_flip(x, generator, padding=4):
@@ -46,6 +77,7 @@ def random_crop_flip(x, generator, padding=4):
     (padding 0: the flips alone)."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4)
+    # Drawn on the CPU generator whatever the device: a run is the same on a GPU.
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
@@ -54,7 +86,8 @@ def random_crop_flip(x, generator, padding=4):
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     idx_n = torch.arange(n).view(n, 1, 1, 1)
     idx_c = torch.arange(x.shape[1]).view(1, -1, 1, 1)
-    return padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    index = [t.to(x.device) for t in (idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w))]
+    return padded[tuple(index)]
 
 
 class Recipe:
@@ -88,10 +121,12 @@ class Recipe:
         """uint8 images -> model inputs (normalization, augmentation)."""
         raise NotImplementedError
 
-    def train_batch(self, model, losses, optimizers, x, y, step=0):
-        """One optimization step (`step`: the batch's index in the epoch); returns
-        a dict of floats (the first is the loss shown in the progress bar and the
-        running-loss curve; a key may be missing from some batches)."""
+    def train_batch(self, model, losses, optimizers, x, y, step=0, precision=FLOAT32):
+        """One optimization step (`step`: the batch's index in the epoch), its
+        forward passes under precision.autocast() and its updates through
+        precision.step(); returns a dict of floats (the first is the loss shown
+        in the progress bar and the running-loss curve; a key may be missing
+        from some batches)."""
         raise NotImplementedError
 
     def evaluate(self, model, losses, data, prepare):
@@ -128,12 +163,10 @@ class ClassifierRecipe(Recipe):
             x = random_crop_flip(x, generator, padding)
         return x, labels
 
-    def train_batch(self, model, losses, optimizers, x, y, step=0):
-        loss = losses["cross_entropy"](model(x), y)
-        optimizer = optimizers["model"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def train_batch(self, model, losses, optimizers, x, y, step=0, precision=FLOAT32):
+        with precision.autocast():
+            loss = losses["cross_entropy"](model(x), y)
+        precision.step(loss, optimizers["model"])
         return {"loss": loss.item()}
 
     @torch.no_grad()
@@ -147,7 +180,7 @@ class ClassifierRecipe(Recipe):
             total_loss += losses["cross_entropy"](logits, y).item() * len(y)
             predicted = logits.argmax(1)
             correct += (predicted == y).sum().item()
-            confusion += torch.bincount(y * classes + predicted,
+            confusion += torch.bincount((y * classes + predicted).cpu(),
                                         minlength=classes * classes).view(classes, classes)
         n = len(data)
         return ({"test_loss": total_loss / n, "test_accuracy": correct / n},

@@ -6,6 +6,13 @@ order, one for augmentation and noise) and saved in the checkpoint after
 every epoch. ``--resume`` restores all of it, so a run that is interrupted at
 any point -- even killed -- and resumed replays the unfinished epoch exactly
 and ends with the same metrics as an uninterrupted run (CPU, same --threads).
+
+Devices: ``--device auto`` trains on the GPU when one is usable (and, for the
+handgrad backend, handgrad has CUDA kernels), else on the CPU. The model, its
+losses and each batch live on that device; the data stays on the CPU as uint8
+and moves one batch at a time. Random numbers for augmentation and noise are
+drawn on the CPU generators whatever the device, and checkpoints load onto
+the CPU first, so a run started on a GPU resumes on a CPU and vice versa.
 """
 
 import dataclasses
@@ -13,6 +20,7 @@ import os
 import random
 import signal
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,7 +28,7 @@ from tqdm import tqdm
 
 from .. import models
 from . import checkpoint, data, plots
-from .recipe import schedule_factor
+from .recipe import Precision, schedule_factor
 
 # Fault injection for the tests of --resume: after this many training batches
 # the process kills itself with SIGKILL, as a crash or an OOM kill would.
@@ -41,12 +49,14 @@ class TrainConfig:
     resume: bool = False
     threads: int = None
     download: bool = False
-    limit: int = None  # use only the first N training images (quick runs)
+    limit: int = None  # train on N images, class-balanced and drawn with the seed (quick runs)
     noise: float = 0.0  # denoising autoencoders: std of the Gaussian input noise
     d_steps: int = 1  # GAN: discriminator steps per generator step
     augment: str = None  # classifiers: "none", "flip" or "crop-flip" (None: the recipe's)
     lr_schedule: str = None  # "constant" or "cosine" (None: the recipe's)
     progress: bool = True
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    amp: Optional[str] = None  # mixed precision: None, "bf16" or "fp16"
 
     def resolved(self, recipe):
         """The config with the recipe's defaults filled in."""
@@ -63,18 +73,62 @@ class TrainConfig:
     def identity(self):
         """What must match between a checkpoint and the run resuming it."""
         identity = {k: getattr(self, k) for k in ("model", "batch_size", "lr", "seed", "limit",
-                                                  "noise", "d_steps", "augment", "lr_schedule")}
+                                                  "noise", "d_steps", "augment", "lr_schedule",
+                                                  "amp")}
         # An annealed learning rate depends on the run's length: more epochs on --resume
         # would make it jump back up.
         identity["annealed_over_epochs"] = self.epochs if self.lr_schedule != "constant" else None
         return identity
 
 
-def _subset(dataset, limit):
-    if not limit or limit >= len(dataset):
-        return dataset
-    return data.ImageData(dataset.images[:limit], dataset.labels[:limit], dataset.classes,
-                          dataset.source + "[:%d]" % limit)
+def resolve_device(choice, backend):
+    """The torch.device for --device: auto picks the GPU when one is usable (and the
+    backend can run there), else the CPU; an explicit cuda must be usable."""
+    try:
+        device = torch.device("cuda" if choice == "auto" else choice)
+    except RuntimeError:
+        raise ValueError("--device must be auto, cpu, cuda or cuda:N, not %r" % choice) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError("--device must be auto, cpu, cuda or cuda:N, not %r" % choice)
+    if device.type == "cpu":
+        return device
+    problem = None
+    if not torch.cuda.is_available():
+        problem = "no CUDA GPU is usable here (torch %s%s)" % (
+            torch.__version__, "" if torch.version.cuda else " is a CPU-only build")
+    elif device.index is not None and device.index >= torch.cuda.device_count():
+        problem = "there is no GPU %d (this machine has %d)" % (device.index,
+                                                                  torch.cuda.device_count())
+    elif backend == "handgrad":
+        import handgrad
+
+        if not handgrad.info()["cuda_kernels_compiled"]:
+            problem = ("handgrad was built without its CUDA kernels; rebuild it with a CUDA "
+                       "toolkit (HANDGRAD_CUDA=1 pip install --no-build-isolation -e .) or "
+                       "pass --backend native")
+    if problem is None:
+        return device
+    if choice == "auto":
+        return torch.device("cpu")
+    raise ValueError("--device %s: %s" % (choice, problem))
+
+
+class _OnDevice:
+    """A dataset whose batches() move to `device` and advance a progress bar."""
+
+    def __init__(self, dataset, device, bar):
+        self._data, self._device, self._bar = dataset, device, bar
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+    def __len__(self):
+        return len(self._data)
+
+    def batches(self, *args, **kwargs):
+        for images, labels in self._data.batches(*args, **kwargs):
+            yield images.to(self._device), labels.to(self._device)
+            self._bar.update(len(labels))
 
 
 def _seed_everything(seed):
@@ -91,14 +145,19 @@ class Run:
         self.config = config.resolved(self.recipe)
         self.log = log
         c = self.config
+        self.device = resolve_device(c.device, c.backend)
+        self.precision = Precision(self.device, c.amp)
+        self._prepare_output_folder()
         if c.threads:
             torch.set_num_threads(c.threads)
         _seed_everything(c.seed)
-        self.train_data = _subset(data.load(self.recipe.dataset, c.data_root, True, c.download),
-                                  c.limit)
-        self.test_data = data.load(self.recipe.dataset, c.data_root, False, c.download)
-        self.model = models.apply_backend(self.recipe.build(), c.backend)
-        self.losses = {k: models.apply_backend(v, c.backend) for k, v in self.recipe.losses().items()}
+        train_data = data.load(self.recipe.dataset, c.data_root, True, c.download, c.progress)
+        self.test_data = data.load(self.recipe.dataset, c.data_root, False, c.download, c.progress)
+        data.check_same_classes(train_data, self.test_data)
+        self.train_data = train_data.subset(c.limit, c.seed) if c.limit else train_data
+        self.model = models.apply_backend(self.recipe.build(), c.backend).to(self.device)
+        self.losses = {k: models.apply_backend(v, c.backend).to(self.device)
+                       for k, v in self.recipe.losses().items()}
         self.optimizers = self.recipe.optimizers(self.model, c.lr)
         for optimizer in self.optimizers.values():
             for group in optimizer.param_groups:
@@ -109,7 +168,20 @@ class Run:
         self.history = []
         self.running = []
         self.extras = {}
-        os.makedirs(c.out, exist_ok=True)
+
+    def _prepare_output_folder(self):
+        """Creates --out and proves it writable before any training time is spent;
+        removes temporary files that a killed run left there."""
+        out = self.config.out
+        try:
+            os.makedirs(out, exist_ok=True)
+            checkpoint.atomic_write(os.path.join(out, ".write-test"), lambda f: f.write(b"ok"))
+            os.unlink(os.path.join(out, ".write-test"))
+        except OSError as e:
+            raise ValueError("cannot write to the output folder --out %s: %s"
+                             % (out, e.strerror or e)) from None
+        for path in checkpoint.remove_stale_temporaries(out):
+            self.log("removed %s, left by a run that was killed while writing it" % path)
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self):
@@ -119,6 +191,7 @@ class Run:
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "grad_scaler": self.precision.state_dict(),
             "rng": checkpoint.rng_state(self.generators),
             "history": self.history,
             "running": self.running,
@@ -137,10 +210,18 @@ class Run:
             raise ValueError("the checkpoint in %s was made with different settings: %s"
                              % (self.config.out, ", ".join("%s=%r (now %r)" % (k, old, new)
                                                            for k, (new, old) in mismatched.items())))
-        self.model.load_state_dict(saved["model"])
-        for k, o in self.optimizers.items():
-            o.load_state_dict(saved["optimizers"][k])
-        checkpoint.restore_rng_state(saved["rng"], self.generators)
+        try:
+            self.model.load_state_dict(saved["model"])
+            for k, o in self.optimizers.items():
+                o.load_state_dict(saved["optimizers"][k])
+            self.precision.load_state_dict(saved.get("grad_scaler", {}))
+            checkpoint.restore_rng_state(saved["rng"], self.generators)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise checkpoint.CheckpointError(
+                "checkpoint %s does not fit model %s (%s); delete it to start over, or choose "
+                "another --out" % (os.path.join(self.config.out, checkpoint.CHECKPOINT),
+                                   self.config.model, reason[:200])) from None
         self.epoch = saved["epoch"]
         self.history = saved["history"]
         self.running = saved["running"]
@@ -149,8 +230,9 @@ class Run:
 
     # -- one epoch --------------------------------------------------------------------------
     def _prepare(self, train):
-        generator = self.generators["augment"]
-        return lambda images, labels: self.recipe.prepare(images, labels, train, generator)
+        generator, device = self.generators["augment"], self.device
+        return lambda images, labels: self.recipe.prepare(images.to(device), labels.to(device),
+                                                          train, generator)
 
     def _set_learning_rates(self, progress):
         """Learning rates at `progress` (0 to 1) through the run; a function of the
@@ -167,8 +249,9 @@ class Run:
     def train_step(self, images, labels, b, batches):
         """One optimization step on batch `b` of `batches` in the current epoch."""
         self._set_learning_rates((self.epoch + b / batches) / self.config.epochs)
-        x, y = self.recipe.prepare(images, labels, True, self.generators["augment"])
-        return self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b)
+        x, y = self._prepare(train=True)(images, labels)
+        return self.recipe.train_batch(self.model, self.losses, self.optimizers, x, y, step=b,
+                                       precision=self.precision)
 
     def train_epoch(self, crash_after):
         c = self.config
@@ -208,8 +291,13 @@ class Run:
     def evaluate(self):
         self.model.eval()
         start = time.perf_counter()
-        metrics, extras = self.recipe.evaluate(self.model, self.losses, self.test_data,
-                                               self._prepare(train=False))
+        bar = tqdm(total=len(self.test_data), unit="img", desc="evaluating",
+                   disable=not self.config.progress, leave=False, dynamic_ncols=True)
+        with self.precision.autocast():
+            metrics, extras = self.recipe.evaluate(self.model, self.losses,
+                                                   _OnDevice(self.test_data, self.device, bar),
+                                                   self._prepare(train=False))
+        bar.close()
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics, extras
 
@@ -217,7 +305,8 @@ class Run:
         c = self.config
         out = c.out
         summary = {
-            "model": c.model, "backend": c.backend, "epochs_done": self.epoch, "epochs": c.epochs,
+            "model": c.model, "backend": c.backend, "device": str(self.device), "amp": c.amp,
+            "epochs_done": self.epoch, "epochs": c.epochs,
             "batch_size": c.batch_size, "lr": c.lr, "lr_schedule": c.lr_schedule,
             "augment": c.augment, "seed": c.seed,
             "threads": torch.get_num_threads(), "train_data": self.train_data.source,
@@ -229,6 +318,7 @@ class Run:
         files = [plots.loss_curves(self.history, self.running, out,
                                    keys=self.recipe.curve_keys(self.history),
                                    title="%s (%s)" % (c.model, c.backend))]
+        self.model.eval()
         files += self.recipe.plots(self.model, self.losses, self.history, self.extras, out,
                                    self.test_data, self._prepare(train=False))
         return files
@@ -239,9 +329,16 @@ class Run:
             self.resume()
         crash_after = os.environ.get(CRASH_AFTER_BATCHES_ENV)
         crash_after = int(crash_after) if crash_after else None
-        self.log("%s on %s: %d training / %d test images, backend %s, %d threads, output %s"
-                 % (c.model, self.recipe.dataset, len(self.train_data), len(self.test_data),
-                    c.backend, torch.get_num_threads(), c.out))
+        self.log("%s on %s: %d training / %d test images, backend %s, device %s%s, %d threads, "
+                 "output %s" % (c.model, self.recipe.dataset, len(self.train_data),
+                                len(self.test_data), c.backend, self.device,
+                                ", amp " + c.amp if c.amp else "", torch.get_num_threads(), c.out))
+        if self.epoch and self.epoch >= c.epochs:
+            # A finished run may have been killed after its last checkpoint and before its
+            # metrics and plots were written: write them again from the checkpoint.
+            self.write_outputs()
+            self.log("the run in %s is complete (%d epochs); metrics and plots rewritten"
+                     % (c.out, self.epoch))
         while self.epoch < c.epochs:
             train_metrics, crash_after = self.train_epoch(crash_after)
             test_metrics, self.extras = self.evaluate()
