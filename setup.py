@@ -25,6 +25,8 @@ Environment switches:
                            so the tests run every CUDA kernel without a GPU. Needs neither
                            nvcc nor a CUDA build of torch. Off by default (the Makefile
                            turns it on for `make test`).
+  HANDGRAD_NO_SPILLS=1     fail the build when ptxas spills registers in any CUDA kernel
+                           (CI sets it; tools/ptxas_report.py prints the usage per kernel).
   MAX_JOBS                 parallel compile jobs (ninja).
 """
 
@@ -157,6 +159,9 @@ def extension_modules(build_cuda, cuda_home, reason):
     )
     if build_cuda:
         nvcc = ["-O3", "-lineinfo"] + defines
+        if os.environ.get("HANDGRAD_NO_SPILLS") == "1":
+            # CI: a kernel that spills registers to local memory fails the build.
+            nvcc.append("-Xptxas=--warn-on-spills,--warning-as-error")
         compiled = cpp_extension.CUDAExtension(sources=sources + cuda_sources,
                                                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                                                **args)
