@@ -90,6 +90,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "ptxas"))
+    parser.add_argument("files", nargs="*", help="only these .cu files (default: all)")
     args = parser.parse_args(argv)
     if not find_cuda_home():
         raise SystemExit("no CUDA toolkit found (set CUDA_HOME)")
@@ -98,7 +99,7 @@ def main(argv=None):
     print("| file | kernel | registers | spill stores / loads (bytes) | stack | static smem |")
     print("|---|---|---|---|---|---|")
     for name in sorted(os.listdir(cuda_dir)):
-        if not name.endswith(".cu"):
+        if not name.endswith(".cu") or (args.files and name not in args.files):
             continue
         for k in compile_report(os.path.join(cuda_dir, name), args.arch, args.out):
             short = k["kernel"] if len(k["kernel"]) < 90 else k["kernel"][:87] + "..."

@@ -190,11 +190,16 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
   }
 
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
+    // Not unrolled: each element's 64-bit index math (divisions by the
+    // geometry) would otherwise be live four times over next to the 16
+    // accumulators, and ptxas spills.
+#pragma unroll 1
     for (int e = tid; e < kTileM * kTileK; e += kThreads) {
       const int mm = e % kTileM, kk = e / kTileM;
       const int64_t m = m0 + mm, k = k0 + kk;
       a_tile[kk][mm] = (m < p.M && k < k_end) ? p.a(z, m, k) : Acc(0);
     }
+#pragma unroll 1
     for (int e = tid; e < kTileN * kTileK; e += kThreads) {
       const int nn = e % kTileN, kk = e / kTileN;
       const int64_t n = n0 + nn, k = k0 + kk;
