@@ -1,5 +1,13 @@
 // scaled_dot_product_attention, CUDA kernels (flash-attention style).
 //
+// Which kernels: float16 / bfloat16 calls on sm_80+ whose head sizes E, Ev
+// are multiples of 8 up to 256, without the weights output, run the
+// FlashAttention-2 tensor-core kernels of attention_tensor_core.cuh (see
+// there; tensor_core::head_tile decides). Every other call -- float32
+// (exact: no TF32), float64, other head sizes, need_weights -- runs the
+// one-row-per-thread kernels of this file, described below. Both share the
+// dropout stream, the special-value rules and the saved lse.
+//
 // Algorithm: one thread block per (batch*head, tile of query rows), one
 // thread per query row. The block stages tiles of keys and values in shared
 // memory; every thread scores its row against the tile (scale * q.k + mask,

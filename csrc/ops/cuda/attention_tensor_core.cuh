@@ -58,17 +58,43 @@
 // native), float64, need_weights, devices before sm_80 -- keeps the
 // one-row-per-thread kernels of attention.cu.
 //
-// Tiles (W warps x 16 rows; N = key tile of the forward / dQ, M = query tile
-// of dK/dV), shared memory per block ((rows) x (D + 8) halves: 16 bytes of
-// padding per row put the 8 rows of every ldmatrix in different banks):
-//   D    fwd: W  N  smem      dQ: W  N  smem      dK/dV: W  M  smem
-//   64        8  64  56 KiB       4  64  55 KiB          8  64  74 KiB
-//   128       8  64 104 KiB       4  32  69 KiB          8  32 103 KiB
-//   256       4  32 100 KiB       4  32 133 KiB          4  32 133 KiB
-// Registers per thread (ptxas -v, sm_90, CUDA 13.0; tools/ptxas_report.py,
-// no spills): see the table in docs/attention_tensor_core.md, which also
-// derives occupancy on H100 / H200 (64 K registers, 228 KiB shared memory
-// per SM) and the roofline estimate for (4, 16, 2048, 128) bfloat16.
+// Tiles (W warps x 16 rows; N = key tile of the forward and dQ kernels, M =
+// query tile of the dK/dV kernel), shared memory per block (rows of D + 8
+// halves: the 16 bytes of padding put the 8 rows of every ldmatrix in
+// different banks; plus the keep-bit tables) and registers per thread
+// (ptxas -v, sm_90, CUDA 13.0, float16 and bfloat16 alike; no kernel spills
+// -- tools/ptxas_report.py, tests/test_cuda_resources.py):
+//   D    forward            dQ                 dK/dV
+//        W  N  smem   regs  W  N  smem   regs  W  M  smem   regs
+//   64   8  64  56.0K 183   4  64  55.0K 202   8  64  74.0K 229
+//   128  8  64 104.0K 233   4  32  68.5K 194   8  32 103.0K 250
+//   256  4  32  99.5K 240   4  32 132.5K 247   4  32 132.5K 232 (dV) / 248 (dK)
+// Occupancy on H100 / H200 (sm_90: 64 K registers, 228 KiB shared memory
+// per SM, registers allocated per warp in steps of 8 per thread): forward
+// 8 warps per SM for every D (D = 64 and 128: one 8-warp block, limited by
+// registers; D = 256: two 4-warp blocks); dQ 8 warps (two blocks) for D <=
+// 128, 4 for D = 256 (shared memory); dK/dV 8 warps (one block, registers)
+// for D <= 128, 4 for D = 256. Few warps, as in FA2: the latency is hidden
+// by the independent mma chains and the cp.async of the next tile.
+//
+// Roofline, forward, (batch, heads, L = S, E) = (4, 16, 2048, 128) bfloat16,
+// not causal: 4 B H L S E = 137.4 GFLOP. Off-chip traffic is Q, K, V, O
+// once (4 x 33.6 MB = 134 MB, + 0.5 MB of lse); every block re-reads its
+// head's K and V (1 MiB) from L2, 16 blocks per head: 1.07 GB of L2 reads.
+// H100 SXM: 989 TFLOP/s dense bfloat16, 3.35 TB/s: 139 us of tensor work
+// against 40 us of HBM traffic -- 1025 FLOP/byte, far past the ridge (295),
+// so compute-bound (H200: the same tensor peak, 4.8 TB/s: more so). Per
+// warp and 64-key tile the kernel issues 128 mma.m16n8k16 (524 K FLOP),
+// 1024 exp2 (MUFU: 16 per clock per SM, 64 clocks) and ~16 K other lane
+// operations (scale, max, rescale, packing: ~125 clocks at 128 lanes per
+// clock). mma.sync reaches about two thirds of the dense peak on sm_90
+// (the rest needs wgmma), ~190 clocks per warp-tile; with two warps per
+// SM sub-partition the softmax overlaps the other warp's mma only in part.
+// Expected: 30-40 % of H100 tensor peak (300-400 TFLOP/s, FA2's range on
+// H100) -- short of issue 14's 50 %, which needs Hopper's wgmma, TMA and
+// warp specialization (FlashAttention-3). The backward does 7 products per
+// tile pair (S and dP are recomputed by the dQ kernel: the price of no
+// atomics) against FA2's 5: expect about 0.6-0.7x FA2's backward.
 // Speed against native: not measured (no GPU here).
 #pragma once
 
@@ -116,7 +142,7 @@ struct Config;
 
 template <>
 struct Config<64> {
-  static constexpr int kFwdWarps = 8, kFwdKeys = 64, kFwdBlocks = 2;
+  static constexpr int kFwdWarps = 8, kFwdKeys = 64, kFwdBlocks = 1;
   static constexpr bool kFwdQInRegisters = true;
   static constexpr int kDqWarps = 4, kDqKeys = 64, kDqBlocks = 2;
   static constexpr int kKvWarps = 8, kKvQueries = 64, kKvBlocks = 1;
