@@ -1,5 +1,5 @@
 """The tensor-core primitives of csrc/common/tensor_core.cuh (mma.sync,
-ldmatrix, cp.async, tf32 rounding) on the CUDA emulator, element by element
+ldmatrix, cp.async, tf32 rounding, 16-bit packing) on the CUDA emulator, element by element
 against plain matrix products -- the kernels built on them are verified on
 the emulator, so the emulation itself must follow the PTX ISA exactly."""
 
@@ -63,6 +63,23 @@ def test_tf32_rounding_is_to_nearest_ties_away():
     assert out[:5] == [1.0, 1.0, 1 + ulp, 1 + ulp, -(1 + ulp)]
     assert out[6:] == [math.inf, -math.inf]
     assert math.isnan(run("to_tf32", values=[math.nan]).item())
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float16, "pack_f16"), (torch.bfloat16, "pack_bf16")],
+                         ids=["float16", "bfloat16"])
+def test_pack_16bit_rounds_to_nearest_even_low_half_first(dtype, name):
+    # An mma result pair (lo, hi) becomes one A-fragment register: lo in the
+    # low half, each rounded as torch rounds float32 to the dtype (to nearest,
+    # ties to even), inf / NaN / overflow included.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, generator=g) * 10
+    ulp = torch.finfo(dtype).eps
+    x = torch.cat([x, torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1e6, -1e6,
+                                    math.inf, -math.inf, 0.0, -0.0, 1e-30, 70000.0, 3e38])])
+    out = run(name, values=x.tolist())
+    expected = x.to(dtype).double()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert math.isnan(run(name, values=[math.nan, 1.0])[0].item())
 
 
 @pytest.mark.parametrize("zero_fill", [False, True])

@@ -12,3 +12,12 @@
 #define HG_HOST_DEVICE inline
 #define HG_DEVICE_COMPILE 0
 #endif
+
+// Full unrolling of a loop over register arrays (fragments): nvcc keeps the
+// arrays in registers only when every index is a constant. Empty in host
+// compilations (the CUDA emulation), where GCC would warn about the pragma.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HG_UNROLL _Pragma("unroll")
+#else
+#define HG_UNROLL
+#endif

@@ -1,6 +1,7 @@
 // Tensor-core primitives, written once for every kernel that uses them:
 // mma.sync m16n8k16 (float16 / bfloat16 in, float32 accumulate) and m16n8k8
-// (tf32), ldmatrix, cp.async with commit / wait groups, and the tf32 rounding.
+// (tf32), ldmatrix, cp.async with commit / wait groups, the tf32 rounding and
+// the float32 -> 16-bit pair conversion of an mma result (pack_16bit).
 //
 // On the GPU each is one PTX instruction (sm_80 and newer; the host side
 // only launches kernels built on them on such devices). In the CUDA
@@ -105,6 +106,25 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t r = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+#else
+  HG_TC_UNSUPPORTED();
+#endif
+  return r;
+}
+
+// Two float32 values rounded (to nearest even) to 16-bit elements of one
+// register, `lo` in the low half: a C fragment's pair of columns becomes an
+// A fragment's (FlashAttention's P and dS stay in registers this way).
+template <Input In>
+__device__ __forceinline__ uint32_t pack_16bit(float lo, float hi) {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // cvt.rn.{f16,bf16}x2.f32 d, a, b puts a in the upper half and b in the lower
+  if constexpr (In == Input::kHalf) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  }
 #else
   HG_TC_UNSUPPORTED();
 #endif
@@ -246,6 +266,16 @@ inline uint32_t to_tf32(float x) {
   if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf and NaN stay as they are
   bits += 0x1000u;  // half of the dropped 13 bits: round to nearest, ties away from zero
   return bits & 0xffffe000u;
+}
+
+template <Input In>
+inline uint32_t pack_16bit(float lo, float hi) {
+  if constexpr (In == Input::kHalf) {
+    return static_cast<uint32_t>(c10::Half(lo).x) | static_cast<uint32_t>(c10::Half(hi).x) << 16;
+  } else {
+    return static_cast<uint32_t>(c10::BFloat16(lo).x) |
+           static_cast<uint32_t>(c10::BFloat16(hi).x) << 16;
+  }
 }
 
 template <int N, bool Transpose = false>

@@ -275,6 +275,20 @@ std::vector<double> run_self_test(const std::string& name, const std::vector<int
     for (float v : in) out.push_back(tf32_rounded(v));
     return out;
   }
+  if (name == "pack_f16" || name == "pack_bf16") {  // values: (lo, hi) pairs
+    // pack_16bit's register, unpacked again: element 2i from the low half
+    std::vector<double> out;
+    const bool half = name == "pack_f16";
+    for (size_t i = 0; i + 1 < in.size(); i += 2) {
+      const uint32_t r = half ? tc::pack_16bit<Input::kHalf>(in[i], in[i + 1])
+                              : tc::pack_16bit<Input::kBFloat16>(in[i], in[i + 1]);
+      for (const uint16_t bits : {static_cast<uint16_t>(r & 0xffffu), static_cast<uint16_t>(r >> 16)}) {
+        out.push_back(half ? static_cast<float>(c10::Half(bits, c10::Half::from_bits()))
+                           : static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())));
+      }
+    }
+    return out;
+  }
   if (name == "cp_async") {  // values: 256 floats; arg: zero_fill
     TORCH_CHECK(in.size() == 256, "cp_async test: expected 256 values");
     std::vector<float> out(32 * 16);

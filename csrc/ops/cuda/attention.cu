@@ -1,5 +1,13 @@
 // scaled_dot_product_attention, CUDA kernels (flash-attention style).
 //
+// Which kernels: float16 / bfloat16 calls on sm_80+ whose head sizes E, Ev
+// are multiples of 8 up to 256, without the weights output, run the
+// FlashAttention-2 tensor-core kernels of attention_tensor_core.cuh (see
+// there; tensor_core::head_tile decides). Every other call -- float32
+// (exact: no TF32), float64, other head sizes, need_weights -- runs the
+// one-row-per-thread kernels of this file, described below. Both share the
+// dropout stream, the special-value rules and the saved lse.
+//
 // Algorithm: one thread block per (batch*head, tile of query rows), one
 // thread per query row. The block stages tiles of keys and values in shared
 // memory; every thread scores its row against the tile (scale * q.k + mask,
@@ -37,6 +45,8 @@
 #include "ops/attention.h"
 
 #include "common/cuda_launch.cuh"
+#include "ops/cuda/attention_common.cuh"
+#include "ops/cuda/attention_tensor_core.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -69,74 +79,6 @@ struct Tiles {
   int64_t ce;  // query/key features staged per pass (E when they all fit)
   int64_t cv;  // value features staged per pass (Ev when they all fit)
 };
-
-__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t inf() { return static_cast<acc_t>(INFINITY); }
-
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t sb, sh, sr;
-  __device__ T* at(int64_t b, int64_t h, int64_t r) const { return data + b * sb + h * sh + r * sr; }
-};
-
-template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
-  return Rows<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-template <typename T>
-Rows<const T> const_rows(const at::Tensor& t) {
-  return Rows<const T>{static_cast<const T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// A (B, Hq, L, S) tensor with any strides (the mask, the weights and their
-// gradient), or none.
-template <typename T>
-struct Mask {
-  const T* data;  // nullptr: none
-  int64_t sb, sh, sr, sc;
-  __device__ T at(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return data[b * sb + h * sh + i * sr + j * sc];
-  }
-};
-
-template <typename T>
-Mask<T> mask_of(const at::Tensor& m) {
-  if (!m.defined()) return Mask<T>{nullptr, 0, 0, 0, 0};
-  return Mask<T>{static_cast<const T*>(m.data_ptr()), m.stride(0), m.stride(1), m.stride(2),
-                 m.stride(3)};
-}
-
-// scale * dot + mask, or -inf where the key is hidden.
-template <typename T, typename acc_t>
-__device__ __forceinline__ acc_t score(acc_t dot, const Problem& p, const Mask<T>& m, int64_t b,
-                                       int64_t h, int64_t i, int64_t j) {
-  if (p.causal && causal_hidden(i, j)) return -inf<acc_t>();
-  acc_t s = dot * static_cast<acc_t>(p.scale);
-  if (m.data != nullptr) s += static_cast<acc_t>(m.at(b, h, i, j));
-  return s;
-}
-
-// The call's dropout state, seed and offset read from rng_state on the device.
-__device__ __forceinline__ DropoutState dropout_state(const Problem& p, const int64_t* rng) {
-  DropoutState d = p.dropout;
-  if (d.p > 0.0f) {
-    d.seed = static_cast<uint64_t>(rng[0]);
-    d.offset = static_cast<uint64_t>(rng[1]);
-  }
-  return d;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t dropout_factor(const DropoutState& d, int64_t bh, int64_t i, int64_t j) {
-  if (d.p <= 0.0f) return acc_t(1);
-  return keep(d, bh, i, j) ? static_cast<acc_t>(keep_scale(d.p)) : acc_t(0);
-}
 
 // n features of thread t's own row into column t of a [n][width] shared
 // array (column-major, so a warp's threads hit different banks); zeros for
@@ -331,16 +273,6 @@ __global__ void rowdot_kernel(Rows<const T> dO, Rows<const T> O, Mask<T> W, Mask
     D[x] = sum;
   }
 }
-
-// Read-only inputs of both backward kernels.
-template <typename T, typename acc_t>
-struct BackwardInputs {
-  Rows<const T> Q, K, V, dO;
-  Mask<T> mask, dW;
-  const acc_t* lse;
-  const acc_t* D;
-  const int64_t* rng;
-};
 
 // One block per (batch, kv head, key tile), one thread per key; blockIdx.y
 // picks the output features: dK's [y ce, (y+1) ce) and dV's [y cv, (y+1) cv).
@@ -575,6 +507,11 @@ void forward_kernel(ForwardArgs& a, Problem& p) {
     cuda::launch<store_rng_state_kernel>(1, 1, 0, stream, philox, a.rng_state.data_ptr<int64_t>());
     rng = a.rng_state.data_ptr<int64_t>();
   }
+  const int tile = tensor_core::head_tile(a.q.scalar_type(), p, a.weights.defined());
+  if (tile != 0) {
+    tensor_core::forward(a, p, tile, rng, stream);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(),
                                   "handgrad::scaled_dot_product_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -604,6 +541,7 @@ void backward_kernel(BackwardArgs& a, const Problem& p) {
   const size_t limit = shared_limit();
   at::Tensor D = at::empty({p.batch * p.heads_q * p.L}, a.lse.options());
   const int64_t* rng = p.dropout.p > 0.0f ? a.rng_state.data_ptr<int64_t>() : nullptr;
+  const int tile = tensor_core::head_tile(a.q.scalar_type(), p, a.weights.defined());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(),
                                   "handgrad::scaled_dot_product_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -616,6 +554,7 @@ void backward_kernel(BackwardArgs& a, const Problem& p) {
                                                  0, stream, in.dO, const_rows<scalar_t>(a.out),
                                                  mask_of<scalar_t>(a.weights), in.dW,
                                                  D.data_ptr<acc_t>(), p);
+    if (tile != 0) return;  // the tensor-core kernels take it from here
     if (a.want_grad_kv) {
       const Tiles t = choose_tiles(KernelKind::kDkdv, p, sizeof(acc_t), limit);
       const int64_t k_tiles = ceil_div(p.S, t.rows);
@@ -634,6 +573,7 @@ void backward_kernel(BackwardArgs& a, const Problem& p) {
           a.grad_mask.defined() ? a.grad_mask.data_ptr<acc_t>() : nullptr, p, t, q_tiles);
     }
   });
+  if (tile != 0) tensor_core::backward(a, p, tile, D.data_ptr<float>(), stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_cuda(
