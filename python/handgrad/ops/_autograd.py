@@ -16,6 +16,7 @@ instead of producing a zero tangent.
 """
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 __all__ = ["register_autograd", "call", "OPS", "NO_JVP"]
 
@@ -31,14 +32,20 @@ def NO_JVP(reason):
     return jvp
 
 
-def register_autograd(qualname, backward, setup_context, jvp):
+def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
     """Registers reverse- and forward-mode AD for the op `qualname`.
 
     backward(ctx, *grad_outputs) -> one gradient (or None) per op argument
     setup_context(ctx, inputs, output): saves what backward needs
     jvp(ctx, inputs, *input_tangents) -> one tangent (or None) per output;
-        `inputs` are the op's arguments (tensors are the primal values) and a
-        tangent is None for an argument without one.
+        `inputs` are the op's arguments (tensors are the primal values), a
+        tangent is None for an argument without one, and ctx.outputs holds
+        the op's outputs (the primal values).
+
+    dispatcher=False leaves the op's Autograd kernel alone (one written in
+    C++ for speed, see cross_entropy): call() then takes these formulas
+    itself whenever that kernel cannot serve -- under a torch.func
+    transform, and while a forward-mode AD level is open.
     """
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
@@ -57,6 +64,8 @@ def register_autograd(qualname, backward, setup_context, jvp):
         def forward(*inputs):
             *args, keyset = inputs
             with torch._C._AutoDispatchBelowAutograd():
+                if keyset is None:  # applied by call(), not from the dispatcher
+                    return op(*args)
                 return op.redispatch(keyset & below_autograd, *args)
 
         @staticmethod
@@ -64,8 +73,11 @@ def register_autograd(qualname, backward, setup_context, jvp):
             args = all_arguments(inputs[:-1])
             setup_context(ctx, args, output)
             ctx.jvp_arguments = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
-            # Tensors for jvp are kept only while forward-mode AD needs them.
-            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)])
+            # Tensors for jvp (the arguments and the outputs) are kept only
+            # while forward-mode AD needs them: autograd drops them once the
+            # output tangents are computed.
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)], *outputs)
 
         @staticmethod
         def backward(ctx, *grad_outputs):
@@ -82,6 +94,7 @@ def register_autograd(qualname, backward, setup_context, jvp):
         def jvp(ctx, *tangents):
             primals = iter(ctx.saved_tensors)
             args = [next(primals) if a is _TENSOR else a for a in ctx.jvp_arguments]
+            ctx.outputs = tuple(primals)
             return jvp(ctx, args, *tangents[:len(args)])
 
     Formula.__name__ = Formula.__qualname__ = "handgrad_%s_autograd" % name
@@ -110,7 +123,9 @@ def register_autograd(qualname, backward, setup_context, jvp):
             return Formula.jvp(ctx, *tangents)
 
     Transformable.__name__ = Transformable.__qualname__ = "handgrad_%s_transformable" % name
-    _TRANSFORMABLE[qualname] = (op, Transformable)
+    _TRANSFORMABLE[qualname] = (op, Transformable, None if dispatcher else Formula)
+    if not dispatcher:
+        return
 
     # Called from inside the dispatcher (the op's Autograd kernel), below any
     # functorch layer: the plain Function apply, not the functorch-aware
@@ -145,10 +160,14 @@ def _unwrap(args):
 def call(qualname, *args):
     """Calls the op; under a torch.func transform (grad, vjp, jacrev, jacfwd,
     jvp, vmap), through its formulas as a functorch-compatible Function."""
-    op, transformable = _TRANSFORMABLE[qualname]
+    op, transformable, formula = _TRANSFORMABLE[qualname]
     if torch._C._are_functorch_transforms_active():
         return transformable.apply(*(a if isinstance(a, torch.Tensor) else _Static(a)
                                      for a in args))
+    if formula is not None and _forward_ad._current_level >= 0:
+        # An op whose Autograd kernel has no jvp (dispatcher=False), while
+        # forward-mode AD is on: the formulas, applied here.
+        return formula.apply(*args, None)
     return op(*args)
 
 
