@@ -78,6 +78,11 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
             # output tangents are computed.
             outputs = output if isinstance(output, tuple) else (output,)
             ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)], *outputs)
+            # A jvp's None means a zero tangent; autograd wants None only for
+            # non-differentiable outputs (and fails on it for the others).
+            fixed = getattr(ctx, "non_differentiable", None) or ()
+            ctx.differentiable_outputs = [
+                o.is_floating_point() and not any(o is n for n in fixed) for o in outputs]
 
         @staticmethod
         def backward(ctx, *grad_outputs):
@@ -95,7 +100,11 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
             primals = iter(ctx.saved_tensors)
             args = [next(primals) if a is _TENSOR else a for a in ctx.jvp_arguments]
             ctx.outputs = tuple(primals)
-            return jvp(ctx, args, *tangents[:len(args)])
+            result = jvp(ctx, args, *tangents[:len(args)])
+            if not isinstance(result, tuple):
+                return _zero_if_none(result, ctx.outputs[0], ctx.differentiable_outputs[0])
+            return tuple(_zero_if_none(t, o, d)
+                         for t, o, d in zip(result, ctx.outputs, ctx.differentiable_outputs))
 
     Formula.__name__ = Formula.__qualname__ = "handgrad_%s_autograd" % name
 
@@ -141,6 +150,12 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
         return apply(*args, keyset)
 
     _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _zero_if_none(tangent, output, differentiable):
+    if tangent is None and differentiable:
+        return torch.zeros_like(output)
+    return tangent
 
 
 class _Static:
