@@ -5,8 +5,9 @@
 #   make bench        benchmark every op against native PyTorch
 #   make test         run the test suite
 #
-# Other targets: install, cmake-test (C++ library + ctest), gpu-check (CUDA
-# tests and GPU benchmarks on a machine with a GPU), clean.
+# Other targets: install, cmake-test (C++ library + ctest), gpu-check (the
+# one-shot GPU check, tools/gpu_check.py: CUDA tests, GPU benchmarks and short
+# training runs, a report in gpu-report/), clean.
 # Build switches pass through the environment: HANDGRAD_CUDA=auto|1|0,
 # TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
 # HANDGRAD_CUDA_EMULATION=1 (the default here) also builds the CUDA emulation
@@ -55,8 +56,7 @@ cmake-test: $(BUILD_STAMP)
 	ctest --test-dir cmake-build --output-on-failure
 
 gpu-check: $(BUILD_STAMP)
-	HANDGRAD_REQUIRE_GPU=1 $(PY) -m pytest tests -k cuda $(TEST_ARGS)
-	$(PY) benchmarks/run.py --device cuda $(BENCH_ARGS)
+	$(PY) tools/gpu_check.py --out gpu-report $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build cmake-build python/handgrad/*.so *.egg-info python/*.egg-info

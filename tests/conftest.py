@@ -4,6 +4,8 @@ see handgrad.cuda_emulation) and, where a GPU is usable, on CUDA. Without a
 GPU the CUDA cases are skipped with the reason shown by `pytest -ra`."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +19,47 @@ requires_emulation = pytest.mark.skipif(
     not cuda_emulation.available(),
     reason="handgrad was built without its CUDA emulation module (HANDGRAD_CUDA_EMULATION=1)")
 
-DEVICES = ["cpu", pytest.param("cuda-emulated", marks=requires_emulation),
-           pytest.param("cuda", marks=requires_cuda)]
+_ALL_DEVICES = {"cpu": "cpu",
+                "cuda-emulated": pytest.param("cuda-emulated", marks=requires_emulation),
+                "cuda": pytest.param("cuda", marks=requires_cuda)}
+
+
+def _selected_devices():
+    """HANDGRAD_TEST_DEVICES=cuda (comma-separated names) narrows the device
+    cases, e.g. to the real GPU in the one-shot GPU check."""
+    wanted = os.environ.get("HANDGRAD_TEST_DEVICES")
+    if not wanted:
+        return list(_ALL_DEVICES)
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _ALL_DEVICES]
+    if unknown:
+        raise pytest.UsageError("HANDGRAD_TEST_DEVICES: unknown device %s (known: %s)"
+                                % (", ".join(unknown), ", ".join(_ALL_DEVICES)))
+    return names
+
+
+DEVICES = [_ALL_DEVICES[name] for name in _selected_devices()]
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a real CUDA GPU (and takes no `device`)")
     # `make gpu-check` sets this: on a GPU machine, skipping CUDA tests would hide failures.
     if os.environ.get("HANDGRAD_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
         raise pytest.UsageError("HANDGRAD_REQUIRE_GPU=1 but no CUDA GPU is usable")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Narrowed to devices other than the CPU, the run keeps only the tests
+    # about those devices: the device cases and the tests marked `gpu`.
+    if "cpu" in _selected_devices():
+        return
+    kept, dropped = [], []
+    for item in items:
+        uses_device = "device" in getattr(item, "fixturenames", ())
+        (kept if uses_device or item.get_closest_marker("gpu") else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(params=DEVICES)
@@ -41,3 +76,64 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------- CUDA emulation coverage
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+
+
+def cuda_kernels():
+    """{(op, kernel)} for every __global__ function of the op .cu files."""
+    found = set()
+    for path in CUDA_DIR.glob("*.cu"):
+        pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
+        found |= {(path.stem, name) for name in re.findall(pattern, path.read_text())}
+    return found
+
+
+def kernels_run():
+    """{(op, kernel)} the emulator launched in this process, with the totals."""
+    stats = cuda_emulation.launch_statistics() if cuda_emulation.available() else {}
+    ran = set()
+    for name in stats:
+        parts = name.split("<", 1)[0].split("::")
+        if len(parts) >= 3 and parts[0] == "handgrad":
+            ran.add((parts[1], parts[-1]))
+    launches = sum(v[0] for v in stats.values())
+    threads = sum(v[2] for v in stats.values())
+    return ran, launches, threads
+
+
+def _ran_every_op_test(session):
+    """Whether this run included every op's whole test file (no -k / -m)."""
+    option = session.config.option
+    if getattr(option, "keyword", "") or getattr(option, "markexpr", ""):
+        return False
+    files = {Path(str(item.fspath)).name for item in session.items}
+    return all("test_%s.py" % path.stem in files for path in CUDA_DIR.glob("*.cu"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ran, launches, threads = kernels_run()
+    if not launches:
+        return
+    missing = sorted(cuda_kernels() - ran)
+    session.config._hg_emulation = (len(cuda_kernels()) - len(missing), len(cuda_kernels()),
+                                    launches, threads, missing)
+    # CI: every CUDA kernel must have run through the emulator.
+    if (missing and os.environ.get("HANDGRAD_EXPECT_EMULATION") == "1"
+            and _ran_every_op_test(session) and exitstatus == 0):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    report = getattr(config, "_hg_emulation", None)
+    if report is None:
+        return
+    covered, total, launches, threads, missing = report
+    terminalreporter.write_sep("-", "CUDA emulation")
+    terminalreporter.write_line("%d of %d CUDA kernels ran on the emulator (%d launches, %d "
+                                "emulated threads)" % (covered, total, launches, threads))
+    if missing:
+        terminalreporter.write_line("not run: " + ", ".join("%s.cu:%s" % m for m in missing))

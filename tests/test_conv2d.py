@@ -431,6 +431,7 @@ def test_backward_ops_reject_inconsistent_shapes():
         ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is usable here")
 def test_mixed_devices_raise():
     with pytest.raises(RuntimeError, match="same device"):

@@ -2,7 +2,6 @@
 instead of returning a result (the op kernels' emulated runs rely on both)."""
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -148,13 +147,3 @@ def test_emulation_swaps_the_cpu_kernels_in_and_out():
 def test_every_cuda_file_is_emulated():
     files = {Path(f).name for f in cuda_emulation.emulated_files()}
     assert files == {p.name for p in (ROOT / "csrc" / "ops" / "cuda").glob("*.cu")}
-
-
-def cuda_kernels():
-    """(file, kernel) for every __global__ function of the op .cu files."""
-    found = []
-    for path in sorted((ROOT / "csrc" / "ops" / "cuda").glob("*.cu")):
-        text = path.read_text()
-        for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", text):
-            found.append((path.stem, m.group(1)))
-    return found

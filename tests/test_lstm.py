@@ -257,6 +257,7 @@ def test_lstm_cell_state_dict_and_bad_input():
                                mine.weight_ih, torch.randn(16, 5))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is usable")
 def test_mixed_devices_raise():
     cell = handgrad.nn.LSTMCell(3, 4)

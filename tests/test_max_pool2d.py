@@ -225,6 +225,7 @@ def test_backward_rejects_inconsistent_arguments():
                                                [1, 1, 4, 4], [2, 2], [2, 2], [0, 0], [1, 1])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is usable here")
 def test_mixed_devices_raise():
     grad = torch.randn(1, 1, 2, 2, device="cuda")

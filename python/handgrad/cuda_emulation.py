@@ -16,11 +16,27 @@ The emulator runs one block at a time; keep problem sizes small.
 """
 
 import contextlib
+import importlib.util
+import os
 
-try:
-    from . import _cuda_emulation as _module
-except ImportError:  # built without HANDGRAD_CUDA_EMULATION=1
-    _module = None
+
+def _load():
+    # HANDGRAD_CUDA_EMULATION_MODULE names another build of the module, e.g.
+    # the ThreadSanitizer one of tools/emulation_tsan.py.
+    path = os.environ.get("HANDGRAD_CUDA_EMULATION_MODULE")
+    if path:
+        spec = importlib.util.spec_from_file_location("handgrad._cuda_emulation", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    try:
+        from . import _cuda_emulation
+    except ImportError:  # built without HANDGRAD_CUDA_EMULATION=1
+        return None
+    return _cuda_emulation
+
+
+_module = _load()
 
 __all__ = ["available", "active", "emulated", "launch_statistics", "reset_launch_statistics",
            "emulated_files"]
