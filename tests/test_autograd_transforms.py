@@ -17,6 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import func
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import handgrad
 
@@ -123,6 +124,26 @@ def _cross_entropy_unbatched(device):
             (randn(5, device=device),))
 
 
+def _native_attention(*args, **kw):
+    # The math backend: PyTorch's fused CPU attention has no double backward.
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kw)
+
+
+def _attention(q_shape, k_shape, v_shape, mask=None, **kw):
+    def case(device):
+        q, k, v = (randn(*s, device=device) for s in (q_shape, k_shape, v_shape))
+        if mask == "float":
+            kw["attn_mask"] = randn(q_shape[-2], k_shape[-2], device=device)
+        elif mask == "bool":
+            keep = torch.rand(q_shape[-2], k_shape[-2], device=device) > 0.4
+            keep[:, 0] = True  # no fully masked row
+            kw["attn_mask"] = keep
+        return (lambda q, k, v: HG.scaled_dot_product_attention(q, k, v, **kw),
+                lambda q, k, v: _native_attention(q, k, v, **kw), (q, k, v))
+    return case
+
+
 CASES = {
     "conv2d": _conv2d,
     "max_pool2d": _max_pool2d,
@@ -135,6 +156,12 @@ CASES = {
     "cross_entropy_probabilities_sum": _cross_entropy_probabilities("sum"),
     "cross_entropy_probabilities_none": _cross_entropy_probabilities("none"),
     "cross_entropy_unbatched": _cross_entropy_unbatched,
+    "attention": _attention((2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 3)),
+    "attention_gqa": _attention((1, 4, 3, 4), (1, 2, 5, 4), (1, 2, 5, 2), enable_gqa=True),
+    "attention_causal_scale": _attention((1, 2, 4, 3), (1, 2, 4, 3), (1, 2, 4, 2),
+                                         is_causal=True, scale=0.7),
+    "attention_float_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="float"),
+    "attention_bool_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="bool"),
 }
 
 
@@ -229,6 +256,29 @@ def test_func_hessian_matches_native(case):
           lambda fn: func.hessian(lambda first: _scalar(fn)(first, *inputs[1:]))(inputs[0]))
 
 
+def test_attention_with_dropout_gradcheck_and_gradgradcheck(device):
+    # Dropout draws its pattern from torch's generator: reseeded, every call
+    # of the function sees the same pattern, which the formulas read back
+    # from the backward kernel.
+    inputs = tuple(randn(1, 2, 3, 4, device=device).requires_grad_() for _ in range(3))
+
+    def attention(q, k, v):
+        torch.manual_seed(5)
+        return HG.scaled_dot_product_attention(q, k, v, dropout_p=0.4, enable_gqa=True)
+    assert torch.autograd.gradcheck(attention, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(attention, inputs, check_fwd_over_rev=True)
+
+
+def test_attention_third_derivative_matches_native(device):
+    q, k, v = (randn(1, 2, 3, 4, device=device).requires_grad_() for _ in range(3))
+    results = []
+    for attention in (HG.scaled_dot_product_attention, _native_attention):
+        (g1,) = torch.autograd.grad(attention(q, k, v).sin().sum(), q, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.pow(2).sum(), k, create_graph=True)
+        results.append(torch.autograd.grad(g2.sum(), (q, k, v)))
+    torch.testing.assert_close(results[0], results[1])
+
+
 # ---- gradient penalties: one training step against native ------------------------------------
 
 def _penalty_step(model, x, loss_fn):
@@ -310,6 +360,25 @@ def test_gradient_penalty_lstm_cell_matches_native(device):
                       lambda hc: (hc[0] * hc[1]).sum())
 
 
+class _AttentionCritic(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        with sdpa_kernel(SDPBackend.MATH):
+            mixed, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(mixed).mean()
+
+
+def test_gradient_penalty_attention_matches_native(device):
+    native = _AttentionCritic(torch.nn.MultiheadAttention(8, 2, batch_first=True))
+    mine = _AttentionCritic(handgrad.nn.MultiheadAttention(8, 2, batch_first=True))
+    _assert_same_step(native.to(device, D), mine.to(device, D), randn(2, 5, 8, device=device),
+                      lambda y: y)
+
+
 # ---- the backward ops themselves ---------------------------------------------------------------
 
 def _backward_op_cases(device):
@@ -359,6 +428,25 @@ def test_backward_ops_gradcheck_and_opcheck(device):
         assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], check_forward_ad=True)
 
 
+def test_attention_backward_op_gradcheck(device):
+    # out and lse are inputs of the backward op but functions of query, key
+    # and value (the formulas differentiate through them): made by the forward.
+    ops = torch.ops.handgrad
+    q, k, v = (randn(1, 4, 3, 4, device=device).requires_grad_() for _ in range(3))
+    k, v = k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_()
+    mask = randn(3, 3, device=device)
+
+    def grads(grad_out, q, k, v):
+        out, lse, rng = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8, True)
+        return ops.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, mask, 0.0,
+                                                         False, 0.8, True, rng)
+    grad_out = randn(1, 4, 3, 4, device=device).requires_grad_()
+    assert torch.autograd.gradcheck(grads, (grad_out, q, k, v), check_forward_ad=True)
+    out, lse, rng = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8, True)
+    torch.library.opcheck(ops.scaled_dot_product_attention_backward.default,
+                          (grad_out, q, k, v, out.detach(), lse, mask, 0.0, False, 0.8, True, rng))
+
+
 def _cross_entropy_backward_inputs(device):
     x = randn(4, 5, device=device).requires_grad_()
     y = torch.softmax(randn(4, 5, device=device), 1).requires_grad_()
@@ -402,6 +490,8 @@ def _raw_calls(device):
         "max_pool2d": lambda x: ops.max_pool2d(x4 * x, [2, 2])[0],
         "lstm_cell": lambda x: ops.lstm_cell(h * x, h, h, *p)[0],
         "lstm_layer": lambda x: ops.lstm_layer((h * x).unsqueeze(0), h, h, *p, False)[0],
+        "attention": lambda x: ops.scaled_dot_product_attention(
+            x4[0] * x, x4[0], x4[0], None, 0.0, False, None, False)[0],
         "cross_entropy": lambda x: ops.cross_entropy(
             h * x, torch.tensor([1], device=device), None, -100, "mean", 0.0)[0],
     }

@@ -9,6 +9,9 @@ from those, so no L x S matrix is saved (memory linear in L).
 
 import torch
 
+from . import _attention_autograd as _formulas
+from ._autograd import OPS, call, register_autograd
+
 __all__ = ["scaled_dot_product_attention"]
 
 
@@ -41,8 +44,7 @@ def _sdpa_backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropou
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = (
-        tuple(inputs) + (None, 0.0, False, None, False)[len(inputs) - 3:])
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
     out, lse, rng_state = output
     ctx.mark_non_differentiable(lse, rng_state)
     ctx.set_materialize_grads(False)
@@ -55,7 +57,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rng):
         return None, None, None, None, None, None, None, None
     query, key, value, out, lse, attn_mask, rng_state = ctx.saved_tensors
     dropout_p, is_causal, scale, enable_gqa = ctx.args
-    grad_q, grad_k, grad_v = torch.ops.handgrad.scaled_dot_product_attention_backward(
+    grad_q, grad_k, grad_v = OPS.scaled_dot_product_attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
         enable_gqa, rng_state)
     needs = ctx.needs_input_grad
@@ -63,17 +65,57 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rng):
             grad_v if needs[2] else None, None, None, None, None, None)
 
 
-torch.library.register_autograd("handgrad::scaled_dot_product_attention", _backward,
-                                setup_context=_setup_context)
+# Forward mode: _attention_autograd.forward_tangent (materializes P; see there).
+def _jvp(ctx, inputs, t_query, t_key, t_value, t_mask, *_):
+    t_out = _formulas.forward_tangent(inputs, ctx.outputs, t_query, t_key, t_value, t_mask)
+    return t_out, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("handgrad::scaled_dot_product_attention does not support double "
-                              "backward")
+register_autograd("handgrad::scaled_dot_product_attention", _backward, _setup_context, _jvp)
 
 
-torch.library.register_autograd("handgrad::scaled_dot_product_attention_backward",
-                                _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+# Double backward and forward-over-reverse: the backward op's own gradient and
+# tangent (_attention_autograd.backward_adjoint / backward_tangent). out and
+# lse get none: they are functions of query, key, value and the mask, and the
+# formulas differentiate through them.
+def _backward_setup_context(ctx, inputs, output):
+    (grad_out, query, key, value, _out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+     rng_state) = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_out, query, key, value, lse, attn_mask, rng_state)
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa)
+
+
+def _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state, args):
+    dropout_p, is_causal, scale, enable_gqa = args
+    return _formulas._Backward(grad_out, query, key, value, lse, attn_mask, dropout_p, is_causal,
+                               scale, enable_gqa, rng_state)
+
+
+def _backward_backward(ctx, g_query, g_key, g_value):
+    needs = ctx.needs_input_grad
+    if g_query is None and g_key is None and g_value is None:
+        return (None,) * 12
+    grad_out, query, key, value, lse, attn_mask, rng_state = ctx.saved_tensors
+    b = _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state, ctx.args)
+    d_go, d_q, d_k, d_v, d_mask = _formulas.backward_adjoint(b, g_query, g_key, g_value, None)
+    d_mask = _formulas.reduce_to_mask(d_mask, attn_mask) if needs[6] else None
+    return (d_go if needs[0] else None, d_q if needs[1] else None, d_k if needs[2] else None,
+            d_v if needs[3] else None, None, None, d_mask, None, None, None, None, None)
+
+
+def _backward_jvp(ctx, inputs, t_grad_out, t_query, t_key, t_value, _t_out, _t_lse, t_mask,
+                  *_):
+    grad_out, query, key, value, _out, lse, attn_mask, *args = inputs
+    rng_state = args[-1]
+    b = _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state, args[:4])
+    t_dq, t_dk, t_dv, _ = _formulas.backward_tangent(b, t_grad_out, t_query, t_key, t_value,
+                                                     t_mask)
+    return t_dq, t_dk, t_dv
+
+
+register_autograd("handgrad::scaled_dot_product_attention_backward", _backward_backward,
+                  _backward_setup_context, _backward_jvp)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -89,6 +131,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     CPU generator, so torch.manual_seed reproduces it. The mask gets no
     gradient.
     """
-    return torch.ops.handgrad.scaled_dot_product_attention(
-        query, key, value, attn_mask, float(dropout_p), bool(is_causal),
-        None if scale is None else float(scale), bool(enable_gqa))[0]
+    return call("handgrad::scaled_dot_product_attention",
+                query, key, value, attn_mask, float(dropout_p), bool(is_causal),
+                None if scale is None else float(scale), bool(enable_gqa))[0]
