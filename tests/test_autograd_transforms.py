@@ -57,7 +57,8 @@ def reference_lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, reverse):
 # tensor or a flat tuple of tensors.
 
 def _conv2d(device):
-    x, w, b = randn(2, 4, 5, 6, device=device), randn(6, 2, 3, 2, device=device), randn(6, device=device)
+    x, w = randn(2, 4, 5, 6, device=device), randn(6, 2, 3, 2, device=device)
+    b = randn(6, device=device)
     kw = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
     return (lambda x, w, b: HG.conv2d(x, w, b, **kw),
             lambda x, w, b: F.conv2d(x, w, b, **kw), (x, w, b))

@@ -52,12 +52,12 @@ def _over_steps(bias_like, gates):
 
 
 def _slopes(gates):
-    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
     return torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], -1)
 
 
 def _curvatures(gates):
-    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
     return torch.cat([1 - 2 * i, 1 - 2 * f, -2 * g, 1 - 2 * o], -1)
 
 
@@ -100,9 +100,9 @@ def _scatter_previous(grad_previous, reverse):
 #   dc' = df c + f dc + di g + i dg
 #   dh' = do tanh(c') + o (1 - tanh^2 c') dc'
 def _pointwise_tangent(gates, c_prev, c, t_z, t_c_prev):
-    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
     t_gates = _slopes(gates) * t_z
-    t_i, t_f, t_g, t_o = t_gates.chunk(4, -1)
+    t_i, t_f, t_g, t_o = t_gates.tensor_split(4, -1)
     t_c = t_f * c_prev + f * t_c_prev + t_i * g + i * t_g
     tc = torch.tanh(c)
     t_h = t_o * tc + o * (1 - tc * tc) * t_c
@@ -115,7 +115,7 @@ def _pointwise_tangent(gates, c_prev, c, t_z, t_c_prev):
 #   u   = [dct g | dct c | dct i | dh tanh c']     (reaches the gates)
 #   dz  = u * s;   dc_prev = dct f
 def _pointwise_backward(dh, dc, gates, c_prev, c):
-    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
     tc = torch.tanh(c)
     dct = dc + dh * o * (1 - tc * tc)
     u = torch.cat([dct * g, dct * c_prev, dct * i, dh * tc], -1)
@@ -129,8 +129,8 @@ def _pointwise_backward(dh, dc, gates, c_prev, c):
 #             | t_dh tanh + dh t_tanh]
 #   t_dz   = t_u * s + u * k * t_gates;   t_dc_prev = t_dct f + dct t_f
 def _pointwise_backward_tangent(dh, dc, gates, c_prev, c, t_dh, t_dc, t_gates, t_c_prev, t_c):
-    i, f, g, o = gates.chunk(4, -1)
-    t_i, t_f, t_g, t_o = t_gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
+    t_i, t_f, t_g, t_o = t_gates.tensor_split(4, -1)
     tc = torch.tanh(c)
     sech2 = 1 - tc * tc
     t_tc = sech2 * t_c
@@ -151,12 +151,12 @@ def _pointwise_backward_tangent(dh, dc, gates, c_prev, c, t_dh, t_dc, t_gates, t
 #   G_c_prev = G_u_f dct;   G_dh = G_u_o tanh + G_dct o (1 - tanh^2);   G_dc = G_dct
 #   G_tanh = G_u_o dh - 2 G_dct dh o tanh;   G_c = G_tanh (1 - tanh^2)
 def _pointwise_backward_adjoint(dh, dc, gates, c_prev, c, g_dz, g_dc_prev):
-    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = gates.tensor_split(4, -1)
     tc = torch.tanh(c)
     sech2 = 1 - tc * tc
     dct = dc + dh * o * sech2
     u = torch.cat([dct * g, dct * c_prev, dct * i, dh * tc], -1)
-    g_u_i, g_u_f, g_u_g, g_u_o = (g_dz * _slopes(gates)).chunk(4, -1)
+    g_u_i, g_u_f, g_u_g, g_u_o = (g_dz * _slopes(gates)).tensor_split(4, -1)
     g_dct = g_u_i * g + g_u_f * c_prev + g_u_g * i + g_dc_prev * f
     g_gates = g_dz * u * _curvatures(gates) + torch.cat(
         [g_u_g * dct, g_dc_prev * dct, g_u_i * dct, g_dct * dh * sech2], -1)
