@@ -19,6 +19,7 @@ PYBIND11_MODULE(_cuda_emulation, m) {
   m.def("launch_statistics", &emu::launch_statistics,
         "kernel name -> (launches, blocks, threads) since the last reset");
   m.def("reset_launch_statistics", &emu::reset_launch_statistics);
-  m.def("_self_test", &emu::run_self_test,
+  m.def("_self_test", &emu::run_self_test, py::arg("name"), py::arg("args"),
+        py::arg("values") = std::vector<double>(),
         "Runs one of the emulator's own test kernels (tests/test_cuda_emulation.py).");
 }

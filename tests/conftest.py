@@ -65,12 +65,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     """The device to put tensors on. For "cuda-emulated" that is the CPU, with
-    handgrad's ops switched to their emulated CUDA kernels for the test."""
-    if request.param == "cuda-emulated":
-        with cuda_emulation.emulated():
-            yield torch.device("cpu")
-    else:
-        yield torch.device(request.param)
+    handgrad's ops switched to their emulated CUDA kernels for the test.
+
+    CUDA cases run with TF32 off, so float32 is compared exactly; the
+    tensor-core tests switch it on where they mean to."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        if request.param == "cuda-emulated":
+            with cuda_emulation.emulated():
+                yield torch.device("cpu")
+        else:
+            yield torch.device(request.param)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +95,14 @@ CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
 
 
 def cuda_kernels():
-    """{(op, kernel)} for every __global__ function of the op .cu files."""
+    """{(op, kernel)} for every __global__ function of the op .cu files and
+    the .cuh files they include (conv2d_tensor_core.cuh belongs to conv2d)."""
+    ops = sorted((p.stem for p in CUDA_DIR.glob("*.cu")), key=len, reverse=True)
+    pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)*(\w+)"
     found = set()
-    for path in CUDA_DIR.glob("*.cu"):
-        pattern = r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
-        found |= {(path.stem, name) for name in re.findall(pattern, path.read_text())}
+    for path in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")):
+        op = next(o for o in ops if path.stem.startswith(o))
+        found |= {(op, name) for name in re.findall(pattern, path.read_text())}
     return found
 
 

@@ -20,6 +20,7 @@ from torch import func
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import handgrad
+from handgrad.ops._autograd import OPS
 
 # Under vmap (and the transforms built on it: jacfwd, jacrev, hessian) the
 # ops run through PyTorch's per-sample batching fallback, which warns that
@@ -145,6 +146,27 @@ def _attention(q_shape, k_shape, v_shape, mask=None, **kw):
     return case
 
 
+def _attention_learned_mask(device):
+    # A float mask that requires grad (a learned position bias): a fourth input.
+    inputs = (randn(1, 2, 3, 4, device=device), randn(1, 2, 5, 4, device=device),
+              randn(1, 2, 5, 2, device=device), randn(2, 1, 5, device=device))
+    return (lambda q, k, v, m: HG.scaled_dot_product_attention(q, k, v, attn_mask=m),
+            lambda q, k, v, m: _native_attention(q, k, v, attn_mask=m), inputs)
+
+
+def _attention_weights(device):
+    # need_weights (what MultiheadAttention uses): the weights P are an output too.
+    def mine(q, k, v):
+        out, _, _, weights = OPS.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.6,
+                                                              False, True)
+        return out, weights
+
+    def native(q, k, v):
+        weights = torch.softmax(q @ k.transpose(-1, -2) * 0.6, dim=-1)
+        return weights @ v, weights
+    return mine, native, tuple(randn(2, 3, 4, device=device) for _ in range(3))
+
+
 CASES = {
     "conv2d": _conv2d,
     "max_pool2d": _max_pool2d,
@@ -163,6 +185,9 @@ CASES = {
                                          is_causal=True, scale=0.7),
     "attention_float_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="float"),
     "attention_bool_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="bool"),
+    "attention_broadcast_batch": _attention((2, 1, 3, 4), (1, 2, 5, 4), (1, 2, 5, 2)),
+    "attention_learned_mask": _attention_learned_mask,
+    "attention_weights": _attention_weights,
 }
 
 
@@ -362,20 +387,23 @@ def test_gradient_penalty_lstm_cell_matches_native(device):
 
 
 class _AttentionCritic(torch.nn.Module):
-    def __init__(self, attention):
+    def __init__(self, attention, need_weights):
         super().__init__()
-        self.attention = attention
+        self.attention, self.need_weights = attention, need_weights
         self.head = torch.nn.Linear(8, 1)
 
     def forward(self, x):
         with sdpa_kernel(SDPBackend.MATH):
-            mixed, _ = self.attention(x, x, x, need_weights=False)
-        return self.head(mixed).mean()
+            mixed, weights = self.attention(x, x, x, need_weights=self.need_weights)
+        score = self.head(mixed).mean()
+        return score if weights is None else score + weights.pow(2).mean()
 
 
-def test_gradient_penalty_attention_matches_native(device):
-    native = _AttentionCritic(torch.nn.MultiheadAttention(8, 2, batch_first=True))
-    mine = _AttentionCritic(handgrad.nn.MultiheadAttention(8, 2, batch_first=True))
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_gradient_penalty_attention_matches_native(device, need_weights):
+    native = _AttentionCritic(torch.nn.MultiheadAttention(8, 2, batch_first=True), need_weights)
+    mine = _AttentionCritic(handgrad.nn.MultiheadAttention(8, 2, batch_first=True),
+                            need_weights)
     _assert_same_step(native.to(device, D), mine.to(device, D), randn(2, 5, 8, device=device),
                       lambda y: y)
 
@@ -429,23 +457,33 @@ def test_backward_ops_gradcheck_and_opcheck(device):
         assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], check_forward_ad=True)
 
 
-def test_attention_backward_op_gradcheck(device):
-    # out and lse are inputs of the backward op but functions of query, key
-    # and value (the formulas differentiate through them): made by the forward.
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_backward_op_gradcheck(device, need_weights):
+    # out, lse (and weights) are inputs of the backward op but functions of
+    # query, key, value and the mask (the formulas differentiate through them):
+    # made by the forward. grad_out and grad_weights are inputs of their own.
     ops = torch.ops.handgrad
-    q, k, v = (randn(1, 4, 3, 4, device=device).requires_grad_() for _ in range(3))
-    k, v = k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_()
-    mask = randn(3, 3, device=device)
-
-    def grads(grad_out, q, k, v):
-        out, lse, rng = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8, True)
-        return ops.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, mask, 0.0,
-                                                         False, 0.8, True, rng)
+    q = randn(1, 4, 3, 4, device=device).requires_grad_()
+    k, v = (randn(1, 2, 5, 4, device=device).requires_grad_() for _ in range(2))
+    mask = randn(3, 5, device=device).requires_grad_()
     grad_out = randn(1, 4, 3, 4, device=device).requires_grad_()
-    assert torch.autograd.gradcheck(grads, (grad_out, q, k, v), check_forward_ad=True)
-    out, lse, rng = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8, True)
+    grad_weights = randn(1, 4, 3, 5, device=device).requires_grad_()
+
+    def grads(grad_out, grad_weights, q, k, v, mask):
+        out, lse, rng, weights = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8,
+                                                                  True, need_weights)
+        return ops.scaled_dot_product_attention_backward(
+            grad_out, q, k, v, out, lse, mask, 0.0, False, 0.8, True, rng,
+            weights if need_weights else None, grad_weights if need_weights else None,
+            [True, True, True, True])
+    inputs = (grad_out, grad_weights, q, k, v, mask)
+    assert torch.autograd.gradcheck(grads, inputs, check_forward_ad=True)
+    out, lse, rng, weights = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8,
+                                                              True, need_weights)
     torch.library.opcheck(ops.scaled_dot_product_attention_backward.default,
-                          (grad_out, q, k, v, out.detach(), lse, mask, 0.0, False, 0.8, True, rng))
+                          (grad_out, q, k, v, out.detach(), lse, mask, 0.0, False, 0.8, True, rng,
+                           weights.detach() if need_weights else None,
+                           grad_weights if need_weights else None, [True, False, True, True]))
 
 
 def _cross_entropy_backward_inputs(device):

@@ -95,6 +95,15 @@ void sync_warp(unsigned mask, const char* file, int line);
 uint64_t exchange(unsigned mask, uint64_t mine, int src_lane, const char* file, int line);
 // OR / AND over the lanes of `mask` of a 0/1 value.
 unsigned ballot(unsigned mask, bool predicate, const char* file, int line);
+// Every lane of the caller's (full) warp publishes `bytes` (<= 64) bytes;
+// `all` receives the 32 lanes' bytes in lane order (tensor-core fragments).
+void warp_all_gather(const void* mine, size_t bytes, void* all, const char* file, int line);
+// cp.async: the copy is queued and happens when a cp.async.wait_group lets
+// it complete, so data read before the wait shows the poison.
+void cp_async(void* shared_dst, const void* global_src, size_t bytes, size_t src_bytes,
+              const char* file, int line);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
 void* dynamic_shared_memory();
 // Records a failed device assertion and ends the launch (never returns).
 [[noreturn]] void device_assert_failed(const char* condition, const char* file, int line);

@@ -119,9 +119,18 @@ constexpr int kSharedPerBlockOptin = 232448;
 
 enum class Wait : unsigned char { kRunnable, kBlockBarrier, kWarpSync, kDone };
 
+// One queued cp.async copy.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, src_bytes;
+};
+
 struct EmuThread {
   uint3 idx;
   Wait wait = Wait::kRunnable;
+  std::vector<std::vector<AsyncCopy>> committed;  // cp.async groups, oldest first
+  std::vector<AsyncCopy> open_group;
   const char* file = nullptr;  // where it waits
   int line = 0;
   unsigned mask = 0;           // lanes a warp sync waits for
@@ -162,6 +171,7 @@ struct Runner {
   const LaunchRequest* request = nullptr;
   std::vector<EmuThread> threads;
   std::vector<std::array<uint64_t, 32>> slots;  // per warp, for shuffles and votes
+  std::vector<std::array<unsigned char, 32 * 64>> gather;  // per warp, for fragments
   std::vector<unsigned char> dynamic_shared;
   EmuThread* current = nullptr;
   int thread_count = 0;
@@ -515,6 +525,7 @@ void launch(const LaunchRequest& request) {
   r.thread_count = static_cast<int>(request.block.x * request.block.y * request.block.z);
   r.threads.resize(r.thread_count);
   r.slots.resize((r.thread_count + 31) / 32);
+  r.gather.resize((r.thread_count + 31) / 32);
   r.dynamic_shared.assign(request.dynamic_shared_bytes + kSharedGuardBytes, kPoison);
   if (tsan_active()) r.scheduler_tsan_fiber = __tsan_get_current_fiber();
   {
@@ -614,6 +625,69 @@ unsigned ballot(unsigned mask, bool predicate, const char* file, int line) {
   }
   sync_warp(mask, file, line);
   return bits;
+}
+
+void warp_all_gather(const void* mine, size_t bytes, void* all, const char* file, int line) {
+  Runner& r = *g_runner;
+  const int linear = linear_of(r.current->idx, blockDim);
+  const int warp = linear / 32, lane = linear % 32;
+  if (bytes > 64) fail_current("warp_all_gather of more than 64 bytes per lane", file, line);
+  std::memcpy(r.gather[warp].data() + lane * 64, mine, bytes);
+  sync_warp(0xffffffffu, file, line);
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(static_cast<unsigned char*>(all) + l * bytes, r.gather[warp].data() + l * 64, bytes);
+  }
+  sync_warp(0xffffffffu, file, line);
+}
+
+namespace {
+
+bool in_shared_memory(const Runner& r, const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* dyn = r.dynamic_shared.data();
+  if (c >= dyn && c + bytes <= dyn + r.request->dynamic_shared_bytes) return true;
+  const auto* lo = reinterpret_cast<const unsigned char*>(__start_hg_emu_shared);
+  const auto* hi = reinterpret_cast<const unsigned char*>(__stop_hg_emu_shared);
+  return lo != nullptr && c >= lo && c + bytes <= hi;
+}
+
+void run_copy(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, c.src_bytes);
+  std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+}
+
+}  // namespace
+
+void cp_async(void* shared_dst, const void* global_src, size_t bytes, size_t src_bytes,
+              const char* file, int line) {
+  Runner& r = *g_runner;
+  if (bytes != 4 && bytes != 8 && bytes != 16) {
+    fail_current("cp.async copies 4, 8 or 16 bytes, not " + std::to_string(bytes), file, line);
+  }
+  if (src_bytes > bytes) fail_current("cp.async with a source size over the copy size", file, line);
+  if (reinterpret_cast<uintptr_t>(shared_dst) % bytes != 0 ||
+      (src_bytes > 0 && reinterpret_cast<uintptr_t>(global_src) % bytes != 0)) {
+    fail_current("misaligned cp.async (addresses must be aligned to the copy size)", file, line);
+  }
+  if (!in_shared_memory(r, shared_dst, bytes)) {
+    fail_current("cp.async to an address outside the block's shared memory", file, line);
+  }
+  r.current->open_group.push_back({shared_dst, global_src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  EmuThread& t = *g_runner->current;
+  t.committed.push_back(std::move(t.open_group));
+  t.open_group.clear();
+}
+
+void cp_async_wait(int pending_groups) {
+  EmuThread& t = *g_runner->current;
+  const size_t keep = static_cast<size_t>(std::max(pending_groups, 0));
+  while (t.committed.size() > keep) {
+    for (const AsyncCopy& c : t.committed.front()) run_copy(c);
+    t.committed.erase(t.committed.begin());
+  }
 }
 
 void* dynamic_shared_memory() { return g_runner->dynamic_shared.data(); }

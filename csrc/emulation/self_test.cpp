@@ -8,6 +8,7 @@
 #include "emulation/kernel_unit.h"
 
 #include "common/cuda_launch.cuh"
+#include "common/tensor_core.cuh"
 #include "emulation/self_test.h"
 
 #include <c10/util/Exception.h>
@@ -114,13 +115,177 @@ __global__ void big_shared_kernel(int bytes, int* out) {
 
 __global__ void noop_kernel() {}
 
+// ---- tensor-core primitives (tests/test_tensor_core.py)
+
+namespace tc = ::handgrad::cuda::tc;
+using tc::FragA;
+using tc::FragB;
+using tc::FragC;
+using tc::Input;
+
+template <Input In>
+uint16_t bits16(float v) {
+  if constexpr (In == Input::kHalf) return c10::Half(v).x;
+  return c10::BFloat16(v).x;
+}
+
+// D = A B + C for one m16n8k16 tile, the fragments loaded by the layout
+// formulas of the PTX ISA (A 16x16 and C 16x8 row-major, B 16x8 row-major).
+template <Input In>
+__global__ void mma_by_layout_kernel(const float* A, const float* B, const float* C, float* D) {
+  const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+  FragA a;
+  FragB b;
+  FragC c, d;
+  for (int r = 0; r < 4; ++r) {
+    uint32_t pair = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int i = 2 * r + h;
+      const int row = (i == 2 || i == 3 || i == 6 || i == 7) ? g + 8 : g;
+      const int col = 2 * q + h + (i >= 4 ? 8 : 0);
+      pair |= static_cast<uint32_t>(bits16<In>(A[row * 16 + col])) << (16 * h);
+    }
+    a.x[r] = pair;
+  }
+  for (int r = 0; r < 2; ++r) {
+    uint32_t pair = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int k = 2 * q + h + (r == 1 ? 8 : 0);
+      pair |= static_cast<uint32_t>(bits16<In>(B[k * 8 + g])) << (16 * h);
+    }
+    b.x[r] = pair;
+  }
+  for (int i = 0; i < 4; ++i) c.x[i] = C[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)];
+  tc::mma_16816<In>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) D[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)] = d.x[i];
+}
+
+// The same product with A and B staged in shared memory and loaded with
+// ldmatrix (A by x4; B stored as rows of B^T by x2, or as rows of B by
+// x2.trans), as real kernels do.
+template <Input In>
+__global__ void mma_by_ldmatrix_kernel(const float* A, const float* B, const float* C, float* D,
+                                       bool b_transposed_load) {
+  __shared__ __align__(16) uint16_t a_s[16][16];
+  __shared__ __align__(16) uint16_t b_s[16][8];   // [k][n]
+  __shared__ __align__(16) uint16_t bt_s[8][16];  // [n][k]
+  const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+  for (int e = lane; e < 256; e += 32) a_s[e / 16][e % 16] = bits16<In>(A[e]);
+  for (int e = lane; e < 128; e += 32) {
+    b_s[e / 8][e % 8] = bits16<In>(B[e]);
+    bt_s[e % 8][e / 8] = bits16<In>(B[e]);
+  }
+  __syncwarp();
+  FragA a;
+  FragB b;
+  FragC c, d;
+  uint32_t ra[4];
+  tc::ldmatrix<4>(ra, &a_s[lane % 16][(lane / 16) * 8]);
+  for (int i = 0; i < 4; ++i) a.x[i] = ra[i];
+  uint32_t rb[2];
+  if (b_transposed_load) {
+    tc::ldmatrix<2, true>(rb, &b_s[lane % 16][0]);
+  } else {
+    tc::ldmatrix<2>(rb, &bt_s[lane % 8][((lane / 8) % 2) * 8]);
+  }
+  b.x[0] = rb[0];
+  b.x[1] = rb[1];
+  for (int i = 0; i < 4; ++i) c.x[i] = C[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)];
+  tc::mma_16816<In>(d, a, b, c);
+  for (int i = 0; i < 4; ++i) D[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)] = d.x[i];
+}
+
+// D = A B + C for one m16n8k8 tf32 tile (A 16x8, B 8x8, C 16x8, row-major),
+// operands rounded with cvt.rna.tf32.
+__global__ void mma_tf32_kernel(const float* A, const float* B, const float* C, float* D) {
+  const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+  FragA a;
+  FragB b;
+  FragC c, d;
+  for (int i = 0; i < 4; ++i) a.x[i] = tc::to_tf32(A[(g + 8 * (i & 1)) * 8 + q + 4 * (i >= 2)]);
+  for (int i = 0; i < 2; ++i) b.x[i] = tc::to_tf32(B[(q + 4 * i) * 8 + g]);
+  for (int i = 0; i < 4; ++i) c.x[i] = C[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)];
+  tc::mma_1688_tf32(d, a, b, c);
+  for (int i = 0; i < 4; ++i) D[(i < 2 ? g : g + 8) * 8 + 2 * q + (i & 1)] = d.x[i];
+}
+
+// Each thread copies 16 bytes (4 floats) per group, two groups; out gets
+// what thread t sees of both chunks after wait_group<1> and after <0>.
+// With `zero_fill`, the second group's copies bring only 8 bytes.
+__global__ void cp_async_kernel(const float* src, float* out, bool zero_fill) {
+  __shared__ __align__(16) float s[2][32][4];
+  const int t = threadIdx.x;
+  tc::cp_async_16(&s[0][t][0], src + 4 * t);
+  tc::cp_async_commit();
+  tc::cp_async_16(&s[1][t][0], src + 128 + 4 * t, zero_fill ? 8 : 16);
+  tc::cp_async_commit();
+  tc::cp_async_wait<1>();
+  for (int j = 0; j < 4; ++j) out[t * 16 + j] = s[0][t][j];
+  for (int j = 0; j < 4; ++j) out[t * 16 + 4 + j] = s[1][t][j];
+  tc::cp_async_wait<0>();
+  for (int j = 0; j < 4; ++j) out[t * 16 + 8 + j] = s[0][t][j];
+  for (int j = 0; j < 4; ++j) out[t * 16 + 12 + j] = s[1][t][j];
+}
+
+__global__ void cp_async_misaligned_kernel(const float* src) {
+  __shared__ __align__(16) float s[8];
+  tc::cp_async_16(&s[1], src);
+}
+
+float tf32_rounded(float x) {
+  const uint32_t bits = tc::to_tf32(x);
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 std::vector<double> as_doubles(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
 }  // namespace
 
-std::vector<double> run_self_test(const std::string& name, const std::vector<int64_t>& a) {
+std::vector<double> run_self_test(const std::string& name, const std::vector<int64_t>& a,
+                                  const std::vector<double>& values) {
   auto arg = [&a](size_t i) { return i < a.size() ? a[i] : 0; };
   cudaStream_t stream = nullptr;
+  const std::vector<float> in(values.begin(), values.end());
+  if (name == "mma_f16" || name == "mma_bf16") {  // values: A (256), B (128), C (128); arg: load
+    TORCH_CHECK(in.size() == 512, "mma test: expected 512 values");
+    std::vector<float> d(128);
+    const float *A = in.data(), *B = A + 256, *C = B + 128;
+    const bool half = name == "mma_f16";
+    if (arg(0) == 0) {
+      if (half) cuda::launch<mma_by_layout_kernel<Input::kHalf>>(1, 32, 0, stream, A, B, C, d.data());
+      else cuda::launch<mma_by_layout_kernel<Input::kBFloat16>>(1, 32, 0, stream, A, B, C, d.data());
+    } else {
+      const bool trans = arg(0) == 2;
+      if (half) cuda::launch<mma_by_ldmatrix_kernel<Input::kHalf>>(1, 32, 0, stream, A, B, C, d.data(), trans);
+      else cuda::launch<mma_by_ldmatrix_kernel<Input::kBFloat16>>(1, 32, 0, stream, A, B, C, d.data(), trans);
+    }
+    return {d.begin(), d.end()};
+  }
+  if (name == "mma_tf32") {  // values: A (128), B (64), C (128)
+    TORCH_CHECK(in.size() == 320, "mma_tf32 test: expected 320 values");
+    std::vector<float> d(128);
+    cuda::launch<mma_tf32_kernel>(1, 32, 0, stream, in.data(), in.data() + 128, in.data() + 192,
+                                  d.data());
+    return {d.begin(), d.end()};
+  }
+  if (name == "to_tf32") {
+    std::vector<double> out;
+    for (float v : in) out.push_back(tf32_rounded(v));
+    return out;
+  }
+  if (name == "cp_async") {  // values: 256 floats; arg: zero_fill
+    TORCH_CHECK(in.size() == 256, "cp_async test: expected 256 values");
+    std::vector<float> out(32 * 16);
+    cuda::launch<cp_async_kernel>(1, 32, 0, stream, in.data(), out.data(), arg(0) != 0);
+    return {out.begin(), out.end()};
+  }
+  if (name == "cp_async_misaligned") {
+    std::vector<float> src(8);
+    cuda::launch<cp_async_misaligned_kernel>(1, 1, 0, stream, src.data());
+    return {};
+  }
   if (name == "shuffle") {  // mode, arg, width, mask, threads
     std::vector<int> out(arg(4));
     cuda::launch<shuffle_kernel>(1, arg(4), 0, stream, static_cast<int>(arg(0)),

@@ -8,9 +8,10 @@
 namespace handgrad {
 namespace cuda_emulation {
 
-// Runs the named test kernel with integer arguments; returns what it wrote,
-// or raises the error the emulator reported.
-std::vector<double> run_self_test(const std::string& name, const std::vector<int64_t>& args);
+// Runs the named test kernel with integer arguments (and input values);
+// returns what it wrote, or raises the error the emulator reported.
+std::vector<double> run_self_test(const std::string& name, const std::vector<int64_t>& args,
+                                  const std::vector<double>& values = {});
 
 }  // namespace cuda_emulation
 }  // namespace handgrad

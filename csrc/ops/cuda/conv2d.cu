@@ -28,6 +28,8 @@
 #include "ops/conv2d.h"
 
 #include "common/cuda_launch.cuh"
+#include "ops/cuda/conv2d_depthwise.cuh"
+#include "ops/cuda/conv2d_tensor_core.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -273,6 +275,21 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
                     at::Tensor& output, const Geometry& g) {
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (depthwise::applicable(g)) {
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    depthwise::into(output, [&](at::Tensor& y) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                      "handgrad::conv2d (depthwise)", [&] {
+        cuda::launch<depthwise::forward_kernel<scalar_t>>(
+            depthwise::blocks_for(y.numel()), depthwise::kThreads, 0, stream,
+            x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+            y.mutable_data_ptr<scalar_t>(), depthwise::shape_of(g), g);
+      });
+    });
+    return;
+  }
+  if (tensor_core::try_forward(input, weight, bias, output, g, stream)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::conv2d", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -294,6 +311,20 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input, const Geometry& g) {
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (depthwise::applicable(g)) {
+    const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    depthwise::into(grad_input, [&](at::Tensor& dx) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(),
+                                      "handgrad::conv2d_grad_input (depthwise)", [&] {
+        cuda::launch<depthwise::grad_input_kernel<scalar_t>>(
+            depthwise::blocks_for(dx.numel()), depthwise::kThreads, 0, stream,
+            dy.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+            dx.mutable_data_ptr<scalar_t>(), depthwise::shape_of(g), g);
+      });
+    });
+    return;
+  }
+  if (tensor_core::try_grad_input(grad_output, weight, grad_input, g, stream)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_input", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -324,6 +355,45 @@ void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
   splits = std::max<int64_t>(1, std::min<int64_t>({splits, kMaxPartials / weights,
                                                   65535 / g.groups}));
   const int64_t split_len = (reduction + splits - 1) / splits;
+  if (depthwise::applicable(g)) {
+    // One thread per (channel, tap) and split: splits of ~2048 pixels.
+    const int64_t dw_splits = std::max<int64_t>(1, std::min<int64_t>(256, reduction / 2048));
+    const int64_t dw_len = (reduction + dw_splits - 1) / dw_splits;
+    const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "handgrad::conv2d_grad_weight (depthwise)", [&] {
+      using Acc = at::opmath_type<scalar_t>;
+      at::Tensor partial = at::empty({dw_splits * weights},
+                                     input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+      cuda::launch<depthwise::grad_weight_kernel<scalar_t>>(
+          cuda::Dims(depthwise::blocks_for(weights), dw_splits), depthwise::kThreads, 0, stream,
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          partial.mutable_data_ptr<Acc>(), depthwise::shape_of(g), g, dw_len);
+      cuda::launch<sum_splits<scalar_t, Acc>>(blocks_for(weights), kThreads, 0, stream,
+                                              partial.const_data_ptr<Acc>(),
+                                              grad_weight.mutable_data_ptr<scalar_t>(), dw_splits,
+                                              weights);
+    });
+    return;
+  }
+  if (tensor_core::weight_applicable(input.scalar_type(), g)) {
+    // Tensor cores: partial sums in (co, kh, kw, ci) order, added here in a
+    // fixed order, then laid out as (co, ci, kh, kw).
+    at::Tensor partial = at::empty({splits * weights}, input.options().dtype(at::kFloat));
+    tensor_core::weight_partials(grad_output, input, partial, g, splits, split_len, stream);
+    at::Tensor krsc = at::empty({g.out_channels, g.h.kernel, g.w.kernel, g.in_per_group()},
+                                grad_weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "handgrad::conv2d_grad_weight", [&] {
+      cuda::launch<sum_splits<scalar_t, float>>(blocks_for(weights), kThreads, 0, stream,
+                                                partial.const_data_ptr<float>(),
+                                                krsc.mutable_data_ptr<scalar_t>(), splits,
+                                                weights);
+    });
+    grad_weight.copy_(krsc.permute({0, 3, 1, 2}));
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "handgrad::conv2d_grad_weight", [&] {
     using Acc = at::opmath_type<scalar_t>;

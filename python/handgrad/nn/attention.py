@@ -1,7 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops  # noqa: F401  (registers torch.ops.handgrad.scaled_dot_product_attention)
+from ..ops._autograd import call
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -19,11 +20,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     need_weights=True (torch's default) returns the attention weights (after
     dropout, averaged over heads unless average_attn_weights=False), as
     native does. That path materializes the L x S weights per head, like
-    native's: the weights come out of the same handgrad attention call as the
-    output, by appending an S x S identity to the values (P [V | I] = [PV | P]),
-    so the output and the returned weights share one dropout pattern and
-    gradients flow through both. Use need_weights=False for the O(L)-memory
-    path.
+    native's: the attention op itself returns them (its need_weights output,
+    recomputed from each row's log-sum-exp), so the output and the returned
+    weights share one dropout pattern and gradients flow through both. Use
+    need_weights=False for the O(L)-memory path.
 
     One difference from native: a query row that every mask hides gets a
     zero output (and zero weights), which is what native returns with
@@ -116,20 +116,18 @@ def _mha_forward(m, query, key, value, key_padding_mask, need_weights, attn_mask
         v = torch.cat([v, zeros], dim=2)
         attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
         key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
-    src_len = k.shape[2]
 
     if key_padding_mask is not None:
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     dropout_p = m.dropout if m.training else 0.0
 
-    if need_weights:
-        # [V | I]: the attention call returns P V and P (the weights) together.
-        eye = torch.eye(src_len, dtype=v.dtype, device=v.device)
-        v = torch.cat([v, eye.expand(bsz, num_heads, src_len, src_len)], dim=-1)
-    out = ops.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-    weights = None
-    if need_weights:
-        out, weights = out[..., :head_dim], out[..., head_dim:]
+    # Through call(): the op's formulas also reach the torch.func transforms.
+    out, _, _, weights = call("handgrad::scaled_dot_product_attention",
+                              q, k, v, attn_mask, float(dropout_p), bool(is_causal), None, False,
+                              bool(need_weights))
+    if not need_weights:
+        weights = None
+    else:
         if average_attn_weights:
             weights = weights.mean(dim=1)
         if not is_batched:

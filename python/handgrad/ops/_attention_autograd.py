@@ -23,18 +23,21 @@ repeated per query head and their gradients summed back):
 The row-wise softmax Jacobian, symmetric, so also its own transpose:
     J(X) = P * (X - rowsum(P * X))
 Forward tangent:
-    t_S = scale (t_q k^T + q t_k^T) + t_M;   t_out = (J(t_S) * Z) v + P~ t_v
-Backward (the kernel; D = rowsum(dO * out) = rowsum(P * dP)):
-    dP = (dO v^T) * Z;   dS = J(dP) = P * (dP - D)
+    t_S = scale (t_q k^T + q t_k^T) + t_M
+    t_out = (J(t_S) * Z) v + P~ t_v;   t_weights = J(t_S) * Z   (weights = P~)
+With need_weights the op also returns weights = P~; its gradient G_W
+joins the backward:
+Backward (the kernel; D = rowsum(P * dP) = rowsum(dO * out) + rowsum(P~ * G_W)):
+    dP = (dO v^T + G_W) * Z;   dS = J(dP) = P * (dP - D)
     dq = scale dS k;   dk = scale dS^T q;   dv = P~^T dO;   dM = dS
-out and lse, inputs of the backward op, are the forward's functions of
-q, k, v and the mask: the formulas differentiate through them (via P) and
-give them no gradient and read no tangent for them.
+out, lse and weights, inputs of the backward op, are the forward's
+functions of q, k, v and the mask: the formulas differentiate through them
+(via P) and give them no gradient and read no tangent for them.
 """
 
 import torch
 
-from ._autograd import OPS, register_autograd
+from ._autograd import OPS
 
 
 def _sum(*terms):
@@ -116,8 +119,9 @@ def _kernel_probabilities(problem, lse, attn_mask, dropout_p, is_causal, scale, 
     # backward op's own formulas -- which hold here, as out = P~ 0 = 0 is
     # consistent with the zero value.
     def transposed_probabilities(p):
-        _, _, grad_v = OPS.scaled_dot_product_attention_backward(
-            eye, q, k, zeros_v, zeros_out, lse, attn_mask, p, is_causal, scale, False, rng_state)
+        _, _, grad_v, _ = OPS.scaled_dot_product_attention_backward(
+            eye, q, k, zeros_v, zeros_out, lse, attn_mask, p, is_causal, scale, False, rng_state,
+            None, None, [False, False, True, False])
         return grad_v.transpose(-1, -2)
 
     p = transposed_probabilities(0.0)
@@ -142,7 +146,7 @@ def _score_tangent(problem, t_q, t_k, t_mask):
 # ---- the forward op ---------------------------------------------------------------------------
 
 def forward_tangent(inputs, outputs, t_query, t_key, t_value, t_mask):
-    """t_out of out = attention(query, key, value, attn_mask, ...)."""
+    """(t_out, t_weights) of (out, weights = P~) = attention(query, key, value, attn_mask, ...)."""
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs[:8]
     lse, rng_state = outputs[1], outputs[2]
     problem = _Problem(query, key, value, enable_gqa)
@@ -151,42 +155,43 @@ def forward_tangent(inputs, outputs, t_query, t_key, t_value, t_mask):
                                           rng_state)
     t_q, t_k, t_v = problem.expand(t_query, 0), problem.expand(t_key, 1), problem.expand(t_value, 2)
     t_s = _score_tangent(problem, t_q, t_k, t_mask)
-    t_out = _sum(_mm(_times(_softmax_jvp(p, t_s), z), problem.v) if t_s is not None else None,
-                 _mm(dropped, t_v))
-    return t_out
+    t_weights = None if t_s is None else _times(_softmax_jvp(p, t_s), z)
+    return _sum(_mm(t_weights, problem.v), _mm(dropped, t_v)), t_weights
 
 
 # ---- the backward op --------------------------------------------------------------------------
 
-class _Backward:
-    """The backward op's quantities, materialized: dP, D and dS."""
+class Backward:
+    """The backward op's quantities, materialized: dP, D and dS. grad_weights
+    (G_W, the gradient of the weights output P~, or None) joins dO v^T."""
 
     def __init__(self, grad_out, query, key, value, lse, attn_mask, dropout_p, is_causal, scale,
-                 enable_gqa, rng_state):
+                 enable_gqa, rng_state, grad_weights):
         self.problem = problem = _Problem(query, key, value, enable_gqa)
         problem.scale = scale if scale is not None else query.shape[-1] ** -0.5
         self.p, self.dropped, self.z = _kernel_probabilities(
             problem, lse, attn_mask, dropout_p, is_causal, scale, rng_state)
         self.grad_out = grad_out.expand(*problem.lead, *grad_out.shape[-2:])
-        self.dp = _times(_mm(self.grad_out, _mT(problem.v)), self.z)
+        self.dp = _times(_sum(_mm(self.grad_out, _mT(problem.v)), grad_weights), self.z)
         self.d = (self.p * self.dp).sum(-1, keepdim=True)
         self.ds = self.p * (self.dp - self.d)
 
 
 # Tangent of the backward op, each line differentiating the backward above:
 #   t_P  = J(t_S)
-#   t_dP = (t_dO v^T + dO t_v^T) * Z
+#   t_dP = (t_dO v^T + dO t_v^T + t_G_W) * Z
 #   t_D  = rowsum(t_P * dP + P * t_dP)
 #   t_dS = t_P * (dP - D) + P * (t_dP - t_D)
 #   t_dq = scale (t_dS k + dS t_k);  t_dk = scale (t_dS^T q + dS^T t_q)
 #   t_dv = (t_P * Z)^T dO + P~^T t_dO
-def backward_tangent(b, t_grad_out, t_query, t_key, t_value, t_mask):
+def backward_tangent(b, t_grad_out, t_query, t_key, t_value, t_mask, t_grad_weights):
     problem = b.problem
     t_q, t_k, t_v = problem.expand(t_query, 0), problem.expand(t_key, 1), problem.expand(t_value, 2)
     t_go = None if t_grad_out is None else t_grad_out.expand(b.grad_out.shape)
     t_s = _score_tangent(problem, t_q, t_k, t_mask)
     t_p = None if t_s is None else _softmax_jvp(b.p, t_s)
-    t_dp = _times(_sum(_mm(t_go, _mT(problem.v)), _mm(b.grad_out, _mT(t_v))), b.z)
+    t_dp = _times(_sum(_mm(t_go, _mT(problem.v)), _mm(b.grad_out, _mT(t_v)), t_grad_weights),
+                  b.z)
     t_ds = _sum(None if t_p is None else t_p * (b.dp - b.d),
                 None if t_dp is None else b.p * t_dp,
                 None if t_p is None and t_dp is None else -b.p * _sum(
@@ -203,9 +208,9 @@ def backward_tangent(b, t_grad_out, t_query, t_key, t_value, t_mask):
 # reaching dq, dk, dv (and dM), transposing the lines above:
 #   G_dS = scale (G_q k^T + q G_k^T) + G_M
 #   G_k  = scale dS^T G_q;   G_q = scale dS G_k                (dS's factors)
-#   G_dP = J(G_dS)
+#   G_dP = J(G_dS) * Z          (also the gradient reaching G_W)
 #   G_P  = G_dS * (dP - D) - rowsum(G_dS * P) dP + (dO G_v^T) * Z
-#   G_dO = (G_dP * Z) v + P~ G_v;   G_v = (G_dP * Z)^T dO
+#   G_dO = G_dP v + P~ G_v;   G_v = G_dP^T dO
 #   G_S  = J(G_P):   G_q += scale G_S k;  G_k += scale G_S^T q;  G_M += G_S
 def backward_adjoint(b, g_q, g_k, g_v, g_mask):
     problem = b.problem
@@ -215,7 +220,7 @@ def backward_adjoint(b, g_q, g_k, g_v, g_mask):
     g_p = _times(_mm(b.grad_out, _mT(g_v)), b.z)
     d_q = _scaled(_mm(b.ds, g_k), scale)
     d_k = _scaled(_mm(_mT(b.ds), g_q), scale)
-    d_v = d_go = None
+    d_v = d_go = g_dp = None
     if g_ds is not None:
         g_dp = _times(_softmax_jvp(b.p, g_ds), b.z)
         g_p = _sum(g_p, g_ds * (b.dp - b.d) - (g_ds * b.p).sum(-1, keepdim=True) * b.dp)
@@ -225,4 +230,5 @@ def backward_adjoint(b, g_q, g_k, g_v, g_mask):
     g_s = None if g_p is None else _softmax_jvp(b.p, g_p)
     d_q = _sum(d_q, _scaled(_mm(g_s, problem.k), scale))
     d_k = _sum(d_k, _scaled(_mm(_mT(g_s), problem.q), scale))
-    return d_go, problem.reduce(d_q, 0), problem.reduce(d_k, 1), problem.reduce(d_v, 2), g_s
+    return (d_go, problem.reduce(d_q, 0), problem.reduce(d_k, 1), problem.reduce(d_v, 2), g_s,
+            g_dp)

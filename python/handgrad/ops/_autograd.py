@@ -100,7 +100,9 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
             primals = iter(ctx.saved_tensors)
             args = [next(primals) if a is _TENSOR else a for a in ctx.jvp_arguments]
             ctx.outputs = tuple(primals)
-            result = jvp(ctx, args, *tangents[:len(args)])
+            # (None for the arguments the caller left at their defaults.)
+            tangents = (*tangents, *([None] * len(args)))[:len(args)]
+            result = jvp(ctx, args, *tangents)
             if not isinstance(result, tuple):
                 return _zero_if_none(result, ctx.outputs[0], ctx.differentiable_outputs[0])
             return tuple(_zero_if_none(t, o, d)
