@@ -170,12 +170,15 @@ def test_gradcheck(device, shape, kind, weighted, reduction, smoothing):
     assert torch.autograd.gradcheck(ce(H, w, ignore_index, reduction, smoothing), inputs)
 
 
-def test_double_backward_raises(device):
+def test_double_backward_matches_native(device):
+    # (More double-backward and forward-mode cases: tests/test_autograd_transforms.py.)
     x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.tensor([0, 3, 1], device=device)
-    (g,) = torch.autograd.grad(H(x, t), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        g.sum().backward()
+    grads = []
+    for fn in (H, F.cross_entropy):
+        (g,) = torch.autograd.grad(fn(x, t, label_smoothing=0.1), x, create_graph=True)
+        grads.append(torch.autograd.grad(g.pow(2).sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_lse_is_the_only_extra_saved_tensor(device):

@@ -16,10 +16,21 @@
 // and works with opcheck and torch.compile (AOTAutograd runs this node on
 // fake tensors through the backward ops' fake kernels).
 //
-// Saved for backward: input, target, weight and lse. The backward ops are
-// registered here too; differentiating them again (double backward) raises
-// NotImplementedError.
+// Saved for backward: input, target, weight and lse.
+//
+// This kernel serves first-order reverse mode only. Everything else takes
+// the Python formulas (python/handgrad/ops/_cross_entropy_autograd.py):
+//  * forward-mode AD and the torch.func transforms: handgrad.ops.cross_entropy
+//    applies them itself (handgrad.ops._autograd.call); this kernel raises
+//    when it meets a dual input or an active transform (a raw torch.ops
+//    call), so no tangent is ever silently dropped;
+//  * double backward: the backward ops' Autograd kernels are the Python
+//    formulas. The backward below calls the backward ops through the
+//    dispatcher (so they record their graph) only when that can be needed --
+//    grad mode on (create_graph=True) or a dual grad_loss -- and straight to
+//    the CPU/CUDA kernel otherwise, the per-call cost of plain training.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -69,6 +80,16 @@ at::Tensor call_target_backward(const at::Tensor& grad_loss, const at::Tensor& i
   return op.call(grad_loss, input, target, weight, reduction, label_smoothing, lse);
 }
 
+// Forward-mode AD has one level in PyTorch (level 0).
+bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+
+// What torch._C._are_functorch_transforms_active() reads.
+bool functorch_transforms_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
 std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -99,6 +120,9 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       const std::optional<at::Tensor> weight = optional_of(saved[2]);
       const std::string reduction = ctx->saved_data["reduction"].toStringRef();
       const double smoothing = ctx->saved_data["label_smoothing"].toDouble();
+      // Straight to the kernels unless these gradients may be differentiated again.
+      std::optional<at::AutoDispatchBelowADInplaceOrView> plain;
+      if (!at::GradMode::is_enabled() && !has_forward_grad(grad_loss)) plain.emplace();
       if (ctx->needs_input_grad(0)) {
         grad_input = call_backward(grad_loss, saved[0], saved[1], weight,
                                    ctx->saved_data["ignore_index"].toInt(), reduction, smoothing,
@@ -114,37 +138,22 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
-// The backward ops are linear in grad_loss, but their derivative with
-// respect to the logits (the softmax Hessian) has no kernel.
-template <typename Tag>
-class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward<Tag>> {
- public:
-  template <typename Call, typename... Args>
-  static variable_list forward(AutogradContext* ctx, Call call, Args&&... args) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return {call(std::forward<Args>(args)...)};
-  }
-
-  static variable_list backward(AutogradContext*, const variable_list&) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, Tag::name,
-                                ": double backward of handgrad.ops.cross_entropy is not "
-                                "implemented");
-  }
-};
-
-struct BackwardTag {
-  static constexpr const char* name = "handgrad::cross_entropy_backward";
-};
-struct TargetBackwardTag {
-  static constexpr const char* name = "handgrad::cross_entropy_target_backward";
-};
-
 std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& input,
                                                           const at::Tensor& target,
                                                           const std::optional<at::Tensor>& weight,
                                                           int64_t ignore_index,
                                                           c10::string_view reduction,
                                                           double label_smoothing) {
+  TORCH_CHECK(!functorch_transforms_active(),
+              "handgrad::cross_entropy was called through torch.ops under a torch.func "
+              "transform; handgrad's formulas reach the transforms through "
+              "handgrad.ops.cross_entropy (or handgrad.ops._autograd.OPS.cross_entropy), not the "
+              "raw operator");
+  TORCH_CHECK(!has_forward_grad(input) && !has_forward_grad(target) &&
+                  !(weight.has_value() && has_forward_grad(*weight)),
+              "handgrad::cross_entropy was called through torch.ops with a forward-mode AD (dual) "
+              "tensor; its forward-mode formulas are applied by handgrad.ops.cross_entropy (or "
+              "handgrad.ops._autograd.OPS.cross_entropy), not by the raw operator");
   TORCH_CHECK(!(weight.has_value() && weight->requires_grad() && at::GradMode::is_enabled()),
               "handgrad::cross_entropy is not differentiable with respect to argument 'weight'. "
               "This input cannot have requires_grad True.");
@@ -153,33 +162,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& inpu
   return {out[0], out[1]};
 }
 
-at::Tensor cross_entropy_backward_autograd(const at::Tensor& grad_loss, const at::Tensor& input,
-                                           const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight,
-                                           int64_t ignore_index, c10::string_view reduction,
-                                           double label_smoothing, const at::Tensor& lse) {
-  return NoDoubleBackward<BackwardTag>::apply(&call_backward, grad_loss, input, target, weight,
-                                              ignore_index, reduction, label_smoothing, lse)[0];
-}
-
-at::Tensor cross_entropy_target_backward_autograd(const at::Tensor& grad_loss,
-                                                  const at::Tensor& input,
-                                                  const at::Tensor& target,
-                                                  const std::optional<at::Tensor>& weight,
-                                                  c10::string_view reduction,
-                                                  double label_smoothing, const at::Tensor& lse) {
-  return NoDoubleBackward<TargetBackwardTag>::apply(&call_target_backward, grad_loss, input,
-                                                    target, weight, reduction, label_smoothing,
-                                                    lse)[0];
-}
-
 }  // namespace
 }  // namespace cross_entropy
 }  // namespace handgrad
 
+// The backward ops' Autograd kernels (double backward) are registered from
+// Python, with the formulas.
 TORCH_LIBRARY_IMPL(handgrad, Autograd, m) {
   m.impl("cross_entropy", &handgrad::cross_entropy::cross_entropy_autograd);
-  m.impl("cross_entropy_backward", &handgrad::cross_entropy::cross_entropy_backward_autograd);
-  m.impl("cross_entropy_target_backward",
-         &handgrad::cross_entropy::cross_entropy_target_backward_autograd);
 }

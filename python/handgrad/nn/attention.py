@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops  # noqa: F401  (registers torch.ops.handgrad.scaled_dot_product_attention)
+from ..ops._autograd import call
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -120,8 +121,10 @@ def _mha_forward(m, query, key, value, key_padding_mask, need_weights, attn_mask
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
     dropout_p = m.dropout if m.training else 0.0
 
-    out, _, _, weights = torch.ops.handgrad.scaled_dot_product_attention(
-        q, k, v, attn_mask, float(dropout_p), bool(is_causal), None, False, bool(need_weights))
+    # Through call(): the op's formulas also reach the torch.func transforms.
+    out, _, _, weights = call("handgrad::scaled_dot_product_attention",
+                              q, k, v, attn_mask, float(dropout_p), bool(is_causal), None, False,
+                              bool(need_weights))
     if not need_weights:
         weights = None
     else:

@@ -86,8 +86,8 @@ class LSTM(torch.nn.LSTM):
                 k = layer * directions + direction
                 w = weights[k * per_layer:(k + 1) * per_layer]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-                out, h_t, c_t, _, _ = torch.ops.handgrad.lstm_layer(
-                    x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, direction == 1)
+                out, (h_t, c_t) = ops.lstm_layer(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh,
+                                                 direction == 1)
                 outputs.append(out)
                 h_n.append(h_t)
                 c_n.append(c_t)

@@ -16,6 +16,7 @@ instead of producing a zero tangent.
 """
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 __all__ = ["register_autograd", "call", "OPS", "NO_JVP"]
 
@@ -31,14 +32,20 @@ def NO_JVP(reason):
     return jvp
 
 
-def register_autograd(qualname, backward, setup_context, jvp):
+def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
     """Registers reverse- and forward-mode AD for the op `qualname`.
 
     backward(ctx, *grad_outputs) -> one gradient (or None) per op argument
     setup_context(ctx, inputs, output): saves what backward needs
     jvp(ctx, inputs, *input_tangents) -> one tangent (or None) per output;
-        `inputs` are the op's arguments (tensors are the primal values) and a
-        tangent is None for an argument without one.
+        `inputs` are the op's arguments (tensors are the primal values), a
+        tangent is None for an argument without one, and ctx.outputs holds
+        the op's outputs (the primal values).
+
+    dispatcher=False leaves the op's Autograd kernel alone (one written in
+    C++ for speed, see cross_entropy): call() then takes these formulas
+    itself whenever that kernel cannot serve -- under a torch.func
+    transform, and while a forward-mode AD level is open.
     """
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
@@ -57,6 +64,8 @@ def register_autograd(qualname, backward, setup_context, jvp):
         def forward(*inputs):
             *args, keyset = inputs
             with torch._C._AutoDispatchBelowAutograd():
+                if keyset is None:  # applied by call(), not from the dispatcher
+                    return op(*args)
                 return op.redispatch(keyset & below_autograd, *args)
 
         @staticmethod
@@ -64,8 +73,16 @@ def register_autograd(qualname, backward, setup_context, jvp):
             args = all_arguments(inputs[:-1])
             setup_context(ctx, args, output)
             ctx.jvp_arguments = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
-            # Tensors for jvp are kept only while forward-mode AD needs them.
-            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)])
+            # Tensors for jvp (the arguments and the outputs) are kept only
+            # while forward-mode AD needs them: autograd drops them once the
+            # output tangents are computed.
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)], *outputs)
+            # A jvp's None means a zero tangent; autograd wants None only for
+            # non-differentiable outputs (and fails on it for the others).
+            fixed = getattr(ctx, "non_differentiable", None) or ()
+            ctx.differentiable_outputs = [
+                o.is_floating_point() and not any(o is n for n in fixed) for o in outputs]
 
         @staticmethod
         def backward(ctx, *grad_outputs):
@@ -82,7 +99,14 @@ def register_autograd(qualname, backward, setup_context, jvp):
         def jvp(ctx, *tangents):
             primals = iter(ctx.saved_tensors)
             args = [next(primals) if a is _TENSOR else a for a in ctx.jvp_arguments]
-            return jvp(ctx, args, *tangents[:len(args)])
+            ctx.outputs = tuple(primals)
+            # (None for the arguments the caller left at their defaults.)
+            tangents = (*tangents, *([None] * len(args)))[:len(args)]
+            result = jvp(ctx, args, *tangents)
+            if not isinstance(result, tuple):
+                return _zero_if_none(result, ctx.outputs[0], ctx.differentiable_outputs[0])
+            return tuple(_zero_if_none(t, o, d)
+                         for t, o, d in zip(result, ctx.outputs, ctx.differentiable_outputs))
 
     Formula.__name__ = Formula.__qualname__ = "handgrad_%s_autograd" % name
 
@@ -110,7 +134,9 @@ def register_autograd(qualname, backward, setup_context, jvp):
             return Formula.jvp(ctx, *tangents)
 
     Transformable.__name__ = Transformable.__qualname__ = "handgrad_%s_transformable" % name
-    _TRANSFORMABLE[qualname] = (op, Transformable)
+    _TRANSFORMABLE[qualname] = (op, Transformable, None if dispatcher else Formula)
+    if not dispatcher:
+        return
 
     # Called from inside the dispatcher (the op's Autograd kernel), below any
     # functorch layer: the plain Function apply, not the functorch-aware
@@ -126,6 +152,12 @@ def register_autograd(qualname, backward, setup_context, jvp):
         return apply(*args, keyset)
 
     _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _zero_if_none(tangent, output, differentiable):
+    if tangent is None and differentiable:
+        return torch.zeros_like(output)
+    return tangent
 
 
 class _Static:
@@ -145,10 +177,14 @@ def _unwrap(args):
 def call(qualname, *args):
     """Calls the op; under a torch.func transform (grad, vjp, jacrev, jacfwd,
     jvp, vmap), through its formulas as a functorch-compatible Function."""
-    op, transformable = _TRANSFORMABLE[qualname]
+    op, transformable, formula = _TRANSFORMABLE[qualname]
     if torch._C._are_functorch_transforms_active():
         return transformable.apply(*(a if isinstance(a, torch.Tensor) else _Static(a)
                                      for a in args))
+    if formula is not None and _forward_ad._current_level >= 0:
+        # An op whose Autograd kernel has no jvp (dispatcher=False), while
+        # forward-mode AD is on: the formulas, applied here.
+        return formula.apply(*args, None)
     return op(*args)
 
 

@@ -14,6 +14,9 @@ from typing import Optional
 
 import torch
 
+from . import _attention_autograd as _formulas
+from ._autograd import OPS, call, register_autograd
+
 __all__ = ["scaled_dot_product_attention"]
 
 _OP = "handgrad::scaled_dot_product_attention"
@@ -80,8 +83,7 @@ def _sdpa_backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropou
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, need_weights = (
-        tuple(inputs) + (None, 0.0, False, None, False, False)[len(inputs) - 3:])
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, need_weights = inputs
     out, lse, rng_state, weights = output
     # (one call: a second one would replace the first's set)
     ctx.mark_non_differentiable(lse, rng_state, *(() if need_weights else (weights,)))
@@ -102,22 +104,77 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rng, grad_weights):
         weights = None
     dropout_p, is_causal, scale, enable_gqa = ctx.args
     needs = tuple(ctx.needs_input_grad[:4]) + (False,) * (4 - len(ctx.needs_input_grad[:4]))
-    grads = torch.ops.handgrad.scaled_dot_product_attention_backward(
+    grads = OPS.scaled_dot_product_attention_backward(
         grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
         enable_gqa, rng_state, weights, grad_weights, list(needs))
     return tuple(g if need else None for g, need in zip(grads, needs)) + none[len(grads):]
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+# Forward mode: _attention_autograd.forward_tangent (materializes P; see there).
+def _jvp(ctx, inputs, t_query, t_key, t_value, t_mask, *_):
+    t_out, t_weights = _formulas.forward_tangent(inputs, ctx.outputs, t_query, t_key, t_value,
+                                                 t_mask)
+    need_weights = inputs[8]
+    return t_out, None, None, t_weights if need_weights else None
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("handgrad::scaled_dot_product_attention does not support double "
-                              "backward")
+register_autograd(_OP, _backward, _setup_context, _jvp)
 
 
-torch.library.register_autograd("handgrad::scaled_dot_product_attention_backward",
-                                _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+# Double backward and forward-over-reverse: the backward op's own gradient and
+# tangent (_attention_autograd.backward_adjoint / backward_tangent). out, lse
+# and weights get none: they are functions of query, key, value and the
+# mask, and the formulas differentiate through them.
+def _backward_setup_context(ctx, inputs, output):
+    (grad_out, query, key, value, _out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+     rng_state, _weights, grad_weights, output_mask) = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_out, query, key, value, lse, attn_mask, rng_state, grad_weights)
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa)
+    ctx.output_mask = tuple(output_mask)
+
+
+def _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state, grad_weights,
+                           args):
+    dropout_p, is_causal, scale, enable_gqa = args
+    return _formulas.Backward(grad_out, query, key, value, lse, attn_mask, dropout_p, is_causal,
+                              scale, enable_gqa, rng_state, grad_weights)
+
+
+def _backward_backward(ctx, g_query, g_key, g_value, g_mask):
+    needs = (*ctx.needs_input_grad, *([False] * 15))
+    # Gradients of outputs the call did not compute (empty placeholders) are not gradients.
+    g_query, g_key, g_value, g_mask = (g if wanted else None for g, wanted in
+                                       zip((g_query, g_key, g_value, g_mask), ctx.output_mask))
+    if g_query is None and g_key is None and g_value is None and g_mask is None:
+        return (None,) * 15
+    grad_out, query, key, value, lse, attn_mask, rng_state, grad_weights = ctx.saved_tensors
+    b = _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state,
+                               grad_weights, ctx.args)
+    d_go, d_q, d_k, d_v, d_mask, d_gw = _formulas.backward_adjoint(b, g_query, g_key, g_value,
+                                                                   g_mask)
+    d_mask = _formulas.reduce_to_mask(d_mask, attn_mask) if needs[6] else None
+    return (d_go if needs[0] else None, d_q if needs[1] else None, d_k if needs[2] else None,
+            d_v if needs[3] else None, None, None, d_mask, None, None, None, None, None, None,
+            d_gw if needs[13] else None, None)
+
+
+def _backward_jvp(ctx, inputs, t_grad_out, t_query, t_key, t_value, _t_out, _t_lse, t_mask,
+                  _t_p, _t_causal, _t_scale, _t_gqa, _t_rng, _t_weights, t_grad_weights, *_):
+    (grad_out, query, key, value, _out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+     rng_state, _weights, grad_weights, output_mask) = inputs
+    b = _materialized_backward(grad_out, query, key, value, lse, attn_mask, rng_state,
+                               grad_weights, (dropout_p, is_causal, scale, enable_gqa))
+    t_dq, t_dk, t_dv, t_ds = _formulas.backward_tangent(b, t_grad_out, t_query, t_key, t_value,
+                                                        t_mask, t_grad_weights)
+    t_dmask = (_formulas.reduce_to_mask(t_ds, attn_mask)
+               if output_mask[3] and attn_mask is not None else None)
+    return tuple(t if wanted else None
+                 for t, wanted in zip((t_dq, t_dk, t_dv, t_dmask), output_mask))
+
+
+register_autograd("handgrad::scaled_dot_product_attention_backward", _backward_backward,
+                  _backward_setup_context, _backward_jvp)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -149,6 +206,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     value and a float mask; saved for backward: the output and one log-sum-exp
     per query row (plus what a mask gradient needs).
     """
-    return torch.ops.handgrad.scaled_dot_product_attention(
-        query, key, value, attn_mask, float(dropout_p), bool(is_causal),
-        None if scale is None else float(scale), bool(enable_gqa))[0]
+    return call("handgrad::scaled_dot_product_attention",
+                query, key, value, attn_mask, float(dropout_p), bool(is_causal),
+                None if scale is None else float(scale), bool(enable_gqa))[0]

@@ -14,7 +14,10 @@ Autograd is registered in C++ (csrc/ops/cross_entropy_autograd.cpp, a
 torch::autograd::Function on the Autograd key) instead of with
 torch.library.register_autograd: at (128, 10) the Python autograd layer alone
 cost more than native's whole forward + backward (measurements in that file).
-A weight that requires grad raises; double backward raises NotImplementedError.
+That kernel serves first-order reverse mode; forward mode, the torch.func
+transforms and double backward use the formulas in _cross_entropy_autograd.py
+(cross_entropy() below reaches them through _autograd.call). A weight that
+requires grad raises.
 """
 
 from typing import Optional
@@ -22,9 +25,10 @@ from typing import Optional
 import torch
 from torch.nn import _reduction
 
-__all__ = ["cross_entropy"]
+from . import _cross_entropy_autograd  # noqa: F401  (registers the Python formulas)
+from ._autograd import call
 
-_FORWARD = torch.ops.handgrad.cross_entropy.default
+__all__ = ["cross_entropy"]
 
 
 def _row_shape(input):
@@ -112,4 +116,5 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         dtype = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(dtype), target.to(dtype)
         weight = None if weight is None else weight.to(dtype)
-    return _FORWARD(input, target, weight, ignore_index, reduction, label_smoothing)[0]
+    return call("handgrad::cross_entropy", input, target, weight, ignore_index, reduction,
+                label_smoothing)[0]

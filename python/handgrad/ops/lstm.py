@@ -14,11 +14,17 @@ the gradients of the input, of both states, of both weights, and one bias
 gradient (the same for b_ih and b_hh). ``lstm_layer_backward`` skips the
 input gradient (returning an empty placeholder) when input_grad=False, the
 usual case for the first layer, whose input is data.
+
+Autograd (backward, forward mode, double backward of all four ops) is in
+_lstm_autograd.py.
 """
 
 from typing import Optional, Tuple
 
 import torch
+
+from . import _lstm_autograd  # noqa: F401  (registers the autograd formulas)
+from ._autograd import call
 
 __all__ = ["lstm_cell", "lstm_layer"]
 
@@ -64,68 +70,6 @@ def _lstm_layer_backward_fake(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih
             input.new_empty((w_ih.shape[0],)))
 
 
-def _bias_grads(grad_b, b_ih, b_hh):
-    # The same gradient for both biases; the second gets its own copy so the
-    # two .grad tensors never share storage.
-    g_ih = grad_b if b_ih is not None else None
-    g_hh = None
-    if b_hh is not None:
-        g_hh = grad_b.clone() if g_ih is not None else grad_b
-    return g_ih, g_hh
-
-
-def _cell_setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh = inputs[:5]
-    b_ih = inputs[5] if len(inputs) > 5 else None
-    b_hh = inputs[6] if len(inputs) > 6 else None
-    _, cy, gates = output
-    ctx.mark_non_differentiable(gates)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, gates, cy)
-    ctx.biases = (b_ih is not None, b_hh is not None)
-
-
-def _cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
-    if grad_hy is None and grad_cy is None:
-        return None, None, None, None, None, None, None
-    input, hx, cx, w_ih, w_hh, gates, cy = ctx.saved_tensors
-    g_in, g_hx, g_cx, g_wih, g_whh, g_b = torch.ops.handgrad.lstm_cell_backward(
-        grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w_hh)
-    g_bih, g_bhh = _bias_grads(g_b, *(True if b else None for b in ctx.biases))
-    return g_in, g_hx, g_cx, g_wih, g_whh, g_bih, g_bhh
-
-
-torch.library.register_autograd("handgrad::lstm_cell", _cell_backward,
-                                setup_context=_cell_setup_context)
-
-
-def _layer_setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs[:7]
-    ctx.reverse = bool(inputs[7]) if len(inputs) > 7 else False
-    out, _, _, gates, cells = output
-    ctx.mark_non_differentiable(gates, cells)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, out, gates, cells)
-    ctx.biases = (b_ih is not None, b_hh is not None)
-
-
-def _layer_backward(ctx, grad_output, grad_hT, grad_cT, _grad_gates, _grad_cells):
-    if grad_output is None and grad_hT is None and grad_cT is None:
-        return (None,) * 8
-    input, h0, c0, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
-    g_in, g_h0, g_c0, g_wih, g_whh, g_b = torch.ops.handgrad.lstm_layer_backward(
-        grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, out, gates, cells, ctx.reverse,
-        ctx.needs_input_grad[0])
-    if not ctx.needs_input_grad[0]:
-        g_in = None
-    g_bih, g_bhh = _bias_grads(g_b, *(True if b else None for b in ctx.biases))
-    return g_in, g_h0, g_c0, g_wih, g_whh, g_bih, g_bhh, None
-
-
-torch.library.register_autograd("handgrad::lstm_layer", _layer_backward,
-                                setup_context=_layer_setup_context)
-
-
 def lstm_cell(input: torch.Tensor, hx: Tuple[torch.Tensor, torch.Tensor], w_ih: torch.Tensor,
               w_hh: torch.Tensor, b_ih: Optional[torch.Tensor] = None,
               b_hh: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +92,10 @@ def lstm_cell(input: torch.Tensor, hx: Tuple[torch.Tensor, torch.Tensor], w_ih: 
     """
     h, c = hx
     if input.dim() == 1:
-        hy, cy, _ = torch.ops.handgrad.lstm_cell(input.unsqueeze(0), h.unsqueeze(0),
-                                                 c.unsqueeze(0), w_ih, w_hh, b_ih, b_hh)
+        hy, cy, _ = call("handgrad::lstm_cell", input.unsqueeze(0), h.unsqueeze(0),
+                         c.unsqueeze(0), w_ih, w_hh, b_ih, b_hh)
         return hy.squeeze(0), cy.squeeze(0)
-    hy, cy, _ = torch.ops.handgrad.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    hy, cy, _ = call("handgrad::lstm_cell", input, h, c, w_ih, w_hh, b_ih, b_hh)
     return hy, cy
 
 
@@ -175,6 +119,6 @@ def lstm_layer(input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: to
     Dtypes and devices: as :func:`lstm_cell`. Saved for backward: the
     activated gates and cell states of every step.
     """
-    output, h_t, c_t, _, _ = torch.ops.handgrad.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                           bool(reverse))
+    output, h_t, c_t, _, _ = call("handgrad::lstm_layer", input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                  bool(reverse))
     return output, (h_t, c_t)

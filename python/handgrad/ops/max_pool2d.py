@@ -12,6 +12,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from ._args import pair
+from ._autograd import OPS, call, register_autograd
 
 __all__ = ["max_pool2d"]
 
@@ -26,14 +27,6 @@ def _pooled_size(size, kernel, stride, pad, dilation, ceil_mode):
 
 def _layout(t):
     return suggest_memory_format(t) if t.dim() == 4 else torch.contiguous_format
-
-
-# The schema's defaults: callers of torch.ops.handgrad.max_pool2d may omit them.
-_DEFAULTS = ((), (0, 0), (1, 1), False)
-
-
-def _all_args(args):
-    return tuple(args) + _DEFAULTS[len(args) - 2:]
 
 
 @torch.library.register_fake("handgrad::max_pool2d")
@@ -60,7 +53,7 @@ def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, str
 
 
 def _setup_context(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, _ceil_mode = _all_args(inputs)
+    input, kernel_size, stride, padding, dilation, _ceil_mode = inputs
     _, indices = output
     # Without these, autograd would allocate a zero int64 gradient for the
     # indices output on every backward call.
@@ -75,29 +68,56 @@ def _backward(ctx, grad_output, _grad_indices):
     (indices,) = ctx.saved_tensors
     grad_input = None
     if ctx.needs_input_grad[0] and grad_output is not None:
-        grad_input = torch.ops.handgrad.max_pool2d_backward(grad_output, indices, ctx.input_size,
-                                                            *ctx.window)
+        grad_input = OPS.max_pool2d_backward(grad_output, indices, ctx.input_size, *ctx.window)
     return grad_input, None, None, None, None, None
 
 
-torch.library.register_autograd("handgrad::max_pool2d", _backward, setup_context=_setup_context)
+def _gather_at(values, indices):
+    """values (..., H, W) read at the flat in-plane indices (..., oH, oW)."""
+    return values.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
 
 
-# Double backward: max_pool2d_backward is linear in grad_output; its adjoint
-# picks, for every output, the incoming gradient at that output's argmax.
+# Forward mode: max pooling is piecewise linear -- away from ties each output
+# is one input element, the one its index names, so
+#   d(max_pool2d(x))[n, c, p] = dx[n, c, indices[n, c, p]].
+# (At a tie the index picks one of the equal elements, the same one backward
+# routes the gradient to.) The indices output is integer: no tangent.
+def _jvp(ctx, inputs, t_input, *_):
+    if t_input is None:
+        return None, None
+    _, indices = ctx.outputs
+    return _gather_at(t_input, indices), None
+
+
+register_autograd("handgrad::max_pool2d", _backward, _setup_context, _jvp)
+
+
+# Double backward: max_pool2d_backward is linear in grad_output (a scatter-
+# add of each output gradient to its argmax); its adjoint picks, for every
+# output, the incoming gradient at that output's argmax, and its tangent is
+# the same scatter of the grad_output tangent. The indices get neither.
 def _setup_backward_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_backward(ctx, grad_grad_input):
     (indices,) = ctx.saved_tensors
-    flat = grad_grad_input.flatten(-2)
-    grad_grad_output = flat.gather(-1, indices.flatten(-2)).view(indices.shape)
+    grad_grad_output = None
+    if ctx.needs_input_grad[0] and grad_grad_input is not None:
+        grad_grad_output = _gather_at(grad_grad_input, indices)
     return grad_grad_output, None, None, None, None, None, None
 
 
-torch.library.register_autograd("handgrad::max_pool2d_backward", _backward_backward,
-                                setup_context=_setup_backward_context)
+def _backward_jvp(ctx, inputs, t_grad_output, *_):
+    if t_grad_output is None:
+        return None
+    _, indices, *window = inputs
+    return OPS.max_pool2d_backward(t_grad_output, indices, *window)
+
+
+register_autograd("handgrad::max_pool2d_backward", _backward_backward, _setup_backward_context,
+                  _backward_jvp)
 
 
 def max_pool2d(input: torch.Tensor, kernel_size: Union[int, Tuple[int, int]],
@@ -127,7 +147,6 @@ def max_pool2d(input: torch.Tensor, kernel_size: Union[int, Tuple[int, int]],
     """
     kernel_size = pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None or stride == [] or stride == () else pair(stride, "stride")
-    output, indices = torch.ops.handgrad.max_pool2d(input, kernel_size, stride,
-                                                    pair(padding, "padding"),
-                                                    pair(dilation, "dilation"), bool(ceil_mode))
+    output, indices = call("handgrad::max_pool2d", input, kernel_size, stride,
+                           pair(padding, "padding"), pair(dilation, "dilation"), bool(ceil_mode))
     return (output, indices) if return_indices else output
