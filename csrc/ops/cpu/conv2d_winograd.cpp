@@ -59,7 +59,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -86,6 +90,59 @@ constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradien
 // without AVX-512 the bound stays 128.
 constexpr int64_t kMinChannels = 64;
 constexpr int64_t kMinChannelsScalar = 128;
+
+// The transforms add and subtract up to 4 values per axis, so they can
+// overflow where the direct sum does not (|x| ~ 1e38 in float32), and turn
+// an inf into NaN (inf - inf) or spread it over a whole tile. Every pass
+// therefore tracks the largest magnitude of what it transforms (folded into
+// the transform loops: one unsigned max on the bits of |v| per value; NaN's
+// bits exceed inf's, which exceed every finite value's) and runs Winograd
+// only when no intermediate can overflow; otherwise the whole pass is
+// recomputed by the exact im2col path (cpu/conv2d_gemm.cpp), which follows
+// native conv2d's NaN/inf rules.
+template <typename T>
+using MagnitudeBits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+template <typename T>
+MagnitudeBits<T> magnitude_bits(T v) {
+  MagnitudeBits<T> bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits & (~MagnitudeBits<T>(0) >> 1);
+}
+
+template <typename T>
+T magnitude_of(MagnitudeBits<T> bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// max |v| (as bits) over a contiguous tensor (the weights: small).
+template <typename T>
+MagnitudeBits<T> largest_magnitude(const at::Tensor& t) {
+  const T* p = t.const_data_ptr<T>();
+  MagnitudeBits<T> m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, magnitude_bits(p[i]));
+  return m;
+}
+
+// Whether the transforms of operands of magnitudes at most a and b cannot
+// overflow when every intermediate is at most growth * a * b (the bounds
+// below, from the transforms' coefficient sums: B^T d B <= 4 |d|, G g G^T <=
+// 2.25 |g|, A dY A^T <= 4 |dY|, A^T m A <= 9 |m|, B v B^T <= 9 |v|, G^T u G
+// <= 4 |u|, each product summing `channels` (or tiles) terms).
+template <typename T>
+bool transforms_safe(MagnitudeBits<T> a, MagnitudeBits<T> b, long double growth) {
+  const T ma = magnitude_of<T>(a), mb = magnitude_of<T>(b);
+  if (!std::isfinite(ma) || !std::isfinite(mb)) return false;
+  return static_cast<long double>(ma) * mb * growth <= std::numeric_limits<T>::max();
+}
+// forward: |M| <= 9 C |x| |w|, output <= 81 C |x| |w| (+ bias, added as native does)
+long double forward_growth(const Geometry& g) { return 128.0L * g.in_channels; }
+// grad_input: |dV| <= 9 K |dy| |w|, B dV B^T <= 81 K |dy| |w|, up to 4 tiles add per input
+long double grad_input_growth(const Geometry& g) { return 512.0L * g.out_channels; }
+// grad_weight: |dU| <= 16 T |dy| |x| over T tiles, G^T dU G <= 64 T |dy| |x|
+long double grad_weight_growth(int64_t tiles) { return 128.0L * tiles; }
 
 // The 1-D transforms and their adjoints (applied to rows, then columns).
 template <typename T>
@@ -215,7 +272,7 @@ struct TileCursor {
 // [image][padded_h][padded_w].
 template <typename T>
 void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, const Geometry& g,
-                const Tiling& t, T* pad) {
+                const Tiling& t, T* pad, MagnitudeBits<T>& magnitude) {
   const int64_t plane = t.padded_h * t.padded_w;
   std::fill(pad, pad + images * plane, T(0));
   const int64_t rows = std::min(g.h.in_size, t.padded_h - g.h.pad_begin);
@@ -224,7 +281,11 @@ void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, con
     const T* src = x.plane(first + i, c);
     T* dst = pad + i * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
     for (int64_t h = 0; h < rows; ++h) {
-      for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
+      for (int64_t w = 0; w < cols; ++w) {
+        const T v = src[h * x.sh + w * x.sw];
+        magnitude = std::max(magnitude, magnitude_bits(v));
+        dst[h * t.padded_w + w] = v;
+      }
     }
   }
 }
@@ -237,10 +298,10 @@ void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, con
 // + tw); pad holds one padded plane per image.
 template <typename T>
 void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geometry& g,
-                     const Tiling& t, T* pad, T* v, int64_t tiles) {
+                     const Tiling& t, T* pad, T* v, int64_t tiles, MagnitudeBits<T>& magnitude) {
   const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
   for (int64_t c = 0; c < C; ++c) {
-    pad_planes(x, first, images, c, g, t, pad);
+    pad_planes(x, first, images, c, g, t, pad, magnitude);
     for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
       const int64_t n = std::min(kLanes, tiles - t0);
       T d[kPoints][kLanes], full[kPoints][kLanes];
@@ -268,7 +329,7 @@ void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geo
 // dM[xi][co][tile] = (A dY_tile A^T)[xi]; dY is zero past the output's edge.
 template <typename T>
 void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, const Geometry& g,
-                           const Tiling& t, T* dm, int64_t tiles) {
+                           const Tiling& t, T* dm, int64_t tiles, MagnitudeBits<T>& magnitude) {
   (void)images;
   const int64_t K = g.out_channels;
   for (int64_t co = 0; co < K; ++co) {
@@ -283,6 +344,7 @@ void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, co
             const int64_t oh = 2 * at.th + r, ow = 2 * at.tw + c;
             y[r * 2 + c][l] = (oh < g.h.out_size && ow < g.w.out_size)
                                   ? plane[oh * go.sh + ow * go.sw] : T(0);
+            magnitude = std::max(magnitude, magnitude_bits(y[r * 2 + c][l]));
           }
         }
       }
@@ -431,7 +493,10 @@ struct LaneTables {
 
 // V[xi][c][tile] = (B^T d_tile B)[xi] for the chunk's tiles.
 HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first, int64_t C,
-                                           const LaneTables& lt, float* v, int64_t tiles) {
+                                           const LaneTables& lt, float* v, int64_t tiles,
+                                           uint32_t& magnitude) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i largest = _mm512_setzero_si512();
   for (int64_t c = 0; c < C; ++c) {
     const float* base = x.plane(first, c);
     for (int64_t b = 0; b < lt.blocks; ++b) {
@@ -440,6 +505,7 @@ HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first,
         const __m512i idx =
             _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 16 + pos) * 16]));
         d[pos] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lt.mask[b * 16 + pos], idx, base, 4);
+        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(d[pos]), abs_mask));
       }
       for (int col = 0; col < 4; ++col) {  // B^T along the rows of the patch
         const __m512 d0 = d[col], d1 = d[4 + col], d2 = d[8 + col], d3 = d[12 + col];
@@ -460,12 +526,16 @@ HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first,
       }
     }
   }
+  magnitude = std::max(magnitude, _mm512_reduce_max_epu32(largest));
 }
 
 // dM[xi][co][tile] = (A dY_tile A^T)[xi].
 HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t first, int64_t K,
-                                                 const LaneTables& lt, float* dm, int64_t tiles) {
+                                                 const LaneTables& lt, float* dm, int64_t tiles,
+                                                 uint32_t& magnitude) {
   const __m512 zero = _mm512_setzero_ps();
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i largest = _mm512_setzero_si512();
   for (int64_t co = 0; co < K; ++co) {
     const float* base = go.plane(first, co);
     for (int64_t b = 0; b < lt.blocks; ++b) {
@@ -474,6 +544,7 @@ HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t
         const __m512i idx =
             _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 4 + pos) * 16]));
         y[pos] = _mm512_mask_i32gather_ps(zero, lt.mask[b * 4 + pos], idx, base, 4);
+        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(y[pos]), abs_mask));
       }
       for (int c = 0; c < 2; ++c) {  // A along the rows: 4 x 2
         const __m512 y0 = y[c], y1 = y[2 + c];
@@ -493,6 +564,7 @@ HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t
       }
     }
   }
+  magnitude = std::max(magnitude, _mm512_reduce_max_epu32(largest));
 }
 
 // y tiles = A^T M A (+ bias), scattered into the output (clipped by the masks).
@@ -629,57 +701,87 @@ void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
   });
 }
 
+// Each pass returns false, having written nothing reliable, when some
+// chunk's magnitudes could overflow the transforms (see transforms_safe);
+// the backend then recomputes the whole pass exactly.
 template <typename T>
-void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+bool forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& output, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MagnitudeBits<T> weight_magnitude = largest_magnitude<T>(weight);
+  if (!transforms_safe<T>(weight_magnitude, 0, 0)) return false;  // a weight is inf or NaN
+  const long double growth = forward_growth(g);
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
   const at::Tensor u = transform_weight<T>(weight, g);
   const View4<T> x = view_of<T>(input), y = view_of<T>(output);
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  std::atomic<bool> unsafe{false};
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
+    MagnitudeBits<T> magnitude = 0;
     LaneTables in, out;
     if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
         out.build(g, t, tiles, y.sn, y.sh, y.sw, false)) {
 #if HG_WINO_AVX512
       if constexpr (std::is_same<T, float>::value) {
-        transform_input_avx512(x, first, g.in_channels, in, v.mutable_data_ptr<T>(), tiles);
+        transform_input_avx512(x, first, g.in_channels, in, v.mutable_data_ptr<T>(), tiles,
+                               magnitude);
+        if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+          unsafe.store(true);
+          return;
+        }
         products(m, u, v, false);
         store_output_avx512(m.const_data_ptr<T>(), b, first, g.out_channels, out, tiles, y);
         return;
       }
 #endif
     }
-    transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
+    transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles,
+                    magnitude);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
   });
+  return !unsafe.load();
 }
 
 template <typename T>
-void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
+bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MagnitudeBits<T> weight_magnitude = largest_magnitude<T>(weight);
+  if (!transforms_safe<T>(weight_magnitude, 0, 0)) return false;
+  const long double growth = grad_input_growth(g);
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
   const at::Tensor ut = transform_weight<T>(weight, g, /*transposed=*/true);
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
+  std::atomic<bool> unsafe{false};
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
+    MagnitudeBits<T> magnitude = 0;
     LaneTables out;
     if (fast_transforms<T>() && out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
 #if HG_WINO_AVX512
       if constexpr (std::is_same<T, float>::value) {
         transform_grad_output_avx512(go, first, g.out_channels, out, dm.mutable_data_ptr<T>(),
-                                     tiles);
+                                     tiles, magnitude);
+        if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+          unsafe.store(true);
+          return;
+        }
         products(dv, ut, dm, false);
         store_grad_input_avx512(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(),
                                 dx);
@@ -687,14 +789,19 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
       }
 #endif
     }
-    transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
+    transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles, magnitude);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
   });
+  return !unsafe.load();
 }
 
 template <typename T>
-void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
+bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tiling t = tiling_of(g);
@@ -702,9 +809,13 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
   const int64_t slots = std::min(kWeightSlots, chunks);
   const int64_t K = g.out_channels, C = g.in_channels;
+  // Every chunk is checked against the bound for all tiles together, so the
+  // sum over chunks stays within it too.
+  const long double growth = grad_weight_growth(g.batch * t.per_image());
   const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
   // dU[slot][xi][co][ci]: slot s sums chunks s, s + slots, ... in order.
   at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
+  std::atomic<bool> unsafe{false};
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
@@ -712,25 +823,34 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
+        if (unsafe.load(std::memory_order_relaxed)) return;
         const int64_t first = c * per_chunk, images = std::min(per_chunk, g.batch - first);
         const int64_t tiles = images * t.per_image();
         at::Tensor v = at::empty({kPoints, C, tiles}, input.options());
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
+        MagnitudeBits<T> x_magnitude = 0, go_magnitude = 0;
         LaneTables in, out;
         bool done = false;
         if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
             out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
 #if HG_WINO_AVX512
           if constexpr (std::is_same<T, float>::value) {
-            transform_input_avx512(x, first, C, in, v.mutable_data_ptr<T>(), tiles);
-            transform_grad_output_avx512(go, first, K, out, dm.mutable_data_ptr<T>(), tiles);
+            transform_input_avx512(x, first, C, in, v.mutable_data_ptr<T>(), tiles, x_magnitude);
+            transform_grad_output_avx512(go, first, K, out, dm.mutable_data_ptr<T>(), tiles,
+                                         go_magnitude);
             done = true;
           }
 #endif
         }
         if (!done) {
-          transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
-          transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
+          transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles,
+                          x_magnitude);
+          transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles,
+                                go_magnitude);
+        }
+        if (!transforms_safe<T>(x_magnitude, go_magnitude, growth)) {
+          unsafe.store(true);
+          return;
         }
         if (fast_transforms<T>()) {
           // B = V[xi]^T: V's rows packed by register transposes.
@@ -746,6 +866,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
       }
     }
   });
+  if (unsafe.load()) return false;
   const at::Tensor total = du.sum(0);  // slots added in order
   const T* src = total.const_data_ptr<T>();
   T* dw = grad_weight.mutable_data_ptr<T>();
@@ -769,6 +890,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
       }
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -780,22 +902,30 @@ bool applies(const Geometry& g) {
          g.in_channels >= min_channels && g.out_channels >= min_channels;
 }
 
-void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+bool forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              at::Tensor& output, const Geometry& g) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (winograd)",
-                             [&] { forward_impl<scalar_t>(input, weight, bias, output, g); });
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (winograd)", [&] {
+    done = forward_impl<scalar_t>(input, weight, bias, output, g);
+  });
+  return done;
 }
 
-void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+bool grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
                 const Geometry& g) {
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (winograd)",
-                             [&] { grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+                             [&] { done = grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+  return done;
 }
 
-void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+bool grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                  const Geometry& g) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (winograd)",
-                             [&] { grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g); });
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (winograd)", [&] {
+    done = grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g);
+  });
+  return done;
 }
 
 }  // namespace winograd

@@ -12,13 +12,19 @@
 //   grad_input   m = input channel, n = (image, ih, iw), k = (co, kh, kw);
 //                A = W, B = dOut at the output position whose tap reads
 //                (ih, iw) (zero between strides): the full correlation of
-//                dOut with the flipped kernel
+//                dOut with the flipped kernel. When a weight is inf or NaN
+//                (a device-side flag, set by a scan of the weights; the
+//                branch is uniform per launch), the absent B entries are
+//                skipped instead of multiplied, as native sums only the
+//                (output, tap) pairs that read an input: W * 0 would be NaN
 //   grad_weight  m = output channel, n = (ci, kh, kw), k = (image, oh, ow);
 //                A = dOut, B = input at the tap's position. The long k range
 //                is split over blocks into partial sums that a second kernel
 //                adds in a fixed order (deterministic, no atomics)
 //   grad_bias    one block per channel, a fixed-order tree reduction
-// Groups are the grid's z dimension. float16/bfloat16 load into float
+// Forward and grad_weight multiply the padding's zeros, as native does (a
+// NaN weight makes its whole output channel NaN). Groups are the grid's z
+// dimension. float16/bfloat16 load into float
 // accumulators (at::opmath_type); float64 accumulates in double. Saved for
 // backward: input and weight only. Activations are addressed through their
 // strides (NCHW, channels_last, any view).
@@ -32,6 +38,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -83,7 +90,9 @@ struct ForwardProblem {
   __device__ Acc a(int z, int64_t m, int64_t k) const {
     return static_cast<Acc>(weight[(z * M + m) * K + k]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ bool exact() const { return false; }
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
+    present = true;  // the padding's zeros are multiplied, as native does
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t ci = k / taps, kh = (k / g.w.kernel) % g.h.kernel, kw = k % g.w.kernel;
     int64_t image, oh, ow;
@@ -106,10 +115,15 @@ struct GradInputProblem {
   const T* grad_output;
   const T* weight;
   T* grad_input;
+  const int* weight_nonfinite;  // device flag: some weight is inf or NaN
   Strides4 go_s, gi_s;
   Geometry g;
   int64_t M, N, K;
 
+  // With a non-finite weight, the (input, tap) pairs that read no dOut
+  // (padding, between strides) must be skipped rather than multiplied by
+  // zero, or W * 0 = NaN reaches inputs native leaves finite.
+  __device__ bool exact() const { return *weight_nonfinite != 0; }
   __device__ int64_t group(int z) const { return z; }
   __device__ void k_range(int, int64_t& begin, int64_t& end) const { begin = 0; end = K; }
   __device__ Acc a(int z, int64_t m, int64_t k) const {
@@ -117,14 +131,15 @@ struct GradInputProblem {
     const int64_t co = k / taps, tap = k % taps;
     return static_cast<Acc>(weight[((z * g.out_per_group() + co) * M + m) * taps + tap]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t co = k / taps, kh = (k / g.w.kernel) % g.h.kernel, kw = k % g.w.kernel;
     int64_t image, ih, iw;
     PixelGrid{g.h.in_size, g.w.in_size}.split(n, image, ih, iw);
     const int64_t oh = output_pos_reading(g.h, ih, kh);
     const int64_t ow = output_pos_reading(g.w, iw, kw);
-    if (oh < 0 || ow < 0) return Acc(0);
+    present = oh >= 0 && ow >= 0;
+    if (!present) return Acc(0);
     return static_cast<Acc>(grad_output[go_s.at(image, z * g.out_per_group() + co, oh, ow)]);
   }
   __device__ void store(int z, int64_t m, int64_t n, Acc v) const {
@@ -154,7 +169,9 @@ struct GradWeightProblem {
     PixelGrid{g.h.out_size, g.w.out_size}.split(k, image, oh, ow);
     return static_cast<Acc>(grad_output[go_s.at(image, group(z) * M + m, oh, ow)]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ bool exact() const { return false; }
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
+    present = true;  // the padding's zeros are multiplied, as native does
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t ci = n / taps, kh = (n / g.w.kernel) % g.h.kernel, kw = n % g.w.kernel;
     int64_t image, oh, ow;
@@ -168,10 +185,12 @@ struct GradWeightProblem {
   }
 };
 
-template <typename Acc, typename Problem>
-__global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
-  __shared__ Acc a_tile[kTileK][kTileM];
-  __shared__ Acc b_tile[kTileK][kTileN];
+// One 64x64 output tile. With kExact, B entries the problem marks absent
+// (not a zero of the data but no term at all) are skipped instead of
+// multiplied, so that an inf or NaN in A does not turn them into NaN.
+template <typename Acc, typename Problem, bool kExact>
+__device__ void gemm_tile(const Problem& p, Acc (&a_tile)[kTileK][kTileM],
+                          Acc (&b_tile)[kTileK][kTileN], bool (&b_present)[kTileK][kTileN]) {
   const int z = blockIdx.z;
   const int64_t m0 = int64_t(blockIdx.y) * kTileM;
   const int64_t n0 = int64_t(blockIdx.x) * kTileN;
@@ -196,20 +215,28 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
     for (int e = tid; e < kTileN * kTileK; e += kThreads) {
       const int nn = e % kTileN, kk = e / kTileN;
       const int64_t n = n0 + nn, k = k0 + kk;
-      b_tile[kk][nn] = (n < p.N && k < k_end) ? p.b(z, k, n) : Acc(0);
+      bool present = false;
+      b_tile[kk][nn] = (n < p.N && k < k_end) ? p.b(z, k, n, present) : Acc(0);
+      if (kExact) b_present[kk][nn] = present;
     }
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
       Acc a[4], b[4];
+      bool present[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][tm + 16 * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tn + 16 * j];
+      for (int j = 0; j < 4; ++j) {
+        b[j] = b_tile[kk][tn + 16 * j];
+        present[j] = kExact ? b_present[kk][tn + 16 * j] : true;
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        for (int j = 0; j < 4; ++j) {
+          if (!kExact || present[j]) acc[i][j] += a[i] * b[j];
+        }
       }
     }
     __syncthreads();
@@ -222,6 +249,30 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
       const int64_t m = m0 + tm + 16 * i, n = n0 + tn + 16 * j;
       if (m < p.M && n < p.N) p.store(z, m, n, acc[i][j]);
     }
+  }
+}
+
+template <typename Acc, typename Problem>
+__global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
+  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc b_tile[kTileK][kTileN];
+  __shared__ bool b_present[kTileK][kTileN];
+  // Uniform per launch: every block takes the same branch.
+  if (p.exact()) {
+    gemm_tile<Acc, Problem, true>(p, a_tile, b_tile, b_present);
+  } else {
+    gemm_tile<Acc, Problem, false>(p, a_tile, b_tile, b_present);
+  }
+}
+
+// flag = 1 when some value is inf or NaN (x - x is 0 for every finite x).
+template <typename T>
+__global__ void flag_nonfinite(const T* values, int64_t count, int* flag) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const Acc v = static_cast<Acc>(values[i]);
+    if (!(v - v == Acc(0))) *flag = 1;
   }
 }
 
@@ -297,9 +348,14 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_input", [&] {
     using Acc = at::opmath_type<scalar_t>;
+    at::Tensor nonfinite = at::zeros({1}, weight.options().dtype(at::kInt));
+    cuda::launch<flag_nonfinite<scalar_t>>(blocks_for(weight.numel()), kThreads, 0, stream,
+                                           weight.const_data_ptr<scalar_t>(), weight.numel(),
+                                           nonfinite.mutable_data_ptr<int>());
     GradInputProblem<scalar_t, Acc> p{grad_output.const_data_ptr<scalar_t>(),
                                       weight.const_data_ptr<scalar_t>(),
                                       grad_input.mutable_data_ptr<scalar_t>(),
+                                      nonfinite.const_data_ptr<int>(),
                                       strides_of(grad_output),
                                       strides_of(grad_input),
                                       g,
