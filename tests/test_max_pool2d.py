@@ -225,7 +225,7 @@ BAD_INPUTS = [
     ("2-D input", (4, 4), torch.float32, dict(kernel_size=2), RuntimeError, "3 or 4-D"),
     ("5-D input", (1, 1, 1, 4, 4), torch.float32, dict(kernel_size=2), RuntimeError, "3 or 4-D"),
     ("integer input", (1, 1, 4, 4), torch.int64, dict(kernel_size=2), TypeError,
-     "floating-point"),
+     "float32, float64, float16 or bfloat16"),
     ("zero channels", (1, 0, 4, 4), torch.float32, dict(kernel_size=2), RuntimeError,
      "non-zero channel"),
     ("kernel of three values", (1, 1, 4, 4), torch.float32, dict(kernel_size=(2, 2, 2)),
