@@ -364,6 +364,8 @@ HUGE_WINDOWS = [
     ((2, 2), (2**31, 2**32), (1, 1), (1, 1), False),
     ((2**31, 3), (1, 1), (2**30, 1), (1, 1), False),          # a window wider than int32
     ((2, 2), (3, 2), (0, 2**61 - 4), (1, 2**62 - 1), False),  # padded width and span 2^62
+    ((1, 2), (1, 1), (0, 0), (2**63 - 1, 1), True),           # one tap: any dilation
+    ((3, 2), (2**63 - 1, 1), (1, 0), (2, 1), True),           # backward's window range, stride 2^63 - 1
 ]
 
 

@@ -27,6 +27,13 @@ inline bool checked_mul(int64_t a, int64_t b, int64_t& out) {
   return !__builtin_mul_overflow(a, b, &out);
 }
 
+// a * b for non-negative a and b, or INT64_MAX when it does not fit: for
+// work estimates (task sizes), where "too much" is all that matters.
+inline int64_t saturating_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  return checked_mul(a, b, out) ? out : INT64_MAX;
+}
+
 // dilation * (kernel - 1) + 1 (the span of a dilated window), or false when
 // it exceeds kMaxExtent. kernel and dilation are positive.
 inline bool window_span(int64_t kernel, int64_t dilation, int64_t& out) {

@@ -56,8 +56,13 @@ Geometry make_geometry(int64_t batch, int64_t channels, int64_t in_h, int64_t in
   Geometry g;
   g.batch = batch;
   g.channels = channels;
-  g.h = Axis{in_h, out_h, kernel_size[0], stride[0], padding[0], dilation[0]};
-  g.w = Axis{in_w, out_w, kernel_size[1], stride[1], padding[1], dilation[1]};
+  // A one-tap window has no dilation; normalizing it keeps the kernels'
+  // tap loops (position += dilation) from stepping past 2^63 for dilations
+  // the span check lets through (kernel 1, dilation up to 2^63 - 1).
+  g.h = Axis{in_h, out_h, kernel_size[0], stride[0], padding[0],
+             kernel_size[0] == 1 ? 1 : dilation[0]};
+  g.w = Axis{in_w, out_w, kernel_size[1], stride[1], padding[1],
+             kernel_size[1] == 1 ? 1 : dilation[1]};
   g.channels_last = channels_last;
   return g;
 }

@@ -84,7 +84,7 @@ HG_HOST_DEVICE int64_t empty_window_index(int64_t h0, int64_t w0, int64_t width)
 HG_HOST_DEVICE void windows_covering(const Axis& a, int64_t in_pos, int64_t& begin, int64_t& end) {
   const int64_t reach = (a.kernel - 1) * a.dilation;
   const int64_t lo = in_pos + a.pad - reach;
-  begin = lo <= 0 ? 0 : floor_div(lo + a.stride - 1, a.stride);
+  begin = lo <= 0 ? 0 : ceil_div(lo, a.stride);  // not lo + stride - 1: a stride may be 2^63 - 1
   const int64_t hi = floor_div(in_pos + a.pad, a.stride) + 1;
   end = hi < a.out_size ? hi : a.out_size;
 }

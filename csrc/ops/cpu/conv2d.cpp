@@ -17,6 +17,15 @@
 // Gradients: forward y = W * x + b (correlation); dx = full correlation of dy
 // with the flipped kernel; dW = correlation of x with dy; db = sum of dy over
 // batch and pixels (below). Saved for backward: input and weight only.
+// Special values follow native's reference (im2col) rules on every path:
+// forward and dW multiply the padding's zeros, dx sums only the (output,
+// tap) pairs that read an input; where a path's shortcuts would make
+// 0 * inf = NaN (direct dx with a non-finite weight, direct dW with an inf
+// input no output reads, Winograd with magnitudes that overflow its
+// transforms) the pass is recomputed by the im2col path (below).
+// float16 / bfloat16 run these float32 kernels on widened copies and round
+// each result once (forward, grad_input, grad_weight; grad_bias sums in
+// double).
 //
 // Measured against native (forward+backward, float32, native / handgrad,
 // interleaved medians, quiet 2-core AMD EPYC Zen 5, 2 threads,

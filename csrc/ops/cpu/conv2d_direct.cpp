@@ -1,13 +1,19 @@
 // conv2d CPU, the direct algorithm (small channel counts).
 //
-// Algorithm: one image at a time, its planes are copied, zero padded, into a
-// scratch buffer split into stride phases: phase (ph, pw) of a plane holds
-// the padded positions (q * stride_h + ph, r * stride_w + pw). In that layout
-// every tap (ci, kh, kw) of every output pixel (oh, ow) reads element
+// Algorithm: one image at a time, the input positions the taps read are
+// copied, zero where they fall in the padding, into a scratch buffer laid
+// out by stride phase: along each axis, tap k of output o reads padded
+// position o * stride + k * dilation, i.e. row o + (k * dilation) / stride
+// of phase (k * dilation) % stride, so consecutive outputs read consecutive
+// rows of one phase. Only the rows some tap reads are stored (AxisLayout:
+// per phase, the union of its taps' row ranges), which bounds the buffer by
+// kernel x output size whatever the stride, dilation or padding; for an
+// ordinary layer it is the padded image split into stride phases. In that
+// layout every tap (ci, kh, kw) of every output pixel (oh, ow) reads element
 //   offset[tap] + oh * cols + ow
-// of the buffer, for any stride, dilation or padding. Computing the outputs
-// on "wide" rows of `cols` pixels (the extra ones are dropped) turns the
-// convolution into correlations of long contiguous vectors:
+// of the buffer. Computing the outputs on "wide" rows of `cols` pixels (the
+// extra ones are dropped) turns the convolution into correlations of long
+// contiguous vectors:
 //   forward      y[co][j] = b[co] + sum_tap W[co][tap] * buf[offset[tap] + j]
 // computed by register-blocked vector kernels (cpu/conv2d_direct_kernels.inc:
 // AVX-512 blocks of 8 output channels x 3 vectors of 16 pixels when the CPU
@@ -22,6 +28,12 @@
 //                (dOut on wide rows, zero in the dropped columns): a register-
 //                blocked reduction (4 channels x 6 taps (AVX-512) or 3 taps
 //                (AVX2) of vector accumulators).
+// Special values: the forward pass multiplies the padding's zeros as native
+// does. grad_input multiplies its inserted and padding zeros with the
+// weights, and the weight gradient its dropped columns' zeros with input
+// values no output reads: exact unless the other factor is inf or NaN, so
+// the backend (cpu/conv2d.cpp) sends non-finite weights' grad_input, and
+// weight gradients that come out with a NaN, to the exact im2col path.
 // With AVX-512, layers whose input channels fill whole vectors compute the
 // weight gradient vectorized over input channels instead
 // (grad_weight_by_channels): pixel-major copies of the image and of dOut,

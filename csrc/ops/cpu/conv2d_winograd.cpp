@@ -12,7 +12,12 @@
 // (common/cpu_gemm.h: the BLAS behind at::mm runs AVX2 code on AMD, native
 // conv2d oneDNN's AVX-512), one call per point; else at::bmm / baddbmm_
 // (BLAS, the only BLAS calls here). The transforms use only 0, +-1, +-1/2,
-// so float32 rounding stays close to the direct sum's.
+// so float32 rounding stays close to the direct sum's -- normwise: an entry's
+// error scales with the largest magnitudes in its tiles, not with its own
+// terms (as for every fast convolution algorithm). Magnitudes that could
+// overflow the transforms (or an inf / NaN, which the transforms would
+// smear over a tile) are detected while transforming (transforms_safe) and
+// the pass is then recomputed by the exact im2col path.
 // Gradients: the map is linear, so backward runs its adjoint exactly:
 //   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
 //   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
@@ -94,12 +99,12 @@ constexpr int64_t kMinChannelsScalar = 128;
 // The transforms add and subtract up to 4 values per axis, so they can
 // overflow where the direct sum does not (|x| ~ 1e38 in float32), and turn
 // an inf into NaN (inf - inf) or spread it over a whole tile. Every pass
-// therefore tracks the largest magnitude of what it transforms (folded into
-// the transform loops: one unsigned max on the bits of |v| per value; NaN's
-// bits exceed inf's, which exceed every finite value's) and runs Winograd
-// only when no intermediate can overflow; otherwise the whole pass is
-// recomputed by the exact im2col path (cpu/conv2d_gemm.cpp), which follows
-// native conv2d's NaN/inf rules.
+// therefore finds the largest magnitude of what it transforms (per chunk,
+// one unsigned max on the bits of |v| per value: NaN's bits exceed inf's,
+// which exceed every finite value's) and runs Winograd only when no
+// intermediate can overflow; otherwise the whole pass is recomputed by the
+// exact im2col path (cpu/conv2d_gemm.cpp), which follows native conv2d's
+// NaN/inf rules.
 template <typename T>
 using MagnitudeBits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 
@@ -123,6 +128,30 @@ MagnitudeBits<T> largest_magnitude(const at::Tensor& t) {
   const T* p = t.const_data_ptr<T>();
   MagnitudeBits<T> m = 0;
   for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, magnitude_bits(p[i]));
+  return m;
+}
+
+// max |v| (as bits) over images [first, first + images) of an activation:
+// a separate pass over the chunk, which the transform then reads again from
+// cache (folded into the AVX-512 transforms, it cost them registers they
+// have none to spare of: 10-25% slower).
+template <typename T>
+MagnitudeBits<T> chunk_magnitude(const View4<T>& t, int64_t first, int64_t images,
+                                 int64_t channels, int64_t rows, int64_t cols) {
+  MagnitudeBits<T> m = 0;
+  for (int64_t i = first; i < first + images; ++i) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* plane = t.plane(i, c);
+      for (int64_t h = 0; h < rows; ++h) {
+        const T* row = plane + h * t.sh;
+        if (t.sw == 1) {  // the backend's NCHW rows: a loop the compiler vectorizes
+          for (int64_t w = 0; w < cols; ++w) m = std::max(m, magnitude_bits(row[w]));
+        } else {
+          for (int64_t w = 0; w < cols; ++w) m = std::max(m, magnitude_bits(row[w * t.sw]));
+        }
+      }
+    }
+  }
   return m;
 }
 
@@ -272,7 +301,7 @@ struct TileCursor {
 // [image][padded_h][padded_w].
 template <typename T>
 void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, const Geometry& g,
-                const Tiling& t, T* pad, MagnitudeBits<T>& magnitude) {
+                const Tiling& t, T* pad) {
   const int64_t plane = t.padded_h * t.padded_w;
   std::fill(pad, pad + images * plane, T(0));
   const int64_t rows = std::min(g.h.in_size, t.padded_h - g.h.pad_begin);
@@ -281,11 +310,7 @@ void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, con
     const T* src = x.plane(first + i, c);
     T* dst = pad + i * plane + g.h.pad_begin * t.padded_w + g.w.pad_begin;
     for (int64_t h = 0; h < rows; ++h) {
-      for (int64_t w = 0; w < cols; ++w) {
-        const T v = src[h * x.sh + w * x.sw];
-        magnitude = std::max(magnitude, magnitude_bits(v));
-        dst[h * t.padded_w + w] = v;
-      }
+      for (int64_t w = 0; w < cols; ++w) dst[h * t.padded_w + w] = src[h * x.sh + w * x.sw];
     }
   }
 }
@@ -298,10 +323,10 @@ void pad_planes(const View4<T>& x, int64_t first, int64_t images, int64_t c, con
 // + tw); pad holds one padded plane per image.
 template <typename T>
 void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geometry& g,
-                     const Tiling& t, T* pad, T* v, int64_t tiles, MagnitudeBits<T>& magnitude) {
+                     const Tiling& t, T* pad, T* v, int64_t tiles) {
   const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
   for (int64_t c = 0; c < C; ++c) {
-    pad_planes(x, first, images, c, g, t, pad, magnitude);
+    pad_planes(x, first, images, c, g, t, pad);
     for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
       const int64_t n = std::min(kLanes, tiles - t0);
       T d[kPoints][kLanes], full[kPoints][kLanes];
@@ -329,7 +354,7 @@ void transform_input(const View4<T>& x, int64_t first, int64_t images, const Geo
 // dM[xi][co][tile] = (A dY_tile A^T)[xi]; dY is zero past the output's edge.
 template <typename T>
 void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, const Geometry& g,
-                           const Tiling& t, T* dm, int64_t tiles, MagnitudeBits<T>& magnitude) {
+                           const Tiling& t, T* dm, int64_t tiles) {
   (void)images;
   const int64_t K = g.out_channels;
   for (int64_t co = 0; co < K; ++co) {
@@ -344,7 +369,6 @@ void transform_grad_output(const View4<T>& go, int64_t first, int64_t images, co
             const int64_t oh = 2 * at.th + r, ow = 2 * at.tw + c;
             y[r * 2 + c][l] = (oh < g.h.out_size && ow < g.w.out_size)
                                   ? plane[oh * go.sh + ow * go.sw] : T(0);
-            magnitude = std::max(magnitude, magnitude_bits(y[r * 2 + c][l]));
           }
         }
       }
@@ -493,10 +517,7 @@ struct LaneTables {
 
 // V[xi][c][tile] = (B^T d_tile B)[xi] for the chunk's tiles.
 HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first, int64_t C,
-                                           const LaneTables& lt, float* v, int64_t tiles,
-                                           uint32_t& magnitude) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i largest = _mm512_setzero_si512();
+                                           const LaneTables& lt, float* v, int64_t tiles) {
   for (int64_t c = 0; c < C; ++c) {
     const float* base = x.plane(first, c);
     for (int64_t b = 0; b < lt.blocks; ++b) {
@@ -505,7 +526,6 @@ HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first,
         const __m512i idx =
             _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 16 + pos) * 16]));
         d[pos] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lt.mask[b * 16 + pos], idx, base, 4);
-        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(d[pos]), abs_mask));
       }
       for (int col = 0; col < 4; ++col) {  // B^T along the rows of the patch
         const __m512 d0 = d[col], d1 = d[4 + col], d2 = d[8 + col], d3 = d[12 + col];
@@ -526,16 +546,12 @@ HG_WINO_TARGET void transform_input_avx512(const View4<float>& x, int64_t first,
       }
     }
   }
-  magnitude = std::max(magnitude, _mm512_reduce_max_epu32(largest));
 }
 
 // dM[xi][co][tile] = (A dY_tile A^T)[xi].
 HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t first, int64_t K,
-                                                 const LaneTables& lt, float* dm, int64_t tiles,
-                                                 uint32_t& magnitude) {
+                                                 const LaneTables& lt, float* dm, int64_t tiles) {
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i largest = _mm512_setzero_si512();
   for (int64_t co = 0; co < K; ++co) {
     const float* base = go.plane(first, co);
     for (int64_t b = 0; b < lt.blocks; ++b) {
@@ -544,7 +560,6 @@ HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t
         const __m512i idx =
             _mm512_loadu_si512(reinterpret_cast<const void*>(&lt.index[(b * 4 + pos) * 16]));
         y[pos] = _mm512_mask_i32gather_ps(zero, lt.mask[b * 4 + pos], idx, base, 4);
-        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(y[pos]), abs_mask));
       }
       for (int c = 0; c < 2; ++c) {  // A along the rows: 4 x 2
         const __m512 y0 = y[c], y1 = y[2 + c];
@@ -564,7 +579,6 @@ HG_WINO_TARGET void transform_grad_output_avx512(const View4<float>& go, int64_t
       }
     }
   }
-  magnitude = std::max(magnitude, _mm512_reduce_max_epu32(largest));
 }
 
 // y tiles = A^T M A (+ bias), scattered into the output (clipped by the masks).
@@ -723,30 +737,25 @@ bool forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
-    MagnitudeBits<T> magnitude = 0;
+    const MagnitudeBits<T> magnitude =
+        chunk_magnitude(x, first, images, g.in_channels, g.h.in_size, g.w.in_size);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     LaneTables in, out;
     if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
         out.build(g, t, tiles, y.sn, y.sh, y.sw, false)) {
 #if HG_WINO_AVX512
       if constexpr (std::is_same<T, float>::value) {
-        transform_input_avx512(x, first, g.in_channels, in, v.mutable_data_ptr<T>(), tiles,
-                               magnitude);
-        if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
-          unsafe.store(true);
-          return;
-        }
+        transform_input_avx512(x, first, g.in_channels, in, v.mutable_data_ptr<T>(), tiles);
         products(m, u, v, false);
         store_output_avx512(m.const_data_ptr<T>(), b, first, g.out_channels, out, tiles, y);
         return;
       }
 #endif
     }
-    transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles,
-                    magnitude);
-    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
-      unsafe.store(true);
-      return;
-    }
+    transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
     products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
   });
@@ -771,17 +780,18 @@ bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
-    MagnitudeBits<T> magnitude = 0;
+    const MagnitudeBits<T> magnitude =
+        chunk_magnitude(go, first, images, g.out_channels, g.h.out_size, g.w.out_size);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     LaneTables out;
     if (fast_transforms<T>() && out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
 #if HG_WINO_AVX512
       if constexpr (std::is_same<T, float>::value) {
         transform_grad_output_avx512(go, first, g.out_channels, out, dm.mutable_data_ptr<T>(),
-                                     tiles, magnitude);
-        if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
-          unsafe.store(true);
-          return;
-        }
+                                     tiles);
         products(dv, ut, dm, false);
         store_grad_input_avx512(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(),
                                 dx);
@@ -789,11 +799,7 @@ bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
       }
 #endif
     }
-    transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles, magnitude);
-    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
-      unsafe.store(true);
-      return;
-    }
+    transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
     products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
   });
@@ -828,29 +834,29 @@ bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
         const int64_t tiles = images * t.per_image();
         at::Tensor v = at::empty({kPoints, C, tiles}, input.options());
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
-        MagnitudeBits<T> x_magnitude = 0, go_magnitude = 0;
+        const MagnitudeBits<T> x_magnitude =
+            chunk_magnitude(x, first, images, C, g.h.in_size, g.w.in_size);
+        const MagnitudeBits<T> go_magnitude =
+            chunk_magnitude(go, first, images, K, g.h.out_size, g.w.out_size);
+        if (!transforms_safe<T>(x_magnitude, go_magnitude, growth)) {
+          unsafe.store(true);
+          return;
+        }
         LaneTables in, out;
         bool done = false;
         if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
             out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
 #if HG_WINO_AVX512
           if constexpr (std::is_same<T, float>::value) {
-            transform_input_avx512(x, first, C, in, v.mutable_data_ptr<T>(), tiles, x_magnitude);
-            transform_grad_output_avx512(go, first, K, out, dm.mutable_data_ptr<T>(), tiles,
-                                         go_magnitude);
+            transform_input_avx512(x, first, C, in, v.mutable_data_ptr<T>(), tiles);
+            transform_grad_output_avx512(go, first, K, out, dm.mutable_data_ptr<T>(), tiles);
             done = true;
           }
 #endif
         }
         if (!done) {
-          transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles,
-                          x_magnitude);
-          transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles,
-                                go_magnitude);
-        }
-        if (!transforms_safe<T>(x_magnitude, go_magnitude, growth)) {
-          unsafe.store(true);
-          return;
+          transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
+          transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
         }
         if (fast_transforms<T>()) {
           // B = V[xi]^T: V's rows packed by register transposes.

@@ -22,6 +22,8 @@
 // forward+backward): see the table in the README's benchmark section.
 #include "ops/max_pool2d.h"
 
+#include "common/checked_math.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -116,7 +118,7 @@ void forward_nchw(const T* in, T* out, int64_t* idx, const Geometry& g) {
   std::vector<int64_t> w_begin(g.w.out_size), w_end(g.w.out_size);
   for (int64_t ow = 0; ow < g.w.out_size; ++ow) window_taps(g.w, ow, w_begin[ow], w_end[ow]);
   const bool fast = is_plain_2x2(g);
-  const int64_t work = out_plane * g.h.kernel * g.w.kernel;
+  const int64_t work = saturating_mul(out_plane, saturating_mul(g.h.kernel, g.w.kernel));
   at::parallel_for(0, g.batch * g.channels, grain_for(work), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       if (fast) {
@@ -170,7 +172,7 @@ template <typename T, typename Pos>
 void forward_nhwc(const T* in, T* out, int64_t* idx, const Geometry& g) {
   const int64_t C = g.channels, H = g.h.in_size, W = g.w.in_size;
   const int64_t OH = g.h.out_size, OW = g.w.out_size;
-  const int64_t work = C * g.h.kernel * g.w.kernel;
+  const int64_t work = saturating_mul(C, saturating_mul(g.h.kernel, g.w.kernel));
   at::parallel_for(0, g.batch * OH * OW, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<Pos> at(C);
     for (int64_t pix = begin; pix < end; ++pix) {
