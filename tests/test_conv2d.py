@@ -10,6 +10,11 @@ import handgrad
 from helpers import (LAYOUTS, assert_matches_native, assert_script_prints_ok, in_layout,
                      runs_cuda_kernels)
 
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")  # float32, not dtype0
+
+
 # Native conv2d warns that 'same' with an even kernel copies the input; that
 # is native's own warning about its implementation, not about handgrad.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -70,7 +75,7 @@ TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict()}
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
 def test_matches_native(device, cfg, layout, dtype):
     inputs = make_inputs(cfg, dtype, device, layout)
     (out,), _ = assert_matches_native(conv_fn(handgrad.ops.conv2d, cfg), conv_fn(F.conv2d, cfg),
@@ -466,7 +471,7 @@ REDUCED_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", REDUCED_CONFIGS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_reduced_precision_matches_float64_by_value(device, dtype, cfg):
     if runs_cuda_kernels(device) and cfg[1][0] >= 64:
         pytest.skip("kept small on the emulator: the CUDA kernels are the same code for every size")
@@ -506,7 +511,7 @@ def test_cpu_reduced_precision_rounds_once():
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dtype_id)
 def test_autocast_casts_like_native_conv2d(dtype):
     x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4)
     with torch.autocast("cpu", dtype=dtype):
@@ -767,7 +772,7 @@ def forward_backward_all(fn, x, w, b, go):
 
 @pytest.mark.parametrize("cfg", SPECIAL_CONFIGS, ids=str)
 @pytest.mark.parametrize("kind", SPECIAL_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
 def test_special_values_follow_native(device, cfg, kind, dtype):
     if runs_cuda_kernels(device) and cfg[1][0] >= 64:
         pytest.skip("kept small on the emulator: the CUDA kernels are the same code for every size")

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 import handgrad
 from helpers import LAYOUTS, assert_matches_native, in_layout
 
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")  # float32, not dtype0
+
+
 # (input shape, kernel_size, stride, padding, dilation, ceil_mode)
 CONFIGS = [
     ((2, 3, 8, 8), 2, None, 0, 1, False),
@@ -43,7 +48,7 @@ def distinct_values(shape, dtype, device):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
 def test_matches_native(device, cfg, layout, dtype):
     x = in_layout(torch.randn(cfg[0], dtype=dtype, device=device), layout).requires_grad_()
     (out, idx), _ = assert_matches_native(pool(handgrad.ops.max_pool2d, cfg),
@@ -72,7 +77,7 @@ def test_nan_and_infinity_propagate_like_native(device, layout):
         assert_matches_native(pool(handgrad.ops.max_pool2d, cfg), pool(F.max_pool2d, cfg), [x])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_reduced_precision_matches_float64(device, dtype):
     # Overlapping windows, so an input gathers up to four output gradients.
     # handgrad adds them in float32 and rounds once: the result is the exact
