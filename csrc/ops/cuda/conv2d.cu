@@ -13,10 +13,11 @@
 //                A = W, B = dOut at the output position whose tap reads
 //                (ih, iw) (zero between strides): the full correlation of
 //                dOut with the flipped kernel. When a weight is inf or NaN
-//                (a device-side flag, set by a scan of the weights; the
-//                branch is uniform per launch), the absent B entries are
-//                skipped instead of multiplied, as native sums only the
-//                (output, tap) pairs that read an input: W * 0 would be NaN
+//                (a device-side flag set by a scan of the weights, read by
+//                two launches of which one returns at once), the exact
+//                kernel skips the absent B entries instead of multiplying
+//                them, as native sums only the (output, tap) pairs that
+//                read an input: W * 0 would be NaN
 //   grad_weight  m = output channel, n = (ci, kh, kw), k = (image, oh, ow);
 //                A = dOut, B = input at the tap's position. The long k range
 //                is split over blocks into partial sums that a second kernel
@@ -185,12 +186,20 @@ struct GradWeightProblem {
   }
 };
 
-// One 64x64 output tile. With kExact, B entries the problem marks absent
-// (not a zero of the data but no term at all) are skipped instead of
-// multiplied, so that an inf or NaN in A does not turn them into NaN.
+// One 64x64 output tile per block. With kExact, B entries the problem marks
+// absent (not a zero of the data but no term at all) are skipped instead of
+// multiplied, so that an inf or NaN in A does not turn them into NaN. The
+// two modes are separate kernels (the exact one's flags would cost the
+// ordinary one registers, and with them occupancy: 64 -> 76 for float
+// grad_input); a problem whose mode is decided on the device (grad_input:
+// are the weights finite?) launches both, and the one not matching returns
+// at once in every block.
 template <typename Acc, typename Problem, bool kExact>
-__device__ void gemm_tile(const Problem& p, Acc (&a_tile)[kTileK][kTileM],
-                          Acc (&b_tile)[kTileK][kTileN], bool (&b_present)[kTileK][kTileN]) {
+__global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
+  if (p.exact() != kExact) return;  // uniform: the same for every block
+  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc b_tile[kTileK][kTileN];
+  __shared__ bool b_present[kExact ? kTileK : 1][kExact ? kTileN : 1];
   const int z = blockIdx.z;
   const int64_t m0 = int64_t(blockIdx.y) * kTileM;
   const int64_t n0 = int64_t(blockIdx.x) * kTileN;
@@ -217,25 +226,28 @@ __device__ void gemm_tile(const Problem& p, Acc (&a_tile)[kTileK][kTileM],
       const int64_t n = n0 + nn, k = k0 + kk;
       bool present = false;
       b_tile[kk][nn] = (n < p.N && k < k_end) ? p.b(z, k, n, present) : Acc(0);
-      if (kExact) b_present[kk][nn] = present;
+      if constexpr (kExact) b_present[kk][nn] = present;
     }
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; ++kk) {
       Acc a[4], b[4];
-      bool present[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][tm + 16 * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        b[j] = b_tile[kk][tn + 16 * j];
-        present[j] = kExact ? b_present[kk][tn + 16 * j] : true;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tn + 16 * j];
+      if constexpr (kExact) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (!kExact || present[j]) acc[i][j] += a[i] * b[j];
+          if (!b_present[kk][tn + 16 * j]) continue;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[i][j] += a[i] * b[j];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
         }
       }
     }
@@ -252,19 +264,6 @@ __device__ void gemm_tile(const Problem& p, Acc (&a_tile)[kTileK][kTileM],
   }
 }
 
-template <typename Acc, typename Problem>
-__global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
-  __shared__ Acc a_tile[kTileK][kTileM];
-  __shared__ Acc b_tile[kTileK][kTileN];
-  __shared__ bool b_present[kTileK][kTileN];
-  // Uniform per launch: every block takes the same branch.
-  if (p.exact()) {
-    gemm_tile<Acc, Problem, true>(p, a_tile, b_tile, b_present);
-  } else {
-    gemm_tile<Acc, Problem, false>(p, a_tile, b_tile, b_present);
-  }
-}
-
 // flag = 1 when some value is inf or NaN (x - x is 0 for every finite x).
 template <typename T>
 __global__ void flag_nonfinite(const T* values, int64_t count, int* flag) {
@@ -276,13 +275,13 @@ __global__ void flag_nonfinite(const T* values, int64_t count, int* flag) {
   }
 }
 
-template <typename Acc, typename Problem>
+template <typename Acc, typename Problem, bool kExact = false>
 void launch(const Problem& p, int64_t grid_z, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t tiles_n = (p.N + kTileN - 1) / kTileN;
   const int64_t tiles_m = (p.M + kTileM - 1) / kTileM;
-  cuda::launch<implicit_gemm<Acc, Problem>>(cuda::Dims(tiles_n, tiles_m, grid_z), kThreads, 0,
-                                            stream, p);
+  cuda::launch<implicit_gemm<Acc, Problem, kExact>>(cuda::Dims(tiles_n, tiles_m, grid_z),
+                                                    kThreads, 0, stream, p);
 }
 
 template <typename T, typename Acc>
@@ -363,6 +362,7 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                                       g.batch * g.h.in_size * g.w.in_size,
                                       g.out_per_group() * g.taps()};
     launch<Acc>(p, g.groups, stream);
+    launch<Acc, decltype(p), /*kExact=*/true>(p, g.groups, stream);
   });
 }
 
