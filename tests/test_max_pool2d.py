@@ -9,6 +9,11 @@ import torch.nn.functional as F
 import handgrad
 from helpers import LAYOUTS, assert_matches_native, in_layout
 
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")  # float32, not dtype0
+
+
 # (input shape, kernel_size, stride, padding, dilation, ceil_mode)
 CONFIGS = [
     ((2, 3, 8, 8), 2, None, 0, 1, False),
@@ -43,7 +48,7 @@ def distinct_values(shape, dtype, device):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
 def test_matches_native(device, cfg, layout, dtype):
     x = in_layout(torch.randn(cfg[0], dtype=dtype, device=device), layout).requires_grad_()
     (out, idx), _ = assert_matches_native(pool(handgrad.ops.max_pool2d, cfg),
@@ -72,7 +77,7 @@ def test_nan_and_infinity_propagate_like_native(device, layout):
         assert_matches_native(pool(handgrad.ops.max_pool2d, cfg), pool(F.max_pool2d, cfg), [x])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_reduced_precision_matches_float64(device, dtype):
     # Overlapping windows, so an input gathers up to four output gradients.
     # handgrad adds them in float32 and rounds once: the result is the exact
@@ -128,6 +133,11 @@ def _opcheck_cases(device):
         (xl.requires_grad_(), [2, 2], [2, 2], [0, 0], [1, 1], False),
         (torch.randn(3, 7, 7, device=device, dtype=torch.float64, requires_grad=True),
          [2, 3], [1, 2], [1, 1], [1, 1], False),
+        # ceil mode where the last window would start in the right padding
+        # (5 + 2 - 2 = 5 -> ceil(5 / 2) + 1 = 4 windows, the 4th dropped), so a
+        # fake kernel without that correction gives the wrong shape
+        (torch.randn(1, 2, 5, 7, device=device, requires_grad=True), [2, 2], [2, 2], [1, 1],
+         [1, 1], True),
     ]
 
 
@@ -157,6 +167,32 @@ def test_torch_compile_fullgraph(device, dynamic):
         torch.testing.assert_close(loss, ref_loss)
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(grad, ref_grad)
+
+
+def test_torch_compile_ceil_mode_correction(device):
+    # Sizes where ceil mode's last window would start in the right padding
+    # (5, 7 with kernel 2, stride 2, padding 1), so the fake kernel's output
+    # shape must drop it as the real kernel does.
+    torch._dynamo.reset()
+
+    def step(x):
+        out, idx = handgrad.ops.max_pool2d(x, 2, 2, 1, ceil_mode=True, return_indices=True)
+        # ops after the pool, sized by the fake kernel in the compiled graph
+        return (out * 2).flatten(1).sum(1), idx + 1
+
+    # inductor's on-disk graph cache does not key on the fake kernel: a
+    # graph compiled with a different fake kernel must not be reused here
+    caches_off = (torch._inductor.config.patch(fx_graph_cache=False),
+                  torch._functorch.config.patch(enable_autograd_cache=False))
+    with caches_off[0], caches_off[1]:
+        compiled = torch.compile(step, fullgraph=True, dynamic=True)
+        results = [(x, *compiled(x)) for x in
+                   (torch.randn(shape, device=device) for shape in [(1, 2, 5, 5), (2, 3, 7, 7),
+                                                                    (1, 1, 9, 7), (1, 2, 8, 6)])]
+    for x, total, idx in results:
+        ref, ref_idx = F.max_pool2d(x, 2, 2, 1, ceil_mode=True, return_indices=True)
+        assert idx.shape == ref_idx.shape and torch.equal(idx, ref_idx + 1)
+        torch.testing.assert_close(total, (ref * 2).flatten(1).sum(1))
 
 
 def test_module_is_a_drop_in(device):
@@ -232,3 +268,237 @@ def test_mixed_devices_raise():
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.handgrad.max_pool2d_backward(grad, torch.zeros(1, 1, 2, 2, dtype=torch.long),
                                                [1, 1, 4, 4], [2, 2], [2, 2], [0, 0], [1, 1])
+
+
+# ---------------------------------------------------------------------------
+# Windows that cover only padding (possible with dilation, and in ceil mode):
+# native gives -inf and the index of the first tap past the padding's start;
+# handgrad does the same in both layouts, and its backward sends such a
+# window's gradient nowhere (native's own backward aborts on it).
+
+def _empty_windows(size, out, kernel, stride, pad, dilation):
+    """Per output position of one axis: whether its window reads no input."""
+    return torch.tensor([all(not 0 <= o * stride - pad + t * dilation < size for t in range(kernel))
+                         for o in range(out)])
+
+
+EMPTY_WINDOW_CASES = [
+    # (input shape, kernel, stride, padding, dilation, ceil_mode)
+    ((4, 64, 2, 2), 2, 1, 1, 3, True),            # issue 16, item 2: every window empty
+    ((2, 5, 2, 7), (2, 3), (1, 2), (1, 1), (3, 2), True),
+    # Padding above half the kernel (but within half the dilated span) is
+    # refused by native, accepted by handgrad: then only some windows are
+    # empty (the middle row here), and the reference is the definition.
+    ((2, 3, 3, 6), 2, 1, (2, 1), (4, 3), False),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_WINDOW_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_windows_of_only_padding(device, case, layout):
+    shape, kernel, stride, padding, dilation, ceil = case
+    k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in (kernel, stride, padding, dilation))
+    x = in_layout(torch.randn(shape, device=device), layout).requires_grad_()
+    out, idx = handgrad.ops.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    ref, ref_idx = reference_max_pool2d(x.detach(), k, s, p, d, ceil)
+    empty = (_empty_windows(shape[2], out.shape[2], k[0], s[0], p[0], d[0])[:, None]
+             | _empty_windows(shape[3], out.shape[3], k[1], s[1], p[1], d[1])[None, :])
+    assert bool(empty.any())
+    assert torch.equal(out, ref) and bool((out[..., empty] == float("-inf")).all())
+    assert torch.equal(idx[..., ~empty], ref_idx[..., ~empty])
+    if all(pi <= ki // 2 for pi, ki in zip(p, k)):  # native accepts it: the same indices
+        native_out, native_idx = F.max_pool2d(x.detach(), k, s, p, d, ceil, return_indices=True)
+        assert torch.equal(out, native_out) and torch.equal(idx, native_idx)
+    upstream = torch.randn(out.shape, device=device)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    # By definition: each non-empty window's gradient goes to its argmax.
+    expected = torch.zeros(shape[0], shape[1], shape[2] * shape[3], device=device)
+    keep = (~empty).expand_as(upstream).reshape(shape[0], shape[1], -1)
+    expected.scatter_add_(2, ref_idx.reshape(shape[0], shape[1], -1) * keep,
+                          (upstream * (~empty)).reshape(shape[0], shape[1], -1))
+    assert torch.equal(grad, expected.view(shape))
+
+
+# ---------------------------------------------------------------------------
+# Huge windows: sizes at the limits of int32 and int64 (native converts every
+# argument to int and refuses these; the sizes here are exact in int64).
+
+def reference_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
+    """max_pool2d by definition (Python ints), for small outputs: values and indices."""
+    n, c, in_h, in_w = x.shape
+
+    def size(length, k, s, p, d):
+        span = d * (k - 1) + 1
+        room = length + 2 * p - span
+        out = (-(-room // s) if ceil_mode else room // s) + 1
+        if ceil_mode and (out - 1) * s >= length + p:
+            out -= 1
+        return out
+
+    def taps(o, length, k, s, p, d):  # positions o * s - p + t * d inside, t < k
+        start = o * s - p
+        first, last = max(0, -(start // d)), min(k - 1, (length - 1 - start) // d)
+        return [start + t * d for t in range(first, last + 1)]
+
+    oh, ow = (size(in_h, kernel[0], stride[0], padding[0], dilation[0]),
+              size(in_w, kernel[1], stride[1], padding[1], dilation[1]))
+    out = torch.empty(n, c, oh, ow, dtype=x.dtype)
+    idx = torch.empty(n, c, oh, ow, dtype=torch.long)
+    flat = x.reshape(n, c, -1)
+    for i in range(oh):
+        rows = taps(i, in_h, kernel[0], stride[0], padding[0], dilation[0])
+        for j in range(ow):
+            cols = taps(j, in_w, kernel[1], stride[1], padding[1], dilation[1])
+            positions = [r * in_w + q for r in rows for q in cols]
+            if not positions:
+                out[:, :, i, j] = float("-inf")
+                continue
+            values = flat[:, :, positions]
+            first_nan = torch.isnan(values).int().argmax(-1)
+            pick = torch.where(torch.isnan(values).any(-1), first_nan, values.argmax(-1))
+            out[:, :, i, j] = values.gather(-1, pick[..., None])[..., 0]
+            idx[:, :, i, j] = torch.tensor(positions)[pick]
+    return out, idx
+
+
+HUGE_WINDOWS = [
+    # (kernel, stride, padding, dilation, ceil_mode), for a (2, 3, 9, 8) input
+    ((3, 3), (1, 1), (2**31, 2**31), (2**31, 2**31), False),  # only the centre tap reads input
+    ((2, 2), (1, 1), (2**30, 2**30), (2**31, 2**31), False),  # every window only padding
+    ((3, 2), (1, 1), (2**32, 1), (2**32, 1), True),
+    ((2, 2), (2**62, 2**63 - 1), (0, 0), (1, 1), True),
+    ((2, 2), (2**31, 2**32), (1, 1), (1, 1), False),
+    ((2**31, 3), (1, 1), (2**30, 1), (1, 1), False),          # a window wider than int32
+    ((2, 2), (3, 2), (0, 2**61 - 4), (1, 2**62 - 1), False),  # padded width and span 2^62
+    ((1, 2), (1, 1), (0, 0), (2**63 - 1, 1), True),           # one tap: any dilation
+    ((3, 2), (2**63 - 1, 1), (1, 0), (2, 1), True),           # backward's window range, stride 2^63 - 1
+]
+
+
+@pytest.mark.parametrize("window", HUGE_WINDOWS, ids=str)
+def test_huge_windows_match_the_definition(device, window):
+    kernel, stride, padding, dilation, ceil = window
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, device=device)
+    x[0, 0, 4, 4] = float("nan")
+    out, idx = torch.ops.handgrad.max_pool2d(x, kernel, stride, padding, dilation, ceil)
+    ref, ref_idx = reference_max_pool2d(x, kernel, stride, padding, dilation, ceil)
+    assert out.shape == ref.shape
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    reads = ref != float("-inf")
+    assert torch.equal(idx[reads], ref_idx[reads])
+    upstream = torch.randn(out.shape, dtype=torch.float64, device=device)
+    grad = torch.ops.handgrad.max_pool2d_backward(upstream, idx, list(x.shape), kernel, stride,
+                                                  padding, dilation)
+    expected = torch.zeros(2, 3, 72, dtype=torch.float64)
+    expected.scatter_add_(2, (ref_idx * reads).view(2, 3, -1), (upstream * reads).view(2, 3, -1))
+    assert torch.equal(grad, expected.view(x.shape))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(kernel_size=2, dilation=2**62), "window span .* must be at most 2\\^62"),
+    (dict(kernel_size=3, dilation=2**61), "window span .* must be at most 2\\^62"),
+    (dict(kernel_size=2**63 - 1), "window span .* must be at most 2\\^62"),
+    (dict(kernel_size=(2**62, 1), padding=(2**61, 0)), "padded input .* must be at most 2\\^62"),
+    (dict(kernel_size=(2, 2**31), dilation=(1, 2**31)), "too small"),
+], ids=str)
+def test_windows_beyond_the_limits_raise(device, kwargs, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        handgrad.ops.max_pool2d(torch.randn(1, 2, 9, 9, device=device), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Property-based comparison with native over random geometries, layouts,
+# dtypes and special values (hypothesis; derandomized, so CI runs the same
+# examples within a fixed budget).
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+POOL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def pool_cases(draw):
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    # at most half the kernel: native refuses more (handgrad accepts up to
+    # half the dilated span; test_windows_of_only_padding covers that)
+    padding = tuple(draw(st.integers(0, k // 2)) for k in kernel)
+    ceil = draw(st.booleans())
+    sizes = []
+    for k, d, p in zip(kernel, dilation, padding):
+        smallest = max(1, d * (k - 1) + 1 - 2 * p)
+        sizes.append(draw(st.integers(smallest, smallest + 7)))
+    batch = draw(st.sampled_from([None, 0, 1, 2, 3]))  # None: unbatched
+    channels = draw(st.integers(1, 5))
+    shape = (channels, *sizes) if batch is None else (batch, channels, *sizes)
+    return dict(shape=shape, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                ceil=ceil, layout=draw(st.sampled_from(LAYOUTS)),
+                dtype=draw(st.sampled_from(POOL_DTYPES)),
+                values=draw(st.sampled_from(["normal", "ties", "special"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _pool_input(case, device):
+    gen = torch.Generator().manual_seed(case["seed"])
+    shape = case["shape"]
+    if case["values"] == "ties":
+        x = torch.randint(0, 3, shape, generator=gen).double()
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case["values"] == "special" and x.numel():
+        flat = x.view(-1)
+        picks = torch.randint(0, flat.numel(), (3,), generator=gen)
+        for pick, value in zip(picks, (float("nan"), float("inf"), float("-inf"))):
+            flat[pick] = value
+    return in_layout(x.to(case["dtype"]).to(device), case["layout"])
+
+
+def _check_pool_case(case, device):
+    x = _pool_input(case, device)
+    args = (case["kernel"], case["stride"], case["padding"], case["dilation"], case["ceil"])
+    try:
+        ref, ref_idx = F.max_pool2d(x, *args, return_indices=True)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            handgrad.ops.max_pool2d(x, *args, return_indices=True)
+        return
+    leaf = x.detach().requires_grad_()
+    out, idx = handgrad.ops.max_pool2d(leaf, *args, return_indices=True)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert out.stride() == ref.stride() or out.numel() <= 1
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(idx, ref_idx)
+    if out.numel() == 0:
+        return
+    # The gradient by definition: each window that reads input sends its
+    # upstream gradient to its argmax (summed in float64, rounded once).
+    batched = x.dim() == 4
+    shape4 = x.shape if batched else (1, *x.shape)
+    out4 = out if batched else out.unsqueeze(0)
+    k, s, p, d = (case[key] for key in ("kernel", "stride", "padding", "dilation"))
+    empty = (_empty_windows(shape4[2], out4.shape[2], k[0], s[0], p[0], d[0])[:, None]
+             | _empty_windows(shape4[3], out4.shape[3], k[1], s[1], p[1], d[1])[None, :])
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    upstream = torch.randn(out.shape, generator=gen).to(x.dtype)
+    (grad,) = torch.autograd.grad(out, leaf, upstream.to(device))
+    reads = (~empty).to(torch.float64)
+    up64 = upstream.double().reshape(out4.shape) * reads
+    expected = torch.zeros(shape4[0], shape4[1], shape4[2] * shape4[3], dtype=torch.float64)
+    index = (ref_idx.reshape(out4.shape) * (~empty)).reshape(shape4[0], shape4[1], -1)
+    expected.scatter_add_(2, index.cpu(), up64.reshape(shape4[0], shape4[1], -1))
+    magnitude = torch.zeros_like(expected).scatter_add_(2, index.cpu(),
+                                                        up64.abs().reshape(shape4[0], shape4[1], -1))
+    expected, magnitude = expected.view(x.shape), magnitude.view(x.shape)
+    # float32 sums of at most kernel_h * kernel_w terms, rounded once to the dtype.
+    eps = torch.finfo(x.dtype).eps
+    tol = eps * expected.abs() + k[0] * k[1] * torch.finfo(torch.float32).eps * magnitude
+    assert bool(((grad.double().cpu() - expected).abs() <= tol).all())
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=pool_cases())
+def test_property_matches_native(device, case):
+    _check_pool_case(case, device)

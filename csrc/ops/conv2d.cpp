@@ -15,12 +15,14 @@
 // and hands 4-D tensors to the backend kernel in cpu/ or cuda/.
 #include "ops/conv2d.h"
 
+#include "common/checked_math.h"
 #include "common/checks.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 namespace handgrad {
@@ -87,15 +89,31 @@ Geometry make_geometry(int64_t batch, int64_t in_channels, int64_t in_h, int64_t
   return g;
 }
 
-void check_kernel_fits(const Geometry& g, const char* op) {
-  const int64_t padded_h = g.h.in_size + g.h.pad_begin + g.h.pad_end;
-  const int64_t padded_w = g.w.in_size + g.w.pad_begin + g.w.pad_end;
-  const int64_t span_h = effective_kernel(g.h.kernel, g.h.dilation);
-  const int64_t span_w = effective_kernel(g.w.kernel, g.w.dilation);
-  TORCH_CHECK(padded_h >= span_h && padded_w >= span_w, op,
+// The padded input and the dilated kernel must fit the kernels' size
+// arithmetic (each at most kMaxExtent along a side, so that no sum of
+// positions wraps), and the kernel must fit the padded input. Called before
+// the geometry is made: out_size() relies on it.
+void check_extents(int64_t in_h, int64_t in_w, at::IntArrayRef kernel_size,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, const char* op) {
+  TORCH_CHECK(in_h >= 0 && in_w >= 0, op, ": expected non-negative spatial sizes, but got ",
+              in_h, " x ", in_w);
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op,
+              ": kernel size should be greater than zero, but got kernel_height: ",
+              kernel_size[0], " kernel_width: ", kernel_size[1]);
+  int64_t padded_h = 0, padded_w = 0;
+  TORCH_CHECK(padded_extent(in_h, padding[0], padding[1], padded_h) &&
+                  padded_extent(in_w, padding[2], padding[3], padded_w),
+              op, ": the padded input (", in_h, " x ", in_w, " with padding ", padding,
+              ") must be at most 2^62 along each side");
+  int64_t span_h = 0, span_w = 0;
+  const bool spans_fit = window_span(kernel_size[0], dilation[0], span_h) &&
+                         window_span(kernel_size[1], dilation[1], span_w);
+  TORCH_CHECK(spans_fit && padded_h >= span_h && padded_w >= span_w, op,
               ": calculated padded input size per channel: (", padded_h, " x ", padded_w,
-              "). Kernel size: (", span_h, " x ", span_w,
-              "). Kernel size can't be greater than actual input size");
+              "). Kernel size: (",
+              spans_fit ? std::to_string(span_h) : std::string("beyond 2^62"), " x ",
+              spans_fit ? std::to_string(span_w) : std::string("beyond 2^62"),
+              ") with dilation ", dilation, ". Kernel size can't be greater than actual input size");
 }
 
 void check_activation_dim(const at::Tensor& t, const char* op, const char* arg) {
@@ -134,9 +152,9 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight,
                 " elements, but got bias of size ", bias.sizes(), " instead");
     bias = bias.contiguous();
   }
+  check_extents(x.size(2), x.size(3), weight.sizes().slice(2), padding, dilation, kOp);
   const Geometry g = make_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight.sizes(),
                                    stride, padding, dilation, groups);
-  check_kernel_fits(g, kOp);
 
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape[out_shape.size() - 3] = g.out_channels;
@@ -167,10 +185,11 @@ at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
   const at::Tensor go = as_batched(grad_output);
   const int64_t lead = grad_output.dim() - 3;
   check_channels(input_size[lead], weight.sizes(), groups, input_size, op, "input");
+  check_extents(input_size[lead + 1], input_size[lead + 2], weight.sizes().slice(2), padding,
+                dilation, op);
   const Geometry g = make_geometry(go.size(0), input_size[lead], input_size[lead + 1],
                                    input_size[lead + 2], weight.sizes(), stride, padding, dilation,
                                    groups);
-  check_kernel_fits(g, op);
   TORCH_CHECK((lead == 0 || input_size[0] == go.size(0)) && go.size(1) == g.out_channels &&
                   go.size(2) == g.h.out_size && go.size(3) == g.w.out_size,
               op, ": grad_output of size ", grad_output.sizes(),
@@ -205,9 +224,9 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor x = as_batched(input);
   const at::Tensor go = as_batched(grad_output);
   check_channels(x.size(1), weight_size, groups, input.sizes(), op, "input");
+  check_extents(x.size(2), x.size(3), weight_size.slice(2), padding, dilation, op);
   const Geometry g = make_geometry(x.size(0), x.size(1), x.size(2), x.size(3), weight_size,
                                    stride, padding, dilation, groups);
-  check_kernel_fits(g, op);
   TORCH_CHECK(grad_output.dim() == input.dim() && go.size(0) == g.batch &&
                   go.size(1) == g.out_channels && go.size(2) == g.h.out_size &&
                   go.size(3) == g.w.out_size,

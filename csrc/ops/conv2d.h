@@ -34,6 +34,9 @@ HG_HOST_DEVICE int64_t effective_kernel(int64_t kernel, int64_t dilation) {
 }
 
 // Output length of one axis; < 1 means the kernel does not fit the padded input.
+// The driver has checked that the padded extent and the span are at most
+// 2^62 (common/checked_math.h), so no position computed from a geometry
+// wraps: positions stay within [-2^62, 2^63).
 HG_HOST_DEVICE int64_t out_size(int64_t in_size, int64_t kernel, int64_t stride, int64_t pad_begin,
                                 int64_t pad_end, int64_t dilation) {
   const int64_t room = in_size + pad_begin + pad_end - effective_kernel(kernel, dilation);
@@ -62,8 +65,9 @@ HG_HOST_DEVICE int64_t output_pos_reading(const Axis& a, int64_t in_pos, int64_t
 HG_HOST_DEVICE void positions_inside(const Axis& a, int64_t tap, int64_t& begin, int64_t& end) {
   const int64_t first = a.pad_begin - tap * a.dilation;         // out_pos * stride >= first
   const int64_t past = a.in_size + a.pad_begin - tap * a.dilation;  // out_pos * stride < past
-  begin = first <= 0 ? 0 : (first + a.stride - 1) / a.stride;
-  end = past <= 0 ? 0 : (past + a.stride - 1) / a.stride;
+  // ceil(v / stride) for v > 0, written without v + stride (a stride may be 2^63 - 1)
+  begin = first <= 0 ? 0 : (first - 1) / a.stride + 1;
+  end = past <= 0 ? 0 : (past - 1) / a.stride + 1;
   if (end > a.out_size) end = a.out_size;
   if (begin > end) begin = end;
 }

@@ -6,6 +6,7 @@
 // dense 4-D tensors to the backend kernel in cpu/ or cuda/.
 #include "ops/max_pool2d.h"
 
+#include "common/checked_math.h"
 #include "common/checks.h"
 
 #include <ATen/ops/empty.h>
@@ -29,11 +30,23 @@ void check_window(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntAr
     TORCH_CHECK(stride[i] > 0, kOp, ": stride must be greater than zero, but got ", stride);
     TORCH_CHECK(dilation[i] > 0, kOp, ": dilation must be greater than zero, but got ", dilation);
     TORCH_CHECK(padding[i] >= 0, kOp, ": padding must be non-negative, but got ", padding);
-    const int64_t span = dilation[i] * (kernel_size[i] - 1) + 1;
+    int64_t span = 0;
+    TORCH_CHECK(window_span(kernel_size[i], dilation[i], span), kOp,
+                ": the window span dilation * (kernel_size - 1) + 1 must be at most 2^62, but "
+                "got kernel_size=", kernel_size, " and dilation=", dilation);
     TORCH_CHECK(padding[i] <= span / 2, kOp,
                 ": padding should be at most half of the effective kernel size, but got padding=",
                 padding, ", kernel_size=", kernel_size, " and dilation=", dilation);
   }
+}
+
+// The padded input must fit the size arithmetic of the kernels.
+void check_padded_extent(int64_t in_h, int64_t in_w, at::IntArrayRef padding) {
+  int64_t padded = 0;
+  TORCH_CHECK(padded_extent(in_h, padding[0], padding[0], padded) &&
+                  padded_extent(in_w, padding[1], padding[1], padded),
+              kOp, ": the padded input (", in_h, "x", in_w, " with padding=", padding,
+              ") must be at most 2^62 along each side");
 }
 
 Geometry make_geometry(int64_t batch, int64_t channels, int64_t in_h, int64_t in_w,
@@ -43,8 +56,13 @@ Geometry make_geometry(int64_t batch, int64_t channels, int64_t in_h, int64_t in
   Geometry g;
   g.batch = batch;
   g.channels = channels;
-  g.h = Axis{in_h, out_h, kernel_size[0], stride[0], padding[0], dilation[0]};
-  g.w = Axis{in_w, out_w, kernel_size[1], stride[1], padding[1], dilation[1]};
+  // A one-tap window has no dilation; normalizing it keeps the kernels'
+  // tap loops (position += dilation) from stepping past 2^63 for dilations
+  // the span check lets through (kernel 1, dilation up to 2^63 - 1).
+  g.h = Axis{in_h, out_h, kernel_size[0], stride[0], padding[0],
+             kernel_size[0] == 1 ? 1 : dilation[0]};
+  g.w = Axis{in_w, out_w, kernel_size[1], stride[1], padding[1],
+             kernel_size[1] == 1 ? 1 : dilation[1]};
   g.channels_last = channels_last;
   return g;
 }
@@ -75,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, at::IntArray
 
   const at::Tensor x = as_batched(input);
   const int64_t in_h = x.size(2), in_w = x.size(3);
+  check_padded_extent(in_h, in_w, padding);
   const int64_t out_h = pooled_size(in_h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
   const int64_t out_w = pooled_size(in_w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
   TORCH_CHECK(out_h >= 1 && out_w >= 1, kOp, ": the output would be ", out_h, "x", out_w,
@@ -123,6 +142,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& indices,
   }
   if (stride.empty()) stride = kernel_size;
   check_window(kernel_size, stride, padding, dilation);
+  check_padded_extent(input_size[lead], input_size[lead + 1], padding);
 
   const at::MemoryFormat format = layout_of(indices);
   at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(format));

@@ -30,26 +30,53 @@ HG_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {
   return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
+HG_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
 // Number of windows along one axis. In ceil mode a partial window at the end
 // counts, unless it would start in the right padding (it would see nothing
-// but padding), which is the rule torch.nn.functional.max_pool2d uses.
+// but padding), which is the rule torch.nn.functional.max_pool2d uses. The
+// driver has checked that in_size + 2 * pad and the window span fit
+// (common/checked_math.h); the formula avoids adding the stride to them, so
+// any stride up to 2^63 - 1 works.
 HG_HOST_DEVICE int64_t pooled_size(int64_t in_size, int64_t kernel, int64_t stride, int64_t pad,
                                    int64_t dilation, bool ceil_mode) {
   const int64_t span = dilation * (kernel - 1) + 1;
-  const int64_t room = in_size + 2 * pad - span + (ceil_mode ? stride - 1 : 0);
-  int64_t out = floor_div(room, stride) + 1;
-  if (ceil_mode && (out - 1) * stride >= in_size + pad) --out;
+  const int64_t room = in_size + 2 * pad - span;
+  int64_t out = (ceil_mode ? ceil_div(room, stride) : floor_div(room, stride)) + 1;
+  // (out - 1) * stride >= in_size + pad, without the product
+  if (ceil_mode && out - 1 >= ceil_div(in_size + pad, stride)) --out;
   return out;
 }
 
 // The input positions [begin, end) (step `dilation`) that window `out_pos`
-// reads after dropping the taps that fall into the padding.
+// reads after dropping the taps that fall into the padding; begin >= end
+// when every tap falls into the padding (possible with dilation > 1, or in
+// ceil mode).
 HG_HOST_DEVICE void window_taps(const Axis& a, int64_t out_pos, int64_t& begin, int64_t& end) {
   const int64_t start = out_pos * a.stride - a.pad;
-  // first tap at or after position 0
-  begin = start >= 0 ? start : start + ((-start + a.dilation - 1) / a.dilation) * a.dilation;
+  // first tap at or after position 0 (written without start + dilation,
+  // which could wrap for a huge dilation)
+  const int64_t behind = start < 0 ? (-start) % a.dilation : 0;
+  begin = start >= 0 ? start : (behind == 0 ? 0 : a.dilation - behind);
   const int64_t stop = start + (a.kernel - 1) * a.dilation + 1;
   end = stop < a.in_size ? stop : a.in_size;
+}
+
+// Whether window `out_pos` reads at least one input position along this axis.
+HG_HOST_DEVICE bool window_reads_input(const Axis& a, int64_t out_pos) {
+  int64_t begin, end;
+  window_taps(a, out_pos, begin, end);
+  return begin < end;
+}
+
+// The flat index a window reports when it reads no input at all (its
+// maximum is -inf): native's, the position of its first tap past the
+// padding's start. No input element has it as its argmax; the backward
+// kernels give such windows no gradient. Computed modulo 2^64, as a huge
+// dilation can place that tap anywhere.
+HG_HOST_DEVICE int64_t empty_window_index(int64_t h0, int64_t w0, int64_t width) {
+  return static_cast<int64_t>(static_cast<uint64_t>(h0) * static_cast<uint64_t>(width) +
+                              static_cast<uint64_t>(w0));
 }
 
 // The output positions [begin, end) whose windows can cover input position
@@ -57,7 +84,7 @@ HG_HOST_DEVICE void window_taps(const Axis& a, int64_t out_pos, int64_t& begin, 
 HG_HOST_DEVICE void windows_covering(const Axis& a, int64_t in_pos, int64_t& begin, int64_t& end) {
   const int64_t reach = (a.kernel - 1) * a.dilation;
   const int64_t lo = in_pos + a.pad - reach;
-  begin = lo <= 0 ? 0 : floor_div(lo + a.stride - 1, a.stride);
+  begin = lo <= 0 ? 0 : ceil_div(lo, a.stride);  // not lo + stride - 1: a stride may be 2^63 - 1
   const int64_t hi = floor_div(in_pos + a.pad, a.stride) + 1;
   end = hi < a.out_size ? hi : a.out_size;
 }

@@ -17,6 +17,15 @@
 // Gradients: forward y = W * x + b (correlation); dx = full correlation of dy
 // with the flipped kernel; dW = correlation of x with dy; db = sum of dy over
 // batch and pixels (below). Saved for backward: input and weight only.
+// Special values follow native's reference (im2col) rules on every path:
+// forward and dW multiply the padding's zeros, dx sums only the (output,
+// tap) pairs that read an input; where a path's shortcuts would make
+// 0 * inf = NaN (direct dx with a non-finite weight, direct dW with an inf
+// input no output reads, Winograd with magnitudes that overflow its
+// transforms) the pass is recomputed by the im2col path (below).
+// float16 / bfloat16 run these float32 kernels on widened copies and round
+// each result once (forward, grad_input, grad_weight; grad_bias sums in
+// double).
 //
 // Measured against native (forward+backward, float32, native / handgrad,
 // interleaved medians, quiet 2-core AMD EPYC Zen 5, 2 threads,
@@ -45,7 +54,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 namespace handgrad {
 namespace conv2d {
@@ -88,11 +100,45 @@ void into(at::Tensor& result, F&& compute) {
   result.copy_(dense);
 }
 
-void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                    at::Tensor& output, const Geometry& g) {
+// Whether a tensor holds an inf or NaN (the weights, or a weight gradient:
+// small, scanned in one pass).
+template <typename T>
+bool has_nonfinite(const T* p, int64_t n, bool nan_only) {
+  bool found = false;
+  for (int64_t i = 0; i < n; ++i) found |= nan_only ? p[i] != p[i] : !std::isfinite(p[i]);
+  return found;
+}
+
+bool any_nonfinite(const at::Tensor& t, bool nan_only = false) {
+  const at::Tensor dense = t.contiguous();
+  bool found = false;
+  AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "handgrad::conv2d (special values)", [&] {
+    found = has_nonfinite(dense.const_data_ptr<scalar_t>(), dense.numel(), nan_only);
+  });
+  return found;
+}
+
+// Special values follow native conv2d (cpu/conv2d_gemm.cpp states the
+// rules). The direct kernels multiply zeros that native never multiplies --
+// grad_input's inserted and padding zeros with every weight, the weight
+// gradient's dropped wide columns with input values -- harmless unless the
+// other factor is inf or NaN, when 0 * inf = NaN appears where native has a
+// number. Such cases go to the exact im2col path: grad_input when a weight is
+// not finite (checked up front, the weights being small), the pixel-
+// vectorized weight gradient when its result holds a NaN (a spurious one can
+// only be NaN, and a result without NaN is exact). Winograd checks its
+// operands' magnitudes itself (cpu/conv2d_winograd.cpp) and reports whether
+// it could run.
+
+void forward_float(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                   at::Tensor& output, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    into(output, [&](at::Tensor& y) { winograd::forward(nchw(input), weight, bias, y, g); });
+    into(output, [&](at::Tensor& y) {
+      if (!winograd::forward(nchw(input), weight, bias, y, g)) {
+        gemm::forward(nchw(input), weight, bias, y, g);
+      }
+    });
   } else if (use_gemm_correlation(g.out_per_group(), g.patch(), g)) {
     into(output, [&](at::Tensor& y) { gemm::forward(nchw(input), weight, bias, y, g); });
   } else {
@@ -100,29 +146,85 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at:
   }
 }
 
-void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
-                       at::Tensor& grad_input, const Geometry& g) {
+void grad_input_float(const at::Tensor& grad_output, const at::Tensor& weight,
+                      at::Tensor& grad_input, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    into(grad_input,
-         [&](at::Tensor& dx) { winograd::grad_input(nchw(grad_output), weight, dx, g); });
-  } else if (use_gemm_correlation(g.in_per_group(), g.out_per_group() * g.taps(), g)) {
+    into(grad_input, [&](at::Tensor& dx) {
+      if (!winograd::grad_input(nchw(grad_output), weight, dx, g)) {
+        gemm::grad_input(nchw(grad_output), weight, dx, g);
+      }
+    });
+  } else if (use_gemm_correlation(g.in_per_group(), g.out_per_group() * g.taps(), g) ||
+             any_nonfinite(weight)) {
     into(grad_input, [&](at::Tensor& dx) { gemm::grad_input(nchw(grad_output), weight, dx, g); });
   } else {
     direct::grad_input(grad_output, weight, grad_input, g);
   }
 }
 
-void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
-                        at::Tensor& grad_weight, const Geometry& g) {
+void grad_weight_float(const at::Tensor& grad_output, const at::Tensor& input,
+                       at::Tensor& grad_weight, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    winograd::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
+    if (!winograd::grad_weight(nchw(grad_output), nchw(input), grad_weight, g)) {
+      gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
+    }
   } else if (!direct::by_channels(g) && use_gemm(g.out_per_group(), g.patch())) {
     gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
   } else {
     direct::grad_weight(grad_output, input, grad_weight, g);
+    if (!direct::by_channels(g) && any_nonfinite(grad_weight, /*nan_only=*/true)) {
+      gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
+    }
   }
+}
+
+// float16 and bfloat16 run the float32 kernels on float32 copies of their
+// operands and round each result once (the products sum in float32, as
+// native's reduced-precision CPU convolution accumulates).
+bool reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor widened(const at::Tensor& t) {
+  return t.defined() ? t.to(at::kFloat) : t;
+}
+
+// A float32 tensor shaped and laid out like `like`, computed into by the
+// float32 kernels, then rounded into `like`.
+template <typename F>
+void in_float(at::Tensor& result, F&& compute) {
+  at::Tensor wide = at::empty_like(result, result.options().dtype(at::kFloat));
+  compute(wide);
+  result.copy_(wide);
+}
+
+void forward_kernel(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    at::Tensor& output, const Geometry& g) {
+  if (!reduced_precision(input)) return forward_float(input, weight, bias, output, g);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  in_float(output, [&](at::Tensor& y) {
+    forward_float(widened(input), widened(weight), widened(bias), y, g);
+  });
+}
+
+void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
+                       at::Tensor& grad_input, const Geometry& g) {
+  if (!reduced_precision(grad_output)) return grad_input_float(grad_output, weight, grad_input, g);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  in_float(grad_input, [&](at::Tensor& dx) {
+    grad_input_float(widened(grad_output), widened(weight), dx, g);
+  });
+}
+
+void grad_weight_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                        at::Tensor& grad_weight, const Geometry& g) {
+  if (!reduced_precision(input)) return grad_weight_float(grad_output, input, grad_weight, g);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  in_float(grad_weight, [&](at::Tensor& dw) {
+    grad_weight_float(widened(grad_output), widened(input), dw, g);
+  });
 }
 
 // Sum of one contiguous run, vectorized, with four independent accumulators.
@@ -146,6 +248,11 @@ double sum_run(const T* p, int64_t n) {
 // Each channel's sum is accumulated by one task in a fixed order (rows in
 // the vector unit, then in double), so the result is deterministic.
 void grad_bias_kernel(const at::Tensor& grad_output, at::Tensor& grad_bias) {
+  if (reduced_precision(grad_output)) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    in_float(grad_bias, [&](at::Tensor& db) { grad_bias_kernel(widened(grad_output), db); });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_bias", [&] {
     const View4<scalar_t> go = view_of<scalar_t>(grad_output);
     const int64_t N = grad_output.size(0), H = grad_output.size(2), W = grad_output.size(3);

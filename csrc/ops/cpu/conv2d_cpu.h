@@ -5,10 +5,12 @@
 //    AVX2 and AVX-512): hand-vectorized kernels over output pixels, for small
 //    channel counts, where a matrix product is too thin to
 //    run at speed.
-//  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks plus at::mm,
-//    for large channel counts, where the BLAS matrix product is fastest.
-//  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3) with at::bmm, for 3x3
-//    stride-1 layers with large channel counts (2.25x fewer multiply-adds).
+//  * gemm (cpu/conv2d_gemm.cpp): im2col / col2im in batch chunks plus one
+//    matrix product, for large channel counts; also the exact path the
+//    others fall back to for special values.
+//  * winograd (cpu/conv2d_winograd.cpp): F(2x2, 3x3), 16 matrix products,
+//    for 3x3 stride-1 layers with large channel counts (2.25x fewer
+//    multiply-adds).
 #pragma once
 
 #include "ops/conv2d.h"
@@ -95,8 +97,9 @@ inline int64_t grain_for(int64_t work_per_item) {
 namespace direct {
 // The weight gradient vectorized over input channels applies (AVX-512, one
 // group, stride 1, input channels in whole vectors, at least 8 output
-// channels, reduction depth < 1000);
-// it then beats the im2col product too.
+// channels, reduction depth < 1000, a dilated kernel not much wider than the
+// output: its scratch holds the whole padded image); it then beats the
+// im2col product too.
 bool by_channels(const Geometry& g);
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              at::Tensor& output, const Geometry& g);
@@ -116,13 +119,17 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
 }  // namespace gemm
 
 namespace winograd {
-// 3x3 kernels, stride 1, no dilation, one group, >= 128 channels in and out.
+// 3x3 kernels, stride 1, no dilation, one group, >= 64 channels in and out
+// (>= 128 without AVX-512).
 bool applies(const Geometry& g);
-void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+// Each returns false, leaving its result to be recomputed exactly, when the
+// magnitudes of its operands (inf, NaN, or large enough to overflow the
+// transforms) make Winograd's result differ from the direct sum's.
+bool forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              at::Tensor& output, const Geometry& g);
-void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+bool grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
                 const Geometry& g);
-void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+bool grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                  const Geometry& g);
 }  // namespace winograd
 

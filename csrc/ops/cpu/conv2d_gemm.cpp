@@ -12,10 +12,19 @@
 // of being kept for backward, so nothing but the input and weight is saved.
 //   forward      out[co][pixel] = W[co][(ci,kh,kw)] . col                (+ bias)
 //   grad_weight  dW[co][(ci,kh,kw)] += dOut[co][pixel] . col^T
-//   grad_input   dcol = W^T . dOut, then col2im adds every dcol entry back
-//                onto the input position it was read from
+//   grad_input   dcol = W^T . dOut, then col2im adds every dcol entry read
+//                inside the input back onto the position it was read from
 // Gradients: out = W col is linear in W and col, so dW = dOut col^T and
 // dcol = W^T dOut; col2im is the adjoint of the gather im2col did.
+// im2col reads the activations directly (each tap's rows and columns inside
+// the input, zero elsewhere) and col2im adds straight into dx: no padded
+// copy of the images exists, so scratch memory is the column matrix however
+// large the padding or stride. Special values follow native conv2d exactly:
+// forward and grad_weight multiply the padding's zeros like native (a NaN
+// weight makes its whole output channel NaN), and grad_input sums only the
+// (output, tap) pairs that read an input position, so a non-finite weight
+// reaches only the inputs it touches (the CPU backend routes such weights
+// here; see cpu/conv2d.cpp).
 // float32 with the AVX-512 product (cpu_gemm::available()):
 //  * grad_weight packs its B operand (col^T, or dOut^T) with
 //    cpu_gemm::pack_b_transposed (16x16 register transposes) instead of the
@@ -25,14 +34,14 @@
 //  * col2im, when a padded row fits one 16-float vector (unit w stride and
 //    dilation), sums each input row in a register (masked loads of the dcol
 //    runs shifted by kw) and stores it straight into dx; otherwise it adds
-//    runs into padded planes with kw outermost (consecutive runs overlapping
-//    at an offset made the stores fail to forward, ~3x slower).
+//    runs into dx's zeroed planes with kw outermost (consecutive runs
+//    overlapping at an offset made the stores fail to forward, ~3x slower).
 // Threads split the chunks (each product runs single-threaded inside the
 // parallel region: nested at::parallel_for runs inline). Deterministic: the weight gradient sums chunks in 4 fixed
 // slots, each in order, then adds the slots in order; col2im gives each input
 // plane to one chunk.
-// Activations are read and written through their strides (NCHW, channels_last
-// or any view) without copies.
+// The backend (cpu/conv2d.cpp) hands this path activations whose rows are
+// dense (NCHW copies of other layouts); through their strides otherwise.
 //
 // Speed, AMD EPYC Zen 5, 1 thread, native/handgrad (a shared 2-core machine:
 // ranges are separate runs of the same code):
@@ -96,19 +105,6 @@ struct Chunk {
   int64_t columns() const { return images * pixels; }
 };
 
-// The images of a chunk, one group's channels, zero padded:
-// [image][channel][padded_h][padded_w]. im2col and col2im work on it, so
-// their inner loops are plain copies/adds without bounds checks.
-struct PaddedImages {
-  int64_t channels, rows, cols;
-  explicit PaddedImages(const Geometry& g)
-      : channels(g.in_per_group()),
-        rows(g.h.in_size + g.h.pad_begin + g.h.pad_end),
-        cols(g.w.in_size + g.w.pad_begin + g.w.pad_end) {}
-  int64_t plane() const { return rows * cols; }
-  int64_t size(int64_t images) const { return images * channels * plane(); }
-};
-
 template <typename T>
 void copy_run(T* dst, const T* src, int64_t n) {
   using S = Simd<T>;
@@ -127,86 +123,88 @@ void add_run(T* dst, const T* src, int64_t n) {
   for (; i < n; ++i) dst[i] += src[i];
 }
 
-template <typename T>
-void pad_images(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry& g,
-                const PaddedImages& p, T* pad) {
-  std::fill(pad, pad + p.size(chunk.images), T(0));
-  for (int64_t i = 0; i < chunk.images; ++i) {
-    for (int64_t ci = 0; ci < p.channels; ++ci) {
-      const T* src = x.plane(chunk.first_image + i, group * p.channels + ci);
-      T* dst = pad + (i * p.channels + ci) * p.plane() + g.h.pad_begin * p.cols + g.w.pad_begin;
-      for (int64_t h = 0; h < g.h.in_size; ++h) {
-        if (x.sw == 1) {
-          copy_run(dst + h * p.cols, src + h * x.sh, g.w.in_size);
-        } else {
-          for (int64_t w = 0; w < g.w.in_size; ++w) dst[h * p.cols + w] = src[h * x.sh + w * x.sw];
-        }
-      }
-    }
-  }
+// For tap kh (rows) and kw (columns): the output rows [h_begin, h_end) and
+// columns [w_begin, w_end) whose reads fall inside the input, and the input
+// row / column the first of them reads. Outside those ranges the tap reads
+// padding, which im2col stores as zero and col2im drops: no padded copy of
+// the images is made, so the scratch is bounded by the column matrix
+// whatever the padding.
+struct TapWindow {
+  int64_t h_begin, h_end, w_begin, w_end;
+  int64_t first_ih, first_iw;
+};
+
+TapWindow tap_window(const Geometry& g, int64_t kh, int64_t kw) {
+  TapWindow t;
+  positions_inside(g.h, kh, t.h_begin, t.h_end);
+  positions_inside(g.w, kw, t.w_begin, t.w_end);
+  t.first_ih = input_pos(g.h, t.h_begin, kh);
+  t.first_iw = input_pos(g.w, t.w_begin, kw);
+  return t;
 }
 
-// col[r][i * pixels + oh * OW + ow] for patch row r = (ci, kh, kw): the padded
-// value at (oh * stride + kh * dilation, ow * stride + kw * dilation).
+// col[r][i * pixels + oh * OW + ow] for patch row r = (ci, kh, kw): the input
+// value at (oh * stride + kh * dilation - pad, ...), zero in the padding.
 template <typename T>
-void im2col(const T* pad, const PaddedImages& p, const Chunk& chunk, const Geometry& g, T* col) {
+void im2col(const View4<T>& x, const Chunk& chunk, int64_t group, const Geometry& g, T* col) {
   const int64_t OW = g.w.out_size, OH = g.h.out_size;
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
-  const int64_t cols = chunk.columns(), sw = g.w.stride;
+  const int64_t cols = chunk.columns(), sh = g.h.stride, sw = g.w.stride;
   for (int64_t r = 0; r < g.patch(); ++r) {
     const int64_t ci = r / (KH * KW), kh = (r / KW) % KH, kw = r % KW;
+    const TapWindow t = tap_window(g, kh, kw);
+    const int64_t inside = t.w_end - t.w_begin;
     for (int64_t i = 0; i < chunk.images; ++i) {
-      const T* src = pad + (i * p.channels + ci) * p.plane() + kh * g.h.dilation * p.cols +
-                     kw * g.w.dilation;
+      const T* plane = x.plane(chunk.first_image + i, group * g.in_per_group() + ci);
       T* dst = col + r * cols + i * chunk.pixels;
-      for (int64_t oh = 0; oh < OH; ++oh, dst += OW) {
-        const T* row = src + oh * g.h.stride * p.cols;
-        if (sw == 1) {
-          copy_run(dst, row, OW);
+      std::fill(dst, dst + t.h_begin * OW, T(0));
+      for (int64_t oh = t.h_begin; oh < t.h_end; ++oh) {
+        T* out = dst + oh * OW;
+        const T* row = plane + (t.first_ih + (oh - t.h_begin) * sh) * x.sh + t.first_iw * x.sw;
+        std::fill(out, out + t.w_begin, T(0));
+        if (sw == 1 && x.sw == 1) {
+          copy_run(out + t.w_begin, row, inside);
         } else {
-          for (int64_t ow = 0; ow < OW; ++ow) dst[ow] = row[ow * sw];
+          for (int64_t j = 0; j < inside; ++j) out[t.w_begin + j] = row[j * sw * x.sw];
         }
+        std::fill(out + t.w_end, out + OW, T(0));
       }
+      std::fill(dst + t.h_end * OW, dst + OH * OW, T(0));
     }
   }
 }
 
-// The adjoint of im2col: adds every dcol entry back onto the padded position
-// it was read from, then stores the inside of the padded planes into dx.
+// The adjoint of im2col: adds every dcol entry read inside the input onto
+// the input position it was read from (the ones read from the padding are
+// dropped) -- into dx itself, whose planes are dense (the caller makes them
+// so), zeroed first.
 template <typename T>
-void col2im(const T* dcol, const PaddedImages& p, const Chunk& chunk, int64_t group,
-            const Geometry& g, T* pad, const View4<T>& dx) {
-  const int64_t OW = g.w.out_size, OH = g.h.out_size;
+void col2im(const T* dcol, const Chunk& chunk, int64_t group, const Geometry& g,
+            const View4<T>& dx) {
+  const int64_t OW = g.w.out_size;
   const int64_t KH = g.h.kernel, KW = g.w.kernel;
-  const int64_t cols = chunk.columns(), sw = g.w.stride;
-  std::fill(pad, pad + p.size(chunk.images), T(0));
+  const int64_t cols = chunk.columns(), sh = g.h.stride, sw = g.w.stride;
+  const int64_t plane_size = g.h.in_size * g.w.in_size;
   for (int64_t i = 0; i < chunk.images; ++i) {
-    for (int64_t ci = 0; ci < p.channels; ++ci) {
-      T* plane = pad + (i * p.channels + ci) * p.plane();
+    for (int64_t ci = 0; ci < g.in_per_group(); ++ci) {
+      T* plane = dx.plane(chunk.first_image + i, group * g.in_per_group() + ci);
+      std::fill(plane, plane + plane_size, T(0));
       // kw outermost: consecutive runs then add onto other rows or the same
       // position, never onto a run that overlaps the one just stored at an
       // offset (a failed store-to-load forward, which made col2im ~3x slower).
       for (int64_t kw = 0; kw < KW; ++kw) {
         for (int64_t kh = 0; kh < KH; ++kh) {
-          const T* src = dcol + ((ci * KH + kh) * KW + kw) * cols + i * chunk.pixels;
-          T* dst = plane + kh * g.h.dilation * p.cols + kw * g.w.dilation;
-          for (int64_t oh = 0; oh < OH; ++oh) {
-            T* row = dst + oh * g.h.stride * p.cols;
+          const TapWindow t = tap_window(g, kh, kw);
+          const int64_t inside = t.w_end - t.w_begin;
+          const T* src = dcol + ((ci * KH + kh) * KW + kw) * cols + i * chunk.pixels + t.w_begin;
+          for (int64_t oh = t.h_begin; oh < t.h_end; ++oh) {
+            T* row = plane + (t.first_ih + (oh - t.h_begin) * sh) * dx.sh + t.first_iw;
             if (sw == 1) {
-              add_run(row, src + oh * OW, OW);
+              add_run(row, src + oh * OW, inside);
             } else {
-              for (int64_t ow = 0; ow < OW; ++ow) row[ow * sw] += src[oh * OW + ow];
+              for (int64_t j = 0; j < inside; ++j) row[j * sw] += src[oh * OW + j];
             }
           }
-        }
-      }
-      T* out = dx.plane(chunk.first_image + i, group * p.channels + ci);
-      const T* inner = plane + g.h.pad_begin * p.cols + g.w.pad_begin;
-      for (int64_t h = 0; h < g.h.in_size; ++h) {
-        if (dx.sw == 1) {
-          copy_run(out + h * dx.sh, inner + h * p.cols, g.w.in_size);
-        } else {
-          for (int64_t w = 0; w < g.w.in_size; ++w) out[h * dx.sh + w * dx.sw] = inner[h * p.cols + w];
         }
       }
     }
@@ -226,7 +224,6 @@ bool col2im_fits(const Geometry& g, const View4<float>& dx) {
 }
 
 __attribute__((target("avx512f,avx512vl"))) void col2im_rows(const float* dcol,
-                                                             const PaddedImages& p,
                                                              const Chunk& chunk, int64_t group,
                                                              const Geometry& g,
                                                              const View4<float>& dx) {
@@ -237,8 +234,8 @@ __attribute__((target("avx512f,avx512vl"))) void col2im_rows(const float* dcol,
   const __mmask16 inner =
       static_cast<__mmask16>(((1u << g.w.in_size) - 1) << g.w.pad_begin);
   for (int64_t i = 0; i < chunk.images; ++i) {
-    for (int64_t ci = 0; ci < p.channels; ++ci) {
-      float* out = dx.plane(chunk.first_image + i, group * p.channels + ci);
+    for (int64_t ci = 0; ci < g.in_per_group(); ++ci) {
+      float* out = dx.plane(chunk.first_image + i, group * g.in_per_group() + ci);
       for (int64_t h = 0; h < g.h.in_size; ++h) {
         const int64_t hp = h + g.h.pad_begin;
         __m512 acc = _mm512_setzero_ps();
@@ -260,19 +257,18 @@ __attribute__((target("avx512f,avx512vl"))) void col2im_rows(const float* dcol,
 
 // col2im_rows when it applies (returns false otherwise).
 template <typename T>
-bool col2im_fast(const T*, const PaddedImages&, const Chunk&, int64_t, const Geometry&,
-                 const View4<T>&) {
+bool col2im_fast(const T*, const Chunk&, int64_t, const Geometry&, const View4<T>&) {
   return false;
 }
-inline bool col2im_fast(const float* dcol, const PaddedImages& p, const Chunk& chunk,
-                        int64_t group, const Geometry& g, const View4<float>& dx) {
+inline bool col2im_fast(const float* dcol, const Chunk& chunk, int64_t group, const Geometry& g,
+                        const View4<float>& dx) {
 #if HG_COL2IM_AVX512
   if (col2im_fits(g, dx)) {
-    col2im_rows(dcol, p, chunk, group, g, dx);
+    col2im_rows(dcol, chunk, group, g, dx);
     return true;
   }
 #endif
-  (void)dcol, (void)p, (void)chunk, (void)group, (void)g, (void)dx;
+  (void)dcol, (void)chunk, (void)group, (void)g, (void)dx;
   return false;
 }
 
@@ -407,14 +403,11 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
       const Scratch col(g.patch(), max_cols, input.options());
       const Scratch prod(g.out_per_group(), max_cols, input.options());
-      const PaddedImages padded(g);
-      std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t index = c0; index < c1; ++index) {
         const Chunk chunk = chunk_at(g, per_chunk, index);
         at::Tensor c = col.matrix(chunk), p = prod.matrix(chunk);
         for (int64_t group = 0; group < g.groups; ++group) {
-          pad_images(x, chunk, group, g, padded, pad.data());
-          im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+          im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
           const int64_t first = group * g.out_per_group();
           at::Tensor out = channel_matrix(output, chunk, first, g.out_per_group());
           if (!out.defined()) {
@@ -448,8 +441,6 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
     parallel_chunks(g, per_chunk, [&](int64_t c0, int64_t c1) {
       const Scratch goc(g.out_per_group(), max_cols, grad_output.options());
       const Scratch dcol(g.patch(), max_cols, grad_output.options());
-      const PaddedImages padded(g);
-      std::vector<scalar_t> pad(padded.size(per_chunk));
       for (int64_t index = c0; index < c1; ++index) {
         const Chunk chunk = chunk_at(g, per_chunk, index);
         at::Tensor o = goc.matrix(chunk), d = dcol.matrix(chunk);
@@ -461,8 +452,8 @@ void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Ten
             go_m = o;
           }
           product(d, weight_t[group], go_m, false);
-          if (col2im_fast(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, dx)) continue;
-          col2im(d.const_data_ptr<scalar_t>(), padded, chunk, group, g, pad.data(), dx);
+          if (col2im_fast(d.const_data_ptr<scalar_t>(), chunk, group, g, dx)) continue;
+          col2im(d.const_data_ptr<scalar_t>(), chunk, group, g, dx);
         }
       }
     });
@@ -505,16 +496,13 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Scratch col(g.patch(), max_cols, input.options());
       const Scratch goc(g.out_per_group(), max_cols, input.options());
-      const PaddedImages padded(g);
-      std::vector<scalar_t> pad(padded.size(per_chunk));
       cpu_gemm::PackedB packed;  // reused by the chunks
       for (int64_t s = s0; s < s1; ++s) {
         for (int64_t index = s; index < chunks; index += slots) {
           const Chunk chunk = chunk_at(g, per_chunk, index);
           at::Tensor c = col.matrix(chunk), o = goc.matrix(chunk);
           for (int64_t group = 0; group < g.groups; ++group) {
-            pad_images(x, chunk, group, g, padded, pad.data());
-            im2col(pad.data(), padded, chunk, g, c.mutable_data_ptr<scalar_t>());
+            im2col(x, chunk, group, g, c.mutable_data_ptr<scalar_t>());
             const int64_t first = group * g.out_per_group();
             at::Tensor go_m = channel_matrix(grad_output, chunk, first, g.out_per_group());
             if (!go_m.defined()) {

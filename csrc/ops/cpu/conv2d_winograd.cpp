@@ -12,7 +12,12 @@
 // (common/cpu_gemm.h: the BLAS behind at::mm runs AVX2 code on AMD, native
 // conv2d oneDNN's AVX-512), one call per point; else at::bmm / baddbmm_
 // (BLAS, the only BLAS calls here). The transforms use only 0, +-1, +-1/2,
-// so float32 rounding stays close to the direct sum's.
+// so float32 rounding stays close to the direct sum's -- normwise: an entry's
+// error scales with the largest magnitudes in its tiles, not with its own
+// terms (as for every fast convolution algorithm). Magnitudes that could
+// overflow the transforms (or an inf / NaN, which the transforms would
+// smear over a tile) are detected while transforming (transforms_safe) and
+// the pass is then recomputed by the exact im2col path.
 // Gradients: the map is linear, so backward runs its adjoint exactly:
 //   dM = A dY_t A^T; dV = U^T dM  -> dx patches B dV B^T, added onto the
 //   overlapping input positions; dU = sum_t dM V^T -> dW = G^T dU G.
@@ -59,7 +64,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -86,6 +95,83 @@ constexpr int64_t kWeightSlots = 2;  // each holds 16 transformed weight gradien
 // without AVX-512 the bound stays 128.
 constexpr int64_t kMinChannels = 64;
 constexpr int64_t kMinChannelsScalar = 128;
+
+// The transforms add and subtract up to 4 values per axis, so they can
+// overflow where the direct sum does not (|x| ~ 1e38 in float32), and turn
+// an inf into NaN (inf - inf) or spread it over a whole tile. Every pass
+// therefore finds the largest magnitude of what it transforms (per chunk,
+// one unsigned max on the bits of |v| per value: NaN's bits exceed inf's,
+// which exceed every finite value's) and runs Winograd only when no
+// intermediate can overflow; otherwise the whole pass is recomputed by the
+// exact im2col path (cpu/conv2d_gemm.cpp), which follows native conv2d's
+// NaN/inf rules.
+template <typename T>
+using MagnitudeBits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+template <typename T>
+MagnitudeBits<T> magnitude_bits(T v) {
+  MagnitudeBits<T> bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits & (~MagnitudeBits<T>(0) >> 1);
+}
+
+template <typename T>
+T magnitude_of(MagnitudeBits<T> bits) {
+  T v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// max |v| (as bits) over a contiguous tensor (the weights: small).
+template <typename T>
+MagnitudeBits<T> largest_magnitude(const at::Tensor& t) {
+  const T* p = t.const_data_ptr<T>();
+  MagnitudeBits<T> m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, magnitude_bits(p[i]));
+  return m;
+}
+
+// max |v| (as bits) over images [first, first + images) of an activation:
+// a separate pass over the chunk, which the transform then reads again from
+// cache (folded into the AVX-512 transforms, it cost them registers they
+// have none to spare of: 10-25% slower).
+template <typename T>
+MagnitudeBits<T> chunk_magnitude(const View4<T>& t, int64_t first, int64_t images,
+                                 int64_t channels, int64_t rows, int64_t cols) {
+  MagnitudeBits<T> m = 0;
+  for (int64_t i = first; i < first + images; ++i) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* plane = t.plane(i, c);
+      for (int64_t h = 0; h < rows; ++h) {
+        const T* row = plane + h * t.sh;
+        if (t.sw == 1) {  // the backend's NCHW rows: a loop the compiler vectorizes
+          for (int64_t w = 0; w < cols; ++w) m = std::max(m, magnitude_bits(row[w]));
+        } else {
+          for (int64_t w = 0; w < cols; ++w) m = std::max(m, magnitude_bits(row[w * t.sw]));
+        }
+      }
+    }
+  }
+  return m;
+}
+
+// Whether the transforms of operands of magnitudes at most a and b cannot
+// overflow when every intermediate is at most growth * a * b (the bounds
+// below, from the transforms' coefficient sums: B^T d B <= 4 |d|, G g G^T <=
+// 2.25 |g|, A dY A^T <= 4 |dY|, A^T m A <= 9 |m|, B v B^T <= 9 |v|, G^T u G
+// <= 4 |u|, each product summing `channels` (or tiles) terms).
+template <typename T>
+bool transforms_safe(MagnitudeBits<T> a, MagnitudeBits<T> b, long double growth) {
+  const T ma = magnitude_of<T>(a), mb = magnitude_of<T>(b);
+  if (!std::isfinite(ma) || !std::isfinite(mb)) return false;
+  return static_cast<long double>(ma) * mb * growth <= std::numeric_limits<T>::max();
+}
+// forward: |M| <= 9 C |x| |w|, output <= 81 C |x| |w| (+ bias, added as native does)
+long double forward_growth(const Geometry& g) { return 128.0L * g.in_channels; }
+// grad_input: |dV| <= 9 K |dy| |w|, B dV B^T <= 81 K |dy| |w|, up to 4 tiles add per input
+long double grad_input_growth(const Geometry& g) { return 512.0L * g.out_channels; }
+// grad_weight: |dU| <= 16 T |dy| |x| over T tiles, G^T dU G <= 64 T |dy| |x|
+long double grad_weight_growth(int64_t tiles) { return 128.0L * tiles; }
 
 // The 1-D transforms and their adjoints (applied to rows, then columns).
 template <typename T>
@@ -629,20 +715,34 @@ void parallel_chunks(const Geometry& g, int64_t per_chunk, F&& body) {
   });
 }
 
+// Each pass returns false, having written nothing reliable, when some
+// chunk's magnitudes could overflow the transforms (see transforms_safe);
+// the backend then recomputes the whole pass exactly.
 template <typename T>
-void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+bool forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   at::Tensor& output, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MagnitudeBits<T> weight_magnitude = largest_magnitude<T>(weight);
+  if (!transforms_safe<T>(weight_magnitude, 0, 0)) return false;  // a weight is inf or NaN
+  const long double growth = forward_growth(g);
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
   const at::Tensor u = transform_weight<T>(weight, g);
   const View4<T> x = view_of<T>(input), y = view_of<T>(output);
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  std::atomic<bool> unsafe{false};
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
+    const MagnitudeBits<T> magnitude =
+        chunk_magnitude(x, first, images, g.in_channels, g.h.in_size, g.w.in_size);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     LaneTables in, out;
     if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
         out.build(g, t, tiles, y.sn, y.sh, y.sw, false)) {
@@ -659,21 +759,33 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
     products(m, u, v, false);
     store_output(m.const_data_ptr<T>(), b, first, images, g, t, tiles, y);
   });
+  return !unsafe.load();
 }
 
 template <typename T>
-void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
+bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
                      at::Tensor& grad_input, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const MagnitudeBits<T> weight_magnitude = largest_magnitude<T>(weight);
+  if (!transforms_safe<T>(weight_magnitude, 0, 0)) return false;
+  const long double growth = grad_input_growth(g);
   const Tiling t = tiling_of(g);
   const int64_t per_chunk = images_per_chunk(g, t);
   const at::Tensor ut = transform_weight<T>(weight, g, /*transposed=*/true);
   const View4<T> go = view_of<T>(grad_output), dx = view_of<T>(grad_input);
+  std::atomic<bool> unsafe{false};
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
+    if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
+    const MagnitudeBits<T> magnitude =
+        chunk_magnitude(go, first, images, g.out_channels, g.h.out_size, g.w.out_size);
+    if (!transforms_safe<T>(magnitude, weight_magnitude, growth)) {
+      unsafe.store(true);
+      return;
+    }
     LaneTables out;
     if (fast_transforms<T>() && out.build(g, t, tiles, go.sn, go.sh, go.sw, false)) {
 #if HG_WINO_AVX512
@@ -691,10 +803,11 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
     products(dv, ut, dm, false);
     store_grad_input(dv.const_data_ptr<T>(), first, images, g, t, tiles, pad.data(), dx);
   });
+  return !unsafe.load();
 }
 
 template <typename T>
-void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
+bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
                       at::Tensor& grad_weight, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Tiling t = tiling_of(g);
@@ -702,9 +815,13 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t chunks = (g.batch + per_chunk - 1) / per_chunk;
   const int64_t slots = std::min(kWeightSlots, chunks);
   const int64_t K = g.out_channels, C = g.in_channels;
+  // Every chunk is checked against the bound for all tiles together, so the
+  // sum over chunks stays within it too.
+  const long double growth = grad_weight_growth(g.batch * t.per_image());
   const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
   // dU[slot][xi][co][ci]: slot s sums chunks s, s + slots, ... in order.
   at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
+  std::atomic<bool> unsafe{false};
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
     std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
@@ -712,10 +829,19 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
       for (int64_t c = s; c < chunks; c += slots) {
+        if (unsafe.load(std::memory_order_relaxed)) return;
         const int64_t first = c * per_chunk, images = std::min(per_chunk, g.batch - first);
         const int64_t tiles = images * t.per_image();
         at::Tensor v = at::empty({kPoints, C, tiles}, input.options());
         at::Tensor dm = at::empty({kPoints, K, tiles}, input.options());
+        const MagnitudeBits<T> x_magnitude =
+            chunk_magnitude(x, first, images, C, g.h.in_size, g.w.in_size);
+        const MagnitudeBits<T> go_magnitude =
+            chunk_magnitude(go, first, images, K, g.h.out_size, g.w.out_size);
+        if (!transforms_safe<T>(x_magnitude, go_magnitude, growth)) {
+          unsafe.store(true);
+          return;
+        }
         LaneTables in, out;
         bool done = false;
         if (fast_transforms<T>() && in.build(g, t, tiles, x.sn, x.sh, x.sw, true) &&
@@ -746,6 +872,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
       }
     }
   });
+  if (unsafe.load()) return false;
   const at::Tensor total = du.sum(0);  // slots added in order
   const T* src = total.const_data_ptr<T>();
   T* dw = grad_weight.mutable_data_ptr<T>();
@@ -769,6 +896,7 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
       }
     }
   });
+  return true;
 }
 
 }  // namespace
@@ -780,22 +908,30 @@ bool applies(const Geometry& g) {
          g.in_channels >= min_channels && g.out_channels >= min_channels;
 }
 
-void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+bool forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              at::Tensor& output, const Geometry& g) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (winograd)",
-                             [&] { forward_impl<scalar_t>(input, weight, bias, output, g); });
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d (winograd)", [&] {
+    done = forward_impl<scalar_t>(input, weight, bias, output, g);
+  });
+  return done;
 }
 
-void grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+bool grad_input(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
                 const Geometry& g) {
+  bool done = false;
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "handgrad::conv2d_grad_input (winograd)",
-                             [&] { grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+                             [&] { done = grad_input_impl<scalar_t>(grad_output, weight, grad_input, g); });
+  return done;
 }
 
-void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+bool grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                  const Geometry& g) {
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (winograd)",
-                             [&] { grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g); });
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (winograd)", [&] {
+    done = grad_weight_impl<scalar_t>(grad_output, input, grad_weight, g);
+  });
+  return done;
 }
 
 }  // namespace winograd

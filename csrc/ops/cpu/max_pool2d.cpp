@@ -2,9 +2,13 @@
 //
 // Algorithm: every output takes the maximum over its (dilated, padded)
 // window; the flat position h*W + w of the winner inside its input plane is
-// stored as the index (int64, the convention of torch's max_pool2d).
+// stored as the index (int64, the convention of torch's max_pool2d). A
+// window that covers only padding (dilation or ceil mode can make one) gives
+// -inf and native's index for it (empty_window_index: it names no element of
+// the window).
 // Gradient: y = x[argmax], so dL/dx[i] = sum of dL/dy over the outputs whose
-// argmax is i, and zero elsewhere. Saved for backward: the indices only.
+// argmax is i, and zero elsewhere; outputs of windows that read no input
+// send their gradient nowhere. Saved for backward: the indices only.
 //
 // NCHW: threads split the N*C planes. A plane is pooled with a generic
 // window loop, or, for the ubiquitous 2x2 / stride-2 window, with a
@@ -17,6 +21,8 @@
 // Speed against native (benchmarks/bench_max_pool2d.py, 2 threads, float32,
 // forward+backward): see the table in the README's benchmark section.
 #include "ops/max_pool2d.h"
+
+#include "common/checked_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -51,7 +57,7 @@ void pool_plane_generic(const T* in, T* out, int64_t* idx, const Geometry& g,
     for (int64_t ow = 0; ow < OW; ++ow) {
       const int64_t w0 = w_begin[ow], w1 = w_end[ow];
       T best = -std::numeric_limits<T>::infinity();
-      int64_t best_at = h0 * W + w0;
+      int64_t best_at = empty_window_index(h0, w0, W);
       for (int64_t h = h0; h < h1; h += dh) {
         for (int64_t w = w0; w < w1; w += dw) {
           const T v = in[h * W + w];
@@ -112,7 +118,7 @@ void forward_nchw(const T* in, T* out, int64_t* idx, const Geometry& g) {
   std::vector<int64_t> w_begin(g.w.out_size), w_end(g.w.out_size);
   for (int64_t ow = 0; ow < g.w.out_size; ++ow) window_taps(g.w, ow, w_begin[ow], w_end[ow]);
   const bool fast = is_plain_2x2(g);
-  const int64_t work = out_plane * g.h.kernel * g.w.kernel;
+  const int64_t work = saturating_mul(out_plane, saturating_mul(g.h.kernel, g.w.kernel));
   at::parallel_for(0, g.batch * g.channels, grain_for(work), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       if (fast) {
@@ -132,6 +138,12 @@ void forward_nchw(const T* in, T* out, int64_t* idx, const Geometry& g) {
 template <typename T, typename Pos>
 void pool_pixel_nhwc(const T* image, T* out, int64_t* idx, Pos* at, int64_t C, int64_t W,
                      int64_t h0, int64_t h1, int64_t dh, int64_t w0, int64_t w1, int64_t dw) {
+  if (h0 >= h1 || w0 >= w1) {
+    // The window covers only padding: -inf and native's index, as in NCHW.
+    std::fill(out, out + C, -std::numeric_limits<T>::infinity());
+    std::fill(idx, idx + C, empty_window_index(h0, w0, W));
+    return;
+  }
   bool first = true;
   for (int64_t h = h0; h < h1; h += dh) {
     for (int64_t w = w0; w < w1; w += dw) {
@@ -160,7 +172,7 @@ template <typename T, typename Pos>
 void forward_nhwc(const T* in, T* out, int64_t* idx, const Geometry& g) {
   const int64_t C = g.channels, H = g.h.in_size, W = g.w.in_size;
   const int64_t OH = g.h.out_size, OW = g.w.out_size;
-  const int64_t work = C * g.h.kernel * g.w.kernel;
+  const int64_t work = saturating_mul(C, saturating_mul(g.h.kernel, g.w.kernel));
   at::parallel_for(0, g.batch * OH * OW, grain_for(work), [&](int64_t begin, int64_t end) {
     std::vector<Pos> at(C);
     for (int64_t pix = begin; pix < end; ++pix) {
@@ -234,10 +246,36 @@ class Accumulator {
   std::vector<Acc> scratch_;
 };
 
+// The outputs whose window reads no input (only padding): they have no
+// argmax, and their gradient goes nowhere. Empty when every window reads
+// input, which is the common case (no dilation, no ceil-mode overhang).
+std::vector<char> empty_windows(const Geometry& g) {
+  std::vector<char> empty_h(g.h.out_size), empty_w(g.w.out_size);
+  bool any = false;
+  for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+    empty_h[oh] = !window_reads_input(g.h, oh);
+    any = any || empty_h[oh];
+  }
+  for (int64_t ow = 0; ow < g.w.out_size; ++ow) {
+    empty_w[ow] = !window_reads_input(g.w, ow);
+    any = any || empty_w[ow];
+  }
+  if (!any) return {};
+  std::vector<char> empty(g.h.out_size * g.w.out_size);
+  for (int64_t oh = 0; oh < g.h.out_size; ++oh) {
+    for (int64_t ow = 0; ow < g.w.out_size; ++ow) {
+      empty[oh * g.w.out_size + ow] = empty_h[oh] || empty_w[ow];
+    }
+  }
+  return empty;
+}
+
 template <typename T>
 void backward_nchw(const T* grad_out, const int64_t* idx, T* grad_in, const Geometry& g) {
   const int64_t in_plane = g.h.in_size * g.w.in_size;
   const int64_t out_plane = g.h.out_size * g.w.out_size;
+  const std::vector<char> empty = empty_windows(g);
+  const char* skip = empty.empty() ? nullptr : empty.data();
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, g.batch * g.channels, grain_for(in_plane), [&](int64_t begin, int64_t end) {
     Accumulator<T> gi;
@@ -246,6 +284,7 @@ void backward_nchw(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
       const int64_t* ix = idx + p * out_plane;
       gi.begin(grad_in + p * in_plane, in_plane);
       for (int64_t o = 0; o < out_plane; ++o) {
+        if (skip != nullptr && skip[o]) continue;
         const int64_t i = ix[o];
         if (i < 0 || i >= in_plane) {
           bad_index.store(i);
@@ -270,6 +309,8 @@ void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
   const int64_t out_plane = g.h.out_size * g.w.out_size;
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
+  const std::vector<char> empty = empty_windows(g);
+  const char* skip = empty.empty() ? nullptr : empty.data();
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> scratch;
@@ -281,6 +322,7 @@ void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
       const int64_t* ix = idx + n * out_plane * C;
       scratch.assign(static_cast<size_t>(in_plane * width), Acc(0));
       for (int64_t o = 0; o < out_plane; ++o) {
+        if (skip != nullptr && skip[o]) continue;
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i = ix[o * C + c];
           if (i < 0 || i >= in_plane) {

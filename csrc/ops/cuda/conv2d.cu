@@ -12,13 +12,20 @@
 //   grad_input   m = input channel, n = (image, ih, iw), k = (co, kh, kw);
 //                A = W, B = dOut at the output position whose tap reads
 //                (ih, iw) (zero between strides): the full correlation of
-//                dOut with the flipped kernel
+//                dOut with the flipped kernel. When a weight is inf or NaN
+//                (a device-side flag set by a scan of the weights, read by
+//                two launches of which one returns at once), the exact
+//                kernel skips the absent B entries instead of multiplying
+//                them, as native sums only the (output, tap) pairs that
+//                read an input: W * 0 would be NaN
 //   grad_weight  m = output channel, n = (ci, kh, kw), k = (image, oh, ow);
 //                A = dOut, B = input at the tap's position. The long k range
 //                is split over blocks into partial sums that a second kernel
 //                adds in a fixed order (deterministic, no atomics)
 //   grad_bias    one block per channel, a fixed-order tree reduction
-// Groups are the grid's z dimension. float16/bfloat16 load into float
+// Forward and grad_weight multiply the padding's zeros, as native does (a
+// NaN weight makes its whole output channel NaN). Groups are the grid's z
+// dimension. float16/bfloat16 load into float
 // accumulators (at::opmath_type); float64 accumulates in double. Saved for
 // backward: input and weight only. Activations are addressed through their
 // strides (NCHW, channels_last, any view).
@@ -34,6 +41,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -85,7 +93,9 @@ struct ForwardProblem {
   __device__ Acc a(int z, int64_t m, int64_t k) const {
     return static_cast<Acc>(weight[(z * M + m) * K + k]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ bool exact() const { return false; }
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
+    present = true;  // the padding's zeros are multiplied, as native does
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t ci = k / taps, kh = (k / g.w.kernel) % g.h.kernel, kw = k % g.w.kernel;
     int64_t image, oh, ow;
@@ -108,10 +118,15 @@ struct GradInputProblem {
   const T* grad_output;
   const T* weight;
   T* grad_input;
+  const int* weight_nonfinite;  // device flag: some weight is inf or NaN
   Strides4 go_s, gi_s;
   Geometry g;
   int64_t M, N, K;
 
+  // With a non-finite weight, the (input, tap) pairs that read no dOut
+  // (padding, between strides) must be skipped rather than multiplied by
+  // zero, or W * 0 = NaN reaches inputs native leaves finite.
+  __device__ bool exact() const { return *weight_nonfinite != 0; }
   __device__ int64_t group(int z) const { return z; }
   __device__ void k_range(int, int64_t& begin, int64_t& end) const { begin = 0; end = K; }
   __device__ Acc a(int z, int64_t m, int64_t k) const {
@@ -119,14 +134,15 @@ struct GradInputProblem {
     const int64_t co = k / taps, tap = k % taps;
     return static_cast<Acc>(weight[((z * g.out_per_group() + co) * M + m) * taps + tap]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t co = k / taps, kh = (k / g.w.kernel) % g.h.kernel, kw = k % g.w.kernel;
     int64_t image, ih, iw;
     PixelGrid{g.h.in_size, g.w.in_size}.split(n, image, ih, iw);
     const int64_t oh = output_pos_reading(g.h, ih, kh);
     const int64_t ow = output_pos_reading(g.w, iw, kw);
-    if (oh < 0 || ow < 0) return Acc(0);
+    present = oh >= 0 && ow >= 0;
+    if (!present) return Acc(0);
     return static_cast<Acc>(grad_output[go_s.at(image, z * g.out_per_group() + co, oh, ow)]);
   }
   __device__ void store(int z, int64_t m, int64_t n, Acc v) const {
@@ -156,7 +172,9 @@ struct GradWeightProblem {
     PixelGrid{g.h.out_size, g.w.out_size}.split(k, image, oh, ow);
     return static_cast<Acc>(grad_output[go_s.at(image, group(z) * M + m, oh, ow)]);
   }
-  __device__ Acc b(int z, int64_t k, int64_t n) const {
+  __device__ bool exact() const { return false; }
+  __device__ Acc b(int z, int64_t k, int64_t n, bool& present) const {
+    present = true;  // the padding's zeros are multiplied, as native does
     const int64_t taps = g.h.kernel * g.w.kernel;
     const int64_t ci = n / taps, kh = (n / g.w.kernel) % g.h.kernel, kw = n % g.w.kernel;
     int64_t image, oh, ow;
@@ -170,10 +188,20 @@ struct GradWeightProblem {
   }
 };
 
-template <typename Acc, typename Problem>
+// One 64x64 output tile per block. With kExact, B entries the problem marks
+// absent (not a zero of the data but no term at all) are skipped instead of
+// multiplied, so that an inf or NaN in A does not turn them into NaN. The
+// two modes are separate kernels (the exact one's flags would cost the
+// ordinary one registers, and with them occupancy: 64 -> 76 for float
+// grad_input); a problem whose mode is decided on the device (grad_input:
+// are the weights finite?) launches both, and the one not matching returns
+// at once in every block.
+template <typename Acc, typename Problem, bool kExact>
 __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
+  if (p.exact() != kExact) return;  // uniform: the same for every block
   __shared__ Acc a_tile[kTileK][kTileM];
   __shared__ Acc b_tile[kTileK][kTileN];
+  __shared__ bool b_present[kExact ? kTileK : 1][kExact ? kTileN : 1];
   const int z = blockIdx.z;
   const int64_t m0 = int64_t(blockIdx.y) * kTileM;
   const int64_t n0 = int64_t(blockIdx.x) * kTileN;
@@ -203,7 +231,9 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
     for (int e = tid; e < kTileN * kTileK; e += kThreads) {
       const int nn = e % kTileN, kk = e / kTileN;
       const int64_t n = n0 + nn, k = k0 + kk;
-      b_tile[kk][nn] = (n < p.N && k < k_end) ? p.b(z, k, n) : Acc(0);
+      bool present = false;
+      b_tile[kk][nn] = (n < p.N && k < k_end) ? p.b(z, k, n, present) : Acc(0);
+      if constexpr (kExact) b_present[kk][nn] = present;
     }
     __syncthreads();
 #pragma unroll
@@ -213,10 +243,19 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
       for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][tm + 16 * i];
 #pragma unroll
       for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tn + 16 * j];
+      if constexpr (kExact) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          if (!b_present[kk][tn + 16 * j]) continue;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+          for (int i = 0; i < 4; ++i) acc[i][j] += a[i] * b[j];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
       }
     }
     __syncthreads();
@@ -232,13 +271,24 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(Problem p) {
   }
 }
 
-template <typename Acc, typename Problem>
+// flag = 1 when some value is inf or NaN (x - x is 0 for every finite x).
+template <typename T>
+__global__ void flag_nonfinite(const T* values, int64_t count, int* flag) {
+  using Acc = at::opmath_type<T>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const Acc v = static_cast<Acc>(values[i]);
+    if (!(v - v == Acc(0))) *flag = 1;
+  }
+}
+
+template <typename Acc, typename Problem, bool kExact = false>
 void launch(const Problem& p, int64_t grid_z, cudaStream_t stream) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t tiles_n = (p.N + kTileN - 1) / kTileN;
   const int64_t tiles_m = (p.M + kTileM - 1) / kTileM;
-  cuda::launch<implicit_gemm<Acc, Problem>>(cuda::Dims(tiles_n, tiles_m, grid_z), kThreads, 0,
-                                            stream, p);
+  cuda::launch<implicit_gemm<Acc, Problem, kExact>>(cuda::Dims(tiles_n, tiles_m, grid_z),
+                                                    kThreads, 0, stream, p);
 }
 
 template <typename T, typename Acc>
@@ -333,9 +383,14 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_input", [&] {
     using Acc = at::opmath_type<scalar_t>;
+    at::Tensor nonfinite = at::zeros({1}, weight.options().dtype(at::kInt));
+    cuda::launch<flag_nonfinite<scalar_t>>(blocks_for(weight.numel()), kThreads, 0, stream,
+                                           weight.const_data_ptr<scalar_t>(), weight.numel(),
+                                           nonfinite.mutable_data_ptr<int>());
     GradInputProblem<scalar_t, Acc> p{grad_output.const_data_ptr<scalar_t>(),
                                       weight.const_data_ptr<scalar_t>(),
                                       grad_input.mutable_data_ptr<scalar_t>(),
+                                      nonfinite.const_data_ptr<int>(),
                                       strides_of(grad_output),
                                       strides_of(grad_input),
                                       g,
@@ -343,6 +398,7 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                                       g.batch * g.h.in_size * g.w.in_size,
                                       g.out_per_group() * g.taps()};
     launch<Acc>(p, g.groups, stream);
+    launch<Acc, decltype(p), /*kExact=*/true>(p, g.groups, stream);
   });
 }
 

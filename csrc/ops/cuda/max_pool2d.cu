@@ -10,6 +10,8 @@
 // a fixed order, so results are deterministic. Saved for backward: indices.
 // Half and bfloat16 accumulate gradients in float. Indices outside the input
 // plane match no input element and are ignored (the CPU kernel rejects them).
+// A window that covers only padding yields -inf and native's index for it,
+// and its gradient reaches no input element (as on the CPU).
 #include "ops/max_pool2d.h"
 
 #include "common/cuda_launch.cuh"
@@ -69,7 +71,7 @@ __global__ void forward_kernel_impl(const T* __restrict__ in, T* __restrict__ ou
     window_taps(g.h, oh, h0, h1);
     window_taps(g.w, ow, w0, w1);
     acc_t best = -INFINITY;
-    int64_t best_at = h0 * g.w.in_size + w0;
+    int64_t best_at = empty_window_index(h0, w0, g.w.in_size);
     for (int64_t h = h0; h < h1; h += g.h.dilation) {
       for (int64_t w = w0; w < w1; w += g.w.dilation) {
         const acc_t v = static_cast<acc_t>(in[src.offset(n, c, h, w)]);
@@ -103,7 +105,11 @@ __global__ void backward_kernel_impl(const T* __restrict__ grad_out,
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       for (int64_t ow = ow0; ow < ow1; ++ow) {
         const int64_t o = dst.offset(n, c, oh, ow);
-        if (idx[o] == me) sum += static_cast<acc_t>(grad_out[o]);
+        // A window of only padding reports an index that may name this
+        // element without having read it: it sends no gradient.
+        if (idx[o] == me && window_reads_input(g.h, oh) && window_reads_input(g.w, ow)) {
+          sum += static_cast<acc_t>(grad_out[o]);
+        }
       }
     }
     grad_in[e] = static_cast<T>(sum);

@@ -194,6 +194,44 @@ register_autograd("handgrad::conv2d_grad_bias", _grad_bias_backward, _setup_grad
                   _grad_bias_jvp)
 
 
+# torch.autocast: native conv2d is a lower-precision op (CPU and CUDA), so
+# inside an autocast region its floating-point operands other than float64
+# are cast to the region's dtype (bfloat16 or float16) and it runs there.
+# handgrad's conv2d does the same: its CPU kernels compute float16/bfloat16
+# in float32 and round once, its CUDA kernels accumulate in float32. The
+# casts are ordinary differentiable ops, so gradients reach the float32
+# parameters as with native conv2d.
+_AUTOCAST_LIB = torch.library.Library("handgrad", "IMPL")
+
+
+def _autocast_cast(value, device_type, dtype):
+    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.dtype != torch.float64 and value.device.type == device_type):
+        return value.to(dtype)
+    return value
+
+
+def _register_autocast(device_type):
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = torch.ops.handgrad.conv2d.default
+
+    def run(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(_autocast_cast(a, device_type, dtype) for a in args))
+
+    # The Python kernel serves torch.compile's tracing, the dispatcher one eager calls.
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key, None)
+    op.py_impl(key)(run)
+    _AUTOCAST_LIB.impl("conv2d", lambda _keyset, *args: run(*args), key_name, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
+
 def _resolve_padding(padding, weight, stride, dilation):
     """padding as (top, bottom, left, right), the way F.conv2d reads it."""
     if isinstance(padding, str):

@@ -19,10 +19,17 @@ __all__ = ["max_pool2d"]
 
 def _pooled_size(size, kernel, stride, pad, dilation, ceil_mode):
     span = dilation * (kernel - 1) + 1
-    out = (size + 2 * pad - span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
+    if not ceil_mode:
+        return (size + 2 * pad - span) // stride + 1
+    # Ceil mode counts the windows o with o * stride < room + stride (room =
+    # size + 2 pad - span: ceil(room / stride) + 1 of them) whose start
+    # o * stride - pad lies left of the input's end (native's correction
+    # drops a last window that would start in the right padding): o * stride
+    # < size + pad + min(0, stride + pad - span). One expression in the size
+    # instead of native's branch on it, so a symbolic size gets no guard on
+    # its parity (no recompilation between odd and even sizes). Equal to
+    # native's formula for every pad <= span / 2 (which the op checks).
+    return (size + pad + min(0, stride + pad - span) + stride - 1) // stride
 
 
 def _layout(t):
