@@ -2,6 +2,7 @@
 instead of returning a result (the op kernels' emulated runs rely on both)."""
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,11 @@ def test_block_reduction_and_a_missing_barrier():
     # Without the barrier, a thread reads its partner's slot before the
     # partner wrote it: the poisoned shared memory makes that visible. Blocks
     # alternate the order their threads run in, so one of two blocks fails.
+    if "libtsan" in os.environ.get("LD_PRELOAD", ""):
+        # ThreadSanitizer reports this race and halts (tools/emulation_build.py
+        # tsan-check asserts exactly that); the poisoned values are its
+        # uninstrumented counterpart.
+        return
     broken = run("block_sum", 1, 2)
     assert any(math.isnan(v) for v in broken)
 

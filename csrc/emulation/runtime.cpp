@@ -186,7 +186,8 @@ struct Runner {
   void* scheduler_tsan_fiber = nullptr;
   const void* scheduler_stack_bottom = nullptr;  // ASan's view of the host stack
   size_t scheduler_stack_size = 0;
-  char launch_token = 0;   // happens-before: host -> threads -> host
+  char launch_token = 0;   // happens-before: host -> threads
+  char retire_token = 0;   // happens-before: threads -> host (block end, launch end)
   char block_token = 0;    // __syncthreads
   std::array<char, 32> warp_tokens{};
 };
@@ -217,6 +218,10 @@ int linear_of(uint3 idx, dim3 block) {
 void switch_to_scheduler(Runner& r) {
   EmuThread& t = *r.current;
   void* fake_stack = nullptr;
+  // Whatever a thread did so far happens before the host's next step once
+  // its block retires, also for threads a failing launch never resumes.
+  // Threads never acquire this token, so it adds no edge between them.
+  if (__tsan_release) __tsan_release(&r.retire_token);
   if (__tsan_switch_to_fiber) __tsan_switch_to_fiber(r.scheduler_tsan_fiber, 1);
   if (__sanitizer_start_switch_fiber) {
     __sanitizer_start_switch_fiber(t.wait == Wait::kDone ? nullptr : &fake_stack,
@@ -287,7 +292,6 @@ void fiber_main(void*) {
   } catch (...) {
     fail(r, cudaErrorLaunchFailure, "device code threw an exception");
   }
-  if (__tsan_release) __tsan_release(&r.launch_token);
   finish_thread(r);
 }
 
@@ -451,6 +455,7 @@ bool shared_guard_intact(const Runner& r) {
 void run_block(Runner& r, uint3 block, bool reverse) {
   blockIdx = block;
   poison_shared(r);
+  if (__tsan_release) __tsan_release(&r.launch_token);  // the host's setup of this block
   const dim3 dims = r.request->block;
   const int n = r.thread_count;
   for (int i = 0; i < n; ++i) {
@@ -477,6 +482,9 @@ void run_block(Runner& r, uint3 block, bool reverse) {
     if (!r.failed && !ran && !released) report_deadlock(r);
   }
   if (tsan_active()) {
+    // The block retires: its threads' writes (to shared memory too, which
+    // the next block's poisoning overwrites) happen before what follows.
+    __tsan_acquire(&r.retire_token);
     for (EmuThread& t : r.threads) __tsan_destroy_fiber(t.tsan_fiber);
   }
   if (!r.failed && !shared_guard_intact(r)) {
@@ -549,7 +557,7 @@ void launch(const LaunchRequest& request) {
       }
     }
   }
-  if (__tsan_acquire) __tsan_acquire(&r.launch_token);
+  if (__tsan_acquire) __tsan_acquire(&r.retire_token);
   g_runner = nullptr;
   threadIdx = saved_thread;
   blockIdx = saved_block;
