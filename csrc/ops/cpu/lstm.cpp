@@ -222,9 +222,14 @@ bool step_forward_cpu(at::Tensor& gates, const at::Tensor& a, const void* w_pack
   const float* c = c_prev.data_ptr<float>();
   float* cn = c_new.data_ptr<float>();
   float* hn = h_new.data_ptr<float>();
+  // h_copy may have fewer rows than the step (in a packed batch the next
+  // step continues only the first sequences): rows past it are not copied.
+  const int64_t copied = h_copy.defined() ? h_copy.size(0) : 0;
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     cpu_gemm::matmul_serial(b1 - b0, ap + b0 * lda, lda, w, g + b0 * 4 * H, 4 * H, accumulate);
-    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H, hc, ldh);
+    const int64_t split = std::clamp(copied, b0, b1);
+    if (split > b0) forward_rows(bih, bhh, g, c, cn, hn, b0, split, H, hc, ldh);
+    if (b1 > split) forward_rows(bih, bhh, g, c, cn, hn, split, b1, H);
   });
   return true;
 }
@@ -257,7 +262,8 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     // Reads rows b0..b1 of dh_b before the product below overwrites them.
     backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
-    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * H, H, false);
+    // dh_prev has w_hh's width: H, or the projection size.
+    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * w_hh.N, w_hh.N, false);
     if (gx) {
       cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, *w_ih, gx + b0 * w_ih->N, w_ih->N,
                               false);
@@ -296,21 +302,24 @@ lstm_cell_backward_cpu(const c10::optional<at::Tensor>& grad_hy,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, bool reverse, const c10::optional<at::Tensor>& w_hr,
+    c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer");
-  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kCpuKernels);
+  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr, batch_sizes,
+                       kCpuKernels);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                         const c10::optional<at::Tensor>& grad_hT,
                         const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
                         const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
-                        const at::Tensor& cells, bool reverse, bool input_grad) {
+                        const at::Tensor& cells, bool reverse, bool input_grad,
+    const c10::optional<at::Tensor>& w_hr, c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer_backward");
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
-                        cells, reverse, input_grad, kCpuKernels);
+                        cells, reverse, input_grad, w_hr, batch_sizes, kCpuKernels);
 }
 
 }  // namespace
