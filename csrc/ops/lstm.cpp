@@ -19,6 +19,24 @@
 // dgates_t W_hh, grad_input_t = dgates_t W_ih, and the weight and bias
 // gradients, accumulated as [h_{t-1} | x_t | 1]^T dgates_t (the last row,
 // from the column of ones, is the bias gradient).
+//
+// Packed sequences (a PackedSequence's data, batch_sizes) keep their layout:
+// the rows of step t are its first batch_sizes[t] sequences (sorted longest
+// first), so a step computes only the sequences still running and no padding
+// row exists anywhere. A sequence's state carries over in its own row; in the
+// reverse direction a sequence starts (from its row of h0, c0) at its own last
+// step, and each sequence's final state is taken at the last step it runs. A
+// padded (T, B, I) input is the case batch_sizes = [B] * T. Backward keeps one
+// (B, .) buffer for dh and one for dc, updated in place over each step's rows:
+// a sequence's rows start from grad_hT, grad_cT and end as grad_h0, grad_c0.
+//
+// Projection (proj_size P, torch.nn.LSTM's weight_hr): h_t = W_hr m_t with
+// m_t = o_t * tanh(c_t); the pointwise pass writes m_t and one more (rows, H)
+// x (H, P) product per step gives h_t, the state the next step's product reads
+// (W_hh is (4H, P)). Gradient: with dh_t all that reaches h_t (output, the
+// next step's dz W_hh, h_n), dm_t = dh_t W_hr enters the pointwise backward
+// where dh_t does without a projection, and grad_W_hr = sum_t dh_t^T m_t,
+// m_t recomputed from the saved o_t and c_t.
 #include "ops/lstm.h"
 
 #include "common/checks.h"

@@ -14,6 +14,12 @@
 // code of ops/lstm.h, shared with the CPU kernels. float16 / bfloat16 compute
 // in float32; float64 in float64.
 //
+// Projection (proj_size) and packed sequences run in the shared driver
+// (ops/lstm.cpp, where the projection's gradient is derived): h = W_hr m with
+// m = o tanh(c') written by the forward kernel, and dm = dh W_hr fed to the
+// backward kernel; a packed step launches on its own rows only. Verified
+// through the host CUDA emulation build (tests/test_lstm_packed.py).
+//
 // Speed: not measured: no GPU here.
 #include "ops/lstm.h"
 
