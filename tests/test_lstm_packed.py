@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence
 
 import handgrad
+from helpers import assert_script_prints_ok, runs_cuda_kernels
 
 F64 = dict(atol=1e-10, rtol=1e-8)
 # float32: the products and the sums over rows and steps run in another order than native's.
@@ -114,6 +115,56 @@ def test_packed_layer_computes_only_valid_steps(device):
             x, h0, c0, w[0], w[1], None, None, reverse, w[2], batch_sizes)
         assert out.shape == (10, 2) and gates.shape == (10, 12) and cells.shape == (10, 3)
         assert hT.shape == (3, 2) and cT.shape == (3, 3)
+
+
+_BASELINE_SCRIPT = """
+import torch, handgrad
+from torch.nn.utils.rnn import pack_sequence
+torch.manual_seed(0)
+for H, P in ((16, 0), (13, 5)):  # vector rows only; and a projection with scalar tails
+    ref = torch.nn.LSTM(7, H, num_layers=2, bidirectional=True, proj_size=P)
+    mine = handgrad.nn.LSTM(7, H, num_layers=2, bidirectional=True, proj_size=P)
+    mine.load_state_dict(ref.state_dict())
+    packed = pack_sequence([torch.randn(n, 7) for n in (3, 8, 1, 5)], enforce_sorted=False)
+    results = []
+    for m in (mine, ref):
+        data = packed.data.clone().requires_grad_()
+        seq = torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                                packed.unsorted_indices)
+        out, (h, c) = m(seq)
+        g = torch.autograd.grad(out.data.sin().sum() + c.sum(), [data, *m.parameters()])
+        results.append([out.data, h, c, *g])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_packed_and_proj_on_baseline_cpu_kernels():
+    # HANDGRAD_CPU_AVX512=0: the baseline (AVX2) pointwise kernels and at::mm
+    # instead of the fused AVX-512 steps (test_lstm.py's baseline test).
+    assert_script_prints_ok(_BASELINE_SCRIPT, HANDGRAD_CPU_AVX512="0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_proj_reduced_precision_on_cuda(device, dtype):
+    if not runs_cuda_kernels(device):
+        pytest.skip("float16 / bfloat16 kernels are CUDA only (the CPU raises TypeError)")
+    native = nn.LSTM(8, 16, num_layers=2, bidirectional=True, proj_size=4, device=device)
+    mine = handgrad.nn.LSTM(8, 16, num_layers=2, bidirectional=True, proj_size=4,
+                            device=device)
+    mine.load_state_dict(native.state_dict())
+    packed = pack_sequence([torch.randn(n, 8, device=device) for n in (5, 2, 6)],
+                           enforce_sorted=False)
+    ref, _ = native(packed)  # float32 reference
+    mine = mine.to(dtype)
+    out, (h, c) = mine(PackedSequence(packed.data.to(dtype), packed.batch_sizes,
+                                      packed.sorted_indices, packed.unsorted_indices))
+    assert out.data.dtype == dtype
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(out.data.float(), ref.data, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(out.data.float().sum(), list(mine.parameters()))
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
 
 
 PROJ_GRID = list(itertools.product([1, 2], [False, True], [False, True], [False, True]))
