@@ -7,11 +7,15 @@ differentiable ops:
   the activated [i | f | g | o] gates saved for backward;
 * ``handgrad::lstm_layer`` -- one direction of one layer over a whole (T, B, I)
   sequence, the time loop in C++: returns (output, hT, cT, gates, cells), the
-  last two (all activated gates and cell states) saved for backward.
+  last two (all activated gates and cell states) saved for backward. Optional
+  ``w_hr`` (proj_size: h_t = W_hr (o_t * tanh(c_t))) and ``batch_sizes`` (the
+  input is then a PackedSequence's (N, I) data, and every output is packed
+  the same way; each step computes only the sequences still running).
 
 Their backward ops (``lstm_cell_backward``, ``lstm_layer_backward``) return
 the gradients of the input, of both states, of both weights, and one bias
-gradient (the same for b_ih and b_hh). ``lstm_layer_backward`` skips the
+gradient (the same for b_ih and b_hh); ``lstm_layer_backward`` also returns
+grad_w_hr (an empty placeholder without w_hr). ``lstm_layer_backward`` skips the
 input gradient (returning an empty placeholder) when input_grad=False, the
 usual case for the first layer, whose input is data.
 
