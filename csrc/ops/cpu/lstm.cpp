@@ -50,8 +50,9 @@
 // Peak memory of the layer: 36% (1 layer) to 40% (2 layers) of native's.
 // Packed (bench_lstm.py --cases packed --threads 1, B64, lengths 5..100, 2
 // bidirectional layers, I28 H128; native's packed path is not oneDNN's):
-// forward+backward 4.8x native, forward alone 1.38x (AMD EPYC, 1 thread,
-// medians of 15 interleaved runs, wall clock).
+// forward+backward 4.0x / 4.8x native in two runs, forward alone 1.35x /
+// 1.38x, backward alone 6.6x (AMD EPYC, 1 thread, load average ~13 on 2
+// cores, medians of 15-21 interleaved runs, wall clock).
 // On the quiet machine, 2 threads, wall clock (`python benchmarks/run.py
 // --threads 2 --reps 15 --max-seconds 6 --modes fwdbwd`): cells 1.63x / 1.87x,
 // layer 1.20x (1 layer), 1.13x (2 layers), 1.57x (2 bidirectional layers).
