@@ -68,14 +68,20 @@ def test_patched_model_matches_the_unpatched_one():
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_unsupported_configurations_stay_native_and_are_reported():
+def test_unsupported_configurations_stay_native_and_are_reported(monkeypatch):
+    # No drop-in refuses a configuration any more (LSTM's proj_size and
+    # PackedSequence were the last); the mechanism, with a reason of our own.
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LSTM(4, 4, proj_size=2), nn.MaxPool2d(2))
+    handgrad.patch(copy.deepcopy(model), strict=True)
+    monkeypatch.setattr(handgrad.nn.LSTM, "handgrad_unsupported_reason",
+                        classmethod(lambda cls, m: "proj_size %d refused" % m.proj_size),
+                        raising=False)
     with pytest.warns(UserWarning, match=r"left 1 module\(s\) native"):
         handgrad.patch(model)
     assert type(model[1]) is nn.LSTM
     assert type(model[0]).__module__.startswith("handgrad.nn")
     (name, cls, reason), = model.handgrad_patch_report
-    assert name == "1" and cls == "LSTM" and "proj_size" in reason
+    assert name == "1" and cls == "LSTM" and reason == "proj_size 2 refused"
     with pytest.raises(ValueError, match="proj_size"):
         handgrad.patch(nn.Sequential(nn.LSTM(4, 4, proj_size=2)), strict=True)
 

@@ -102,6 +102,8 @@ HG_HOST_DEVICE void backward_unit(const T* dh_a, const T* dh_b, const T* dc, con
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/OptionalArrayRef.h>
+
 #include <memory>
 #include <tuple>
 
@@ -164,19 +166,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& gates, const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh, const Kernels& k);
 
+// One direction of one layer. Padded: input (T, B, I), batch_sizes absent.
+// Packed (a PackedSequence's data): input (N, I) with batch_sizes (T), the
+// rows of step t being the first batch_sizes[t] sequences. w_hr (P, H), when
+// defined, projects every hidden state: h_t = W_hr (o_t * tanh(c_t)), and
+// h0, hT, output then have P columns instead of H.
 // (output, hT, cT, gates, cells)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, bool reverse, const Kernels& k);
+    const c10::optional<at::Tensor>& b_hh, bool reverse, const c10::optional<at::Tensor>& w_hr,
+    c10::OptionalIntArrayRef batch_sizes, const Kernels& k);
 
-// (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward(
-    const c10::optional<at::Tensor>& grad_output, const c10::optional<at::Tensor>& grad_hT,
-    const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-    bool input_grad, const Kernels& k);
+// (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_w_hr); grad_w_hr is an
+// empty placeholder without a projection.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_backward(const c10::optional<at::Tensor>& grad_output,
+               const c10::optional<at::Tensor>& grad_hT, const c10::optional<at::Tensor>& grad_cT,
+               const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+               const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+               const at::Tensor& gates, const at::Tensor& cells, bool reverse, bool input_grad,
+               const c10::optional<at::Tensor>& w_hr, c10::OptionalIntArrayRef batch_sizes,
+               const Kernels& k);
 
 }  // namespace lstm
 }  // namespace handgrad

@@ -48,7 +48,8 @@ def patch(model: torch.nn.Module, strict: bool = False) -> torch.nn.Module:
         model: any torch.nn.Module, on any device (the drop-ins run where the
             model's tensors are: handgrad's CPU kernels, or its CUDA kernels).
         strict: raise ValueError instead of warning when a module's
-            configuration is unsupported (e.g. an LSTM with ``proj_size``).
+            configuration is unsupported (a drop-in's
+            ``handgrad_unsupported_reason``; none refuses one at present).
 
     Returns:
         The same model object. Modules left native are listed, with the

@@ -29,7 +29,8 @@ int main() {
                    .findSchemaOrThrow("handgrad::lstm_layer", "")
                    .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, const Opt&, const Opt&, bool)>();
+                       const at::Tensor&, const Opt&, const Opt&, bool, const Opt&,
+                       c10::OptionalIntArrayRef)>();
 
   at::manual_seed(0);
   const int64_t T = 5, B = 3, I = 4, H = 6;
@@ -44,7 +45,8 @@ int main() {
 
   const at::Tensor seq = at::randn({T, B, I});
   for (bool reverse : {false, true}) {
-    auto [out, hT, cT, g, cells] = layer.call(seq, h, c, w_ih, w_hh, b_ih, b_hh, reverse);
+    auto [out, hT, cT, g, cells] =
+        layer.call(seq, h, c, w_ih, w_hh, b_ih, b_hh, reverse, Opt(), c10::nullopt);
     // ATen's one-layer bidirectional LSTM computes the reverse direction too;
     // with the same weights for both directions its halves are the references.
     auto [out_ref, hn_ref, cn_ref] =

@@ -16,6 +16,13 @@
 // gradient through matrix products; the bias gradient is its column sum (the
 // cell) or the ones-column row of the weight-gradient product (the layer).
 //
+// Projection (proj_size): the pointwise pass writes m = o tanh(c') and the
+// driver's product h = m W_hr^T follows; backward, dm = dh W_hr feeds the
+// same pointwise backward and grad_W_hr = sum_t dh_t^T m_t (derivation in
+// ops/lstm.cpp). Packed sequences: each step runs on its own rows only (the
+// fused step copies h_t into the next step's operand rows for the sequences
+// that continue).
+//
 // float32 rows run vectorized (lstm_rows.inc: AVX2, or AVX-512 when the CPU
 // has it; tanh and sigmoid through e^x); float64 and
 // the vector tails use the scalar unit helpers of ops/lstm.h. Inside the
@@ -41,6 +48,11 @@
 // (wall clock), gave the layer 1.13-1.37x / 1.09-1.17x in its quieter runs
 // and single runs as far off as 0.79x / 1.9x when the other load shifted.
 // Peak memory of the layer: 36% (1 layer) to 40% (2 layers) of native's.
+// Packed (bench_lstm.py --cases packed --threads 1, B64, lengths 5..100, 2
+// bidirectional layers, I28 H128; native's packed path is not oneDNN's):
+// forward+backward 4.0x / 4.8x native in two runs, forward alone 1.35x /
+// 1.38x, backward alone 6.6x (AMD EPYC, 1 thread, load average ~13 on 2
+// cores, medians of 15-21 interleaved runs, wall clock).
 // On the quiet machine, 2 threads, wall clock (`python benchmarks/run.py
 // --threads 2 --reps 15 --max-seconds 6 --modes fwdbwd`): cells 1.63x / 1.87x,
 // layer 1.20x (1 layer), 1.13x (2 layers), 1.57x (2 bidirectional layers).
@@ -222,9 +234,14 @@ bool step_forward_cpu(at::Tensor& gates, const at::Tensor& a, const void* w_pack
   const float* c = c_prev.data_ptr<float>();
   float* cn = c_new.data_ptr<float>();
   float* hn = h_new.data_ptr<float>();
+  // h_copy may have fewer rows than the step (in a packed batch the next
+  // step continues only the first sequences): rows past it are not copied.
+  const int64_t copied = h_copy.defined() ? h_copy.size(0) : 0;
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     cpu_gemm::matmul_serial(b1 - b0, ap + b0 * lda, lda, w, g + b0 * 4 * H, 4 * H, accumulate);
-    forward_rows(bih, bhh, g, c, cn, hn, b0, b1, H, hc, ldh);
+    const int64_t split = std::clamp(copied, b0, b1);
+    if (split > b0) forward_rows(bih, bhh, g, c, cn, hn, b0, split, H, hc, ldh);
+    if (b1 > split) forward_rows(bih, bhh, g, c, cn, hn, split, b1, H);
   });
   return true;
 }
@@ -257,7 +274,8 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     // Reads rows b0..b1 of dh_b before the product below overwrites them.
     backward_rows(pa, pb, pc, g, c, cn, dg, dcp, b0, b1, H, ldg);
-    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * H, H, false);
+    // dh_prev has w_hh's width: H, or the projection size.
+    cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, w_hh, dh + b0 * w_hh.N, w_hh.N, false);
     if (gx) {
       cpu_gemm::matmul_serial(b1 - b0, dg + b0 * ldg, ldg, *w_ih, gx + b0 * w_ih->N, w_ih->N,
                               false);
@@ -296,21 +314,24 @@ lstm_cell_backward_cpu(const c10::optional<at::Tensor>& grad_hy,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, bool reverse, const c10::optional<at::Tensor>& w_hr,
+    c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer");
-  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kCpuKernels);
+  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr, batch_sizes,
+                       kCpuKernels);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                         const c10::optional<at::Tensor>& grad_hT,
                         const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
                         const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
-                        const at::Tensor& cells, bool reverse, bool input_grad) {
+                        const at::Tensor& cells, bool reverse, bool input_grad,
+    const c10::optional<at::Tensor>& w_hr, c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer_backward");
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
-                        cells, reverse, input_grad, kCpuKernels);
+                        cells, reverse, input_grad, w_hr, batch_sizes, kCpuKernels);
 }
 
 }  // namespace

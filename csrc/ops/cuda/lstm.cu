@@ -14,6 +14,12 @@
 // code of ops/lstm.h, shared with the CPU kernels. float16 / bfloat16 compute
 // in float32; float64 in float64.
 //
+// Projection (proj_size) and packed sequences run in the shared driver
+// (ops/lstm.cpp, where the projection's gradient is derived): h = W_hr m with
+// m = o tanh(c') written by the forward kernel, and dm = dh W_hr fed to the
+// backward kernel; a packed step launches on its own rows only. Verified
+// through the host CUDA emulation build (tests/test_lstm_packed.py).
+//
 // Speed: not measured: no GPU here.
 #include "ops/lstm.h"
 
@@ -151,21 +157,24 @@ lstm_cell_backward_cuda(const c10::optional<at::Tensor>& grad_hy,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, bool reverse) {
+    const c10::optional<at::Tensor>& b_hh, bool reverse, const c10::optional<at::Tensor>& w_hr,
+    c10::OptionalIntArrayRef batch_sizes) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, kCudaKernels);
+  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr, batch_sizes,
+                       kCudaKernels);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cuda(const c10::optional<at::Tensor>& grad_output,
                          const c10::optional<at::Tensor>& grad_hT,
                          const c10::optional<at::Tensor>& grad_cT, const at::Tensor& input,
                          const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& gates,
-                         const at::Tensor& cells, bool reverse, bool input_grad) {
+                         const at::Tensor& cells, bool reverse, bool input_grad,
+    const c10::optional<at::Tensor>& w_hr, c10::OptionalIntArrayRef batch_sizes) {
   const c10::cuda::CUDAGuard guard(input.device());
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
-                        cells, reverse, input_grad, kCudaKernels);
+                        cells, reverse, input_grad, w_hr, batch_sizes, kCudaKernels);
 }
 
 }  // namespace

@@ -406,32 +406,54 @@ register_autograd("handgrad::lstm_cell_backward", _cell_backward_backward,
                   _cell_backward_setup_context, _cell_backward_jvp)
 
 
+def _unsupported_variant(what, w_hr, batch_sizes):
+    """The formulas composed here cover the plain padded layer; its projected
+    (proj_size) and packed (PackedSequence) variants have first-order reverse
+    mode only (the C++ backward op). Anything else raises instead of
+    returning a wrong answer."""
+    variants = []
+    if w_hr is not None:
+        variants.append("a projection (proj_size > 0)")
+    if batch_sizes is not None:
+        variants.append("packed sequences (PackedSequence / batch_sizes)")
+    if variants:
+        raise NotImplementedError(
+            "handgrad.ops.lstm_layer: %s is not implemented for LSTM layers with %s; "
+            "first-order backward is" % (what, " and ".join(variants)))
+
+
 def _layer_setup_context(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr, batch_sizes = inputs
     out, _, _, gates, cells = output
     ctx.reverse = bool(reverse)
+    ctx.batch_sizes = batch_sizes
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, out, gates, cells)
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, out, gates, cells, w_hr)
 
 
 def _layer_backward(ctx, grad_output, grad_hT, grad_cT, grad_gates, grad_cells):
     needs = ctx.needs_input_grad
     if all(g is None for g in (grad_output, grad_hT, grad_cT, grad_gates, grad_cells)):
-        return (None,) * 8
-    input, h0, c0, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
+        return (None,) * 10
+    input, h0, c0, w_ih, w_hh, out, gates, cells, w_hr = ctx.saved_tensors
     if grad_gates is None and grad_cells is None:
         grads = OPS.lstm_layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh,
-                                        out, gates, cells, ctx.reverse, needs[0])
+                                        out, gates, cells, ctx.reverse, needs[0], w_hr,
+                                        ctx.batch_sizes)
     else:
         # Only a second differentiation reaches the gates and cells.
+        _unsupported_variant("double backward", w_hr, ctx.batch_sizes)
         grads = _sequence_backward(grad_output, grad_hT, grad_cT, grad_gates, grad_cells, input,
                                    h0, c0, w_ih, w_hh, out, gates, cells, ctx.reverse)
     g_b_ih, g_b_hh = _bias_grads(grads[5], needs[5], needs[6])
-    return (*(g if n else None for g, n in zip(grads[:5], needs)), g_b_ih, g_b_hh, None)
+    g_w_hr = grads[6] if w_hr is not None and needs[8] else None
+    return (*(g if n else None for g, n in zip(grads[:5], needs)), g_b_ih, g_b_hh, None, g_w_hr,
+            None)
 
 
-def _layer_jvp(ctx, inputs, t_x, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, _):
-    input, h0, c0, w_ih, w_hh, _, _, reverse = inputs
+def _layer_jvp(ctx, inputs, t_x, t_h0, t_c0, t_w_ih, t_w_hh, t_b_ih, t_b_hh, _, t_w_hr, __):
+    input, h0, c0, w_ih, w_hh, _, _, reverse, w_hr, batch_sizes = inputs
+    _unsupported_variant("forward-mode AD", w_hr, batch_sizes)
     out, _, _, gates, cells = ctx.outputs
     return _sequence_tangent(input, h0, c0, w_ih, w_hh, out, gates, cells, bool(reverse), t_x,
                              t_h0, t_c0, t_w_ih, t_w_hh, _bias_tangent(t_b_ih, t_b_hh))
@@ -441,25 +463,30 @@ register_autograd("handgrad::lstm_layer", _layer_backward, _layer_setup_context,
 
 
 def _layer_backward_setup_context(ctx, inputs, output):
-    *tensors, reverse, input_grad = inputs
+    tensors, (reverse, input_grad, w_hr, batch_sizes) = inputs[:11], inputs[11:]
     ctx.reverse = bool(reverse)
     ctx.input_grad = bool(input_grad)
+    ctx.w_hr_given = w_hr is not None
+    ctx.batch_sizes = batch_sizes
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors)
 
 
-def _layer_backward_backward(ctx, g_x, g_h0, g_c0, g_w_ih, g_w_hh, g_b):
+def _layer_backward_backward(ctx, g_x, g_h0, g_c0, g_w_ih, g_w_hh, g_b, g_w_hr=None):
+    _unsupported_variant("double backward", True if ctx.w_hr_given else None, ctx.batch_sizes)
     # Without input_grad, grad_input is an empty placeholder: nothing flows back through it.
     g_x = g_x if ctx.input_grad else None
     return (*_sequence_backward_adjoint(ctx.needs_input_grad[:11], *ctx.saved_tensors,
                                         ctx.reverse, g_x, g_h0, g_c0, g_w_ih, g_w_hh, g_b),
-            None, None)
+            None, None, None, None)
 
 
 def _layer_backward_jvp(ctx, inputs, *tangents):
-    *tensors, reverse, input_grad = inputs
+    tensors, (reverse, input_grad, w_hr, batch_sizes) = inputs[:11], inputs[11:]
+    _unsupported_variant("forward-mode AD of the backward", w_hr, batch_sizes)
     t_gx, *rest = _sequence_backward_tangent(*tensors, bool(reverse), *tangents[:11])
-    return (t_gx if input_grad else None, *rest)
+    # grad_w_hr: an empty placeholder without a projection.
+    return (t_gx if input_grad else None, *rest, None)
 
 
 register_autograd("handgrad::lstm_layer_backward", _layer_backward_backward,
