@@ -50,7 +50,10 @@ def main():
         config = TrainConfig(model=name, data_root=args.data_root, epochs=args.epochs,
                              batch_size=args.batch_size, out=os.path.join(args.out, name),
                              limit=args.limit, threads=1, progress=False, device="cpu")
-        Run(config).fit()
+        run = Run(config)
+        if run.share.is_main:  # the weights before training, to measure how far they moved
+            torch.save(run.model.state_dict(), os.path.join(config.out, "initial.pt"))
+        run.fit()
     if dist.is_initialized():
         dist.destroy_process_group()
 

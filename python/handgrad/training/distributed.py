@@ -148,14 +148,32 @@ def repeated_images(n: int, share: Share) -> int:
     return (-n) % share.world_size
 
 
+class _SummedOverProcesses(torch.autograd.Function):
+    """all_reduce(SUM) as a differentiable function: the gradient of a sum over the
+    processes with respect to each process's term is the sum of the processes'
+    gradients, so backward is all_reduce(SUM) too."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        summed = tensor.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad):
+        summed = grad.clone()
+        dist.all_reduce(summed)
+        return summed
+
+
 class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics are those of the batch of all processes,
     for CPU tensors (torch.nn.SyncBatchNorm runs on accelerators only).
 
     The per-channel sum and count, then the sum of squared deviations, are summed
-    over the processes with torch.distributed.nn.functional.all_reduce, whose
-    backward sums the gradients over the processes, so autograd differentiates
-    through the global statistics. In eval mode, or alone, it is BatchNorm. The
+    over the processes by a differentiable all_reduce (_SummedOverProcesses), so
+    autograd differentiates through the global statistics, as torch's
+    SyncBatchNorm does on GPUs. In eval mode, or alone, it is BatchNorm. The
     state dict is BatchNorm's, so checkpoints load into either.
     """
 
@@ -168,8 +186,7 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _SummedOverProcesses.apply
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
         shape = [1, channels] + [1] * (input.dim() - 2)
