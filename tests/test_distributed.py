@@ -236,7 +236,11 @@ def test_a_killed_process_ends_the_run_and_resume_finishes_it(data_root, one_pro
                     "--epochs", "2", *LENET, expect=None, timeout=120,
                     env={"HANDGRAD_CRASH_AFTER_BATCHES": "9", "HANDGRAD_CRASH_RANK": "1"})
     assert proc.returncode != 0
-    assert "Signal 9 (SIGKILL)" in proc.stderr or "exitcode  : -9" in proc.stderr, proc.stderr
+    assert "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr
+    # Process 0 says why, unless torchrun's SIGTERM (sent as soon as it sees process 1
+    # die) reaches it before gloo's connection error does.
+    assert ("process 0 lost the other training processes" in proc.stderr
+            or "Signal 15 (SIGTERM) received" in proc.stderr), proc.stderr
     metrics, saved = load(out)
     assert saved["epoch"] == 1 and len(metrics["history"]) == 1
     assert not [f for f in os.listdir(out) if f.startswith(".")], "torn temporary files"

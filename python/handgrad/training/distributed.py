@@ -46,8 +46,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-# Raised by a collective whose peer died, timed out or closed the connection.
-LOST_PROCESS_ERRORS = (dist.DistError,) if dist.is_available() else ()
+# What gloo and NCCL say when a peer died, hung past the timeout or closed its connection;
+# DistributedDataParallel's backward re-raises them as plain RuntimeErrors.
+LOST_PEER_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out",
+                     "timed out", "NCCL communicator was aborted", "Socket Timeout")
 TIMEOUT_ENV = "HANDGRAD_DIST_TIMEOUT"  # seconds a collective waits for the other processes
 DEFAULT_TIMEOUT_S = 600
 
@@ -120,6 +122,15 @@ def start(share: Share, device: torch.device) -> bool:
                          "(%d of %d)" % (dist.get_rank(), dist.get_world_size(), share.rank,
                                          share.world_size))
     return True
+
+
+def lost_a_process(error: BaseException) -> bool:
+    """Whether `error` says that another training process is gone or stopped answering."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in LOST_PEER_MARKERS)
 
 
 def stop() -> None:
