@@ -171,7 +171,7 @@ class Run:
         c = self.config
         self.device = resolve_device(c.device, c.backend, self.share)
         self.rank_batch = distributed.batch_share(c.batch_size, self.share)
-        self.started_group = distributed.start(self.share, self.device)
+        distributed.start(self.share, self.device)  # `handgrad train` stops it at the end
         if self.share.distributed:
             self.recipe = copy.copy(self.recipe)
             self.recipe.share = self.share
@@ -445,12 +445,6 @@ class Run:
             # The others wait for the checkpoint: a process that fails later leaves it whole.
             distributed.barrier(self.share, self.device)
         return self.history
-
-    def close(self):
-        """Leaves the process group if this run started it."""
-        if self.started_group:
-            distributed.stop()
-            self.started_group = False
 
 
 def format_epoch(record, epochs):
