@@ -181,8 +181,14 @@ class Run:
         if c.threads:
             torch.set_num_threads(c.threads)
         _seed_everything(c.seed)
-        train_data = data.load(self.recipe.dataset, c.data_root, True, c.download, c.progress)
-        self.test_data = data.load(self.recipe.dataset, c.data_root, False, c.download, c.progress)
+        progress = c.progress and self.share.is_main
+        if not self.share.is_main:
+            # Rank 0 first: it decodes (or downloads) the data once and caches it for the rest.
+            distributed.barrier(self.share, self.device)
+        train_data = data.load(self.recipe.dataset, c.data_root, True, c.download, progress)
+        self.test_data = data.load(self.recipe.dataset, c.data_root, False, c.download, progress)
+        if self.share.is_main:
+            distributed.barrier(self.share, self.device)
         data.check_same_classes(train_data, self.test_data)
         self.train_data = train_data.subset(c.limit, c.seed) if c.limit else train_data
         self.model = models.apply_backend(self.recipe.build(), c.backend)
