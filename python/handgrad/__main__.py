@@ -25,7 +25,9 @@ def _parser():
     commands.add_parser("info", help="show how handgrad was built and what it can use now")
     add_train_arguments(commands.add_parser("train", help="train one of handgrad's models",
                                             description="Train a model on handgrad's ops "
-                                                        "(or natively, to compare)."))
+                                                        "(or natively, to compare); under "
+                                                        "torchrun, data-parallel on several "
+                                                        "processes (see docs/training.md)."))
     add_compare_arguments(commands.add_parser(
         "compare", help="plot one quantity of several training runs on one plot"))
     return parser

@@ -93,6 +93,19 @@ class GANRecipe(Recipe):
     def build(self):
         return GAN()
 
+    def distribute(self, model, wrap):
+        # The steps call the two networks separately: each is wrapped on its own.
+        return nn.ModuleDict({"generator": wrap(model.generator),
+                              "discriminator": wrap(model.discriminator)})
+
+    def _fakes(self, model, n):
+        """n generated images for this process's share of the batch. The noise of the
+        whole batch is drawn (alike on every process) and sliced, so N processes use
+        the noise that one process uses, and keep their random states equal."""
+        rank, world = self.share.rank, self.share.world_size
+        z = torch.randn(n * world, NOISE_DIM)[rank * n:(rank + 1) * n]
+        return model.generator(z.to(next(model.parameters()).device))
+
     def optimizers(self, model, lr):
         betas = (0.5, 0.999)
         return {"generator": torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas),
@@ -111,7 +124,7 @@ class GANRecipe(Recipe):
         n = len(x)
         d = model.discriminator
         with precision.autocast():
-            fake = model.sample(n)
+            fake = self._fakes(model, n)
             real_logits = d(x)
             fake_logits = d(fake.detach())
             d_loss = (ce(real_logits, self._targets(n, REAL, x))
@@ -122,7 +135,7 @@ class GANRecipe(Recipe):
         # A generator step after every d_steps discriminator steps of the epoch.
         if (step + 1) % self.d_steps == 0:
             with precision.autocast():
-                g_loss = ce(d(model.sample(n)), self._targets(n, REAL, x))
+                g_loss = ce(d(self._fakes(model, n)), self._targets(n, REAL, x))
             precision.step(g_loss, optimizers["generator"])
             out["g_loss"] = g_loss.item()
         return out

@@ -94,11 +94,20 @@ def _one_line(error):
     return text or type(error).__name__
 
 
+def _error_printer():
+    """Prints a one-line error; among torchrun's processes only rank 0 does, since
+    every process meets the same problem."""
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    return lambda message: None if quiet else print(message, file=sys.stderr)
+
+
 def run(args):
+    from . import distributed
     from .checkpoint import CheckpointError
     from .data import DataError
     from .trainer import Run, TrainConfig
 
+    error = _error_printer()
     try:
         validate(args)
         config = TrainConfig(model=args.model, data_root=args.data_root, epochs=args.epochs,
@@ -110,21 +119,28 @@ def run(args):
                              progress=not args.no_progress)
         Run(config).fit()
     except (ValueError, DataError, CheckpointError) as e:
-        print("handgrad train: error: %s" % _one_line(e), file=sys.stderr)
+        error("handgrad train: error: %s" % _one_line(e))
         return 2
     except OSError as e:  # e.g. the disk filled up while writing the checkpoint
-        print("handgrad train: error: %s" % _one_line(e), file=sys.stderr)
+        error("handgrad train: error: %s" % _one_line(e))
         return 2
     except (RuntimeError, TypeError, NotImplementedError) as e:
+        if distributed.lost_a_process(e):
+            # torchrun ends the other processes too; every process may say this.
+            print("handgrad train: error: process %s lost the other training processes (%s); "
+                  "the checkpoint of the last finished epoch is intact: continue with --resume"
+                  % (os.environ.get("RANK", "0"), _one_line(e)[:300]), file=sys.stderr)
+            return 1
         if "handgrad::" not in str(e) or not args.amp:
             raise
         # An op without kernels for the autocast dtype on this device.
-        print("handgrad train: error: --amp %s: %s" % (args.amp, str(e).strip().splitlines()[0]),
-              file=sys.stderr)
+        error("handgrad train: error: --amp %s: %s" % (args.amp, str(e).strip().splitlines()[0]))
         return 2
     except KeyboardInterrupt:
-        print("handgrad train: interrupted; continue with --resume", file=sys.stderr)
+        error("handgrad train: interrupted; continue with --resume")
         return 130
+    finally:
+        distributed.stop()
     return 0
 
 

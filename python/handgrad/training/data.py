@@ -58,7 +58,13 @@ class ImageData:
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
+        return self.batches_in_order(order[:stop], batch_size)
+
+    def batches_in_order(self, order: Sequence[int], batch_size: int
+                         ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) batches of the images at the indices `order`, in that order."""
+        order = torch.as_tensor(order, dtype=torch.long)
+        for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             yield self.images[idx], self.labels[idx]
 

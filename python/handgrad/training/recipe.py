@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .distributed import SINGLE
 # The named choices live in options.py (importable without torch); re-exported here.
 from .options import AUGMENTATIONS, LR_SCHEDULES, schedule_factor  # noqa: F401
 
@@ -101,6 +102,7 @@ class Recipe:
     lr = 1e-3
     lr_schedule = "constant"  # or "cosine" (annealed per step over the run's epochs)
     eval_batch_size = 1000
+    share = SINGLE  # this process's place among the training processes (distributed.Share)
 
     def configured(self, config):
         """The recipe adjusted to run options (e.g. --noise); default: unchanged."""
@@ -109,6 +111,12 @@ class Recipe:
     def build(self):
         """The model, made of torch.nn layers."""
         raise NotImplementedError
+
+    def distribute(self, model, wrap):
+        """What train_batch gets among several processes: by default the model wrapped
+        by wrap (in DistributedDataParallel). A recipe whose steps call parts of the
+        model wraps those parts instead."""
+        return wrap(model)
 
     def losses(self):
         """Loss modules (patched along with the model); default: cross-entropy."""
