@@ -11,6 +11,11 @@
 // turns it off (and the LSTM's AVX-512 pointwise kernels), so the fallback
 // paths can be tested on an AVX-512 machine.
 //
+// Whether a given product runs this kernel or BLAS is decided per problem
+// class by common/cpu_gemm_policy.h (measured once per process, or forced
+// with HANDGRAD_CPU_GEMM=own|blas): on CPUs where MKL runs AVX-512 code
+// (Intel Xeon) BLAS wins many shapes.
+//
 // A and B are strided (any transposed view works: element (i, k) of A is at
 // A[i * rsa + k * csa]); C is row-major with leading dimension ldc. B can be
 // packed once and reused over many products (the recurrent weight of every
