@@ -57,6 +57,31 @@ def test_matches_native(device, cfg, layout, dtype):
     assert out.stride() == ref_out.stride() or out.numel() <= 1
 
 
+# The CPU channels_last backward gives each task a block of 64 channels (the
+# last block partial); the CUDA kernels cover channels with their thread grid.
+# Channel counts on both sides of each block boundary, overlapping windows
+# (stride < kernel) so that gradients add up.
+@pytest.mark.parametrize("channels", [63, 64, 65, 127, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_channels_last_backward_at_channel_block_boundaries(device, channels, dtype):
+    torch.manual_seed(channels)  # float32 is compared exactly: fixed values
+    x = torch.randn(2, channels, 7, 6, device=device).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, channels, 4, 3, device=device).to(dtype)
+    out, idx = handgrad.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    # Reference in float32 from the same values: handgrad accumulates each
+    # input's gradient in float32 and rounds once, so bfloat16 must be that
+    # sum rounded (native bfloat16 rounds after every addition instead).
+    x32 = x.detach().float().requires_grad_()
+    ref, ref_idx = F.max_pool2d(x32, 3, 2, 1, return_indices=True)
+    (ref_dx,) = torch.autograd.grad(ref, x32, grad.float())
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(out, ref.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(dx, ref_dx.to(dtype), atol=0, rtol=0)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[:8], ids=str)
 def test_ties_pick_the_same_index_as_native(device, cfg):
     # Small integers: most windows hold several equal maxima.
