@@ -12,7 +12,7 @@ term, a swapped stride, an off-by-one in a reduction split. For each, the
 script writes the mutated line into a scratch git worktree (default
 /tmp/handgrad-kernel-mutations, at this checkout's HEAD), rebuilds it
 incrementally (HANDGRAD_CUDA=0 HANDGRAD_CUDA_EMULATION=1, ccache when
-/usr/lib/ccache exists), runs the named tests with -x (CPU mutations on the
+/usr/lib/ccache exists), runs the named tests of this checkout with -x (CPU mutations on the
 "cpu" device, CUDA mutations on "cuda-emulated": the .cu kernels compiled for
 the host), records killed (a test failed or crashed) or survived, and
 restores the file. A mutation whose build fails is reported as such (it says
@@ -138,10 +138,12 @@ def build(tree, log):
 
 
 def run_tests(tree, m, log, timeout):
+    # The scratch tree's build (mutated kernels) judged by this checkout's
+    # tests, so that a test added for a survivor counts without a commit.
     env = dict(os.environ, PYTHONPATH=str(tree / "python"), HANDGRAD_TEST_DEVICES=m.device)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
     try:
-        return sh(cmd, tree, env, log, timeout)
+        return sh(cmd, ROOT, env, log, timeout)
     except subprocess.TimeoutExpired:
         return "timeout"
 
