@@ -1014,6 +1014,31 @@ def test_weights_with_dropout_are_the_ones_that_made_the_output(device):
     torch.testing.assert_close(out, weights @ v)
 
 
+# The CPU forward visits keys in tiles of 512 (write_weights recomputes the
+# weights tile by tile): key counts on both sides of the tile boundaries, a
+# causal case whose last rows end inside the second tile.
+@pytest.mark.parametrize("S,causal", [(511, False), (512, False), (513, False), (1100, False),
+                                      (1030, True)], ids=str)
+def test_weights_across_key_tiles(device, S, causal):
+    L = 1030 if causal else 20
+    q, k, v = make_qkv(((1, 2, L, 4), (1, 2, S, 4), (1, 2, S, 3)), torch.float64, device)
+
+    def mine(q, k, v):
+        out, _, _, weights = torch.ops.handgrad.scaled_dot_product_attention(
+            q, k, v, None, 0.0, causal, None, False, True)
+        return out, weights
+
+    def reference(q, k, v):
+        scores = q @ k.transpose(-1, -2) / 2.0
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=device).triu(1),
+                                        float("-inf"))
+        weights = torch.softmax(scores, -1)
+        return weights @ v, weights
+
+    assert_matches_native(mine, reference, [q, k, v])
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_multihead_attention_long_sequences(device, need_weights):
     # Head size 64, S = 480: the weights used to come from an identity V
