@@ -233,6 +233,48 @@ def test_module_is_a_drop_in(device):
     torch.testing.assert_close(plain(x), torch.nn.MaxPool2d(2)(x))
 
 
+def test_module_passes_every_argument(device):
+    # dilation and ceil_mode changed from their defaults, so a module that
+    # dropped any of them would give another output shape or other values
+    kw = dict(stride=(2, 1), padding=(1, 2), dilation=(2, 3), ceil_mode=True, return_indices=True)
+    ref, mine = torch.nn.MaxPool2d((3, 4), **kw), handgrad.nn.MaxPool2d((3, 4), **kw)
+    x = torch.randn(2, 3, 11, 13, device=device, requires_grad=True)
+    assert_matches_native(mine, ref, [x])
+
+
+# The fake kernel's output size against native's for every ceil-mode
+# situation: without torch.compile (whose tests mutation testing cannot run),
+# directly under FakeTensorMode.
+@pytest.mark.parametrize("size", range(1, 12))
+def test_fake_kernel_output_size_matches_native(size):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [(k, s, p, d, ceil) for k in (1, 2, 3) for s in (1, 2, 3) for d in (1, 2)
+             for p in range(0, k // 2 + 1) for ceil in (False, True)
+             if d * (k - 1) + 1 <= size + 2 * p]
+    x = torch.randn(1, 2, size, size + 1)
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+        fake = [handgrad.ops.max_pool2d(fake_x, k, s, p, d, ceil).shape for k, s, p, d, ceil in cases]
+    for case, shape in zip(cases, fake):
+        assert shape == F.max_pool2d(x, *case).shape, case
+
+
+def test_forward_and_double_backward_of_unbatched_input_match_native():
+    # Both gather the tangent at the argmax of each plane (..., H, W): a 3-D
+    # input checks that the planes are the last two dimensions.
+    x, t = torch.randn(3, 7, 6, dtype=torch.float64), torch.randn(3, 7, 6, dtype=torch.float64)
+    mine, ref = (lambda x: handgrad.ops.max_pool2d(x, 3, 2, 1)), (lambda x: F.max_pool2d(x, 3, 2, 1))
+    torch.testing.assert_close(torch.func.jvp(mine, (x,), (t,)), torch.func.jvp(ref, (x,), (t,)))
+    for fn in (mine, ref):
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xr).square().sum(), xr, create_graph=True)
+        (gg,) = torch.autograd.grad((g * t).sum(), xr)
+        if fn is mine:
+            mine_gg = gg
+    torch.testing.assert_close(mine_gg, gg)
+
+
 def test_tuple_arguments_of_length_one_are_accepted(device):
     x = torch.randn(1, 2, 6, 6, device=device)
     torch.testing.assert_close(handgrad.ops.max_pool2d(x, (2,), (2,)), F.max_pool2d(x, (2,), (2,)))
