@@ -8,7 +8,10 @@
 # Other targets: install, cmake-test (C++ library + ctest), gpu-check (the
 # one-shot GPU check, tools/gpu_check.py: CUDA tests, GPU benchmarks and short
 # training runs, a report in gpu-report/), tsan (the CUDA kernels on the
-# emulator under ThreadSanitizer, tools/emulation_build.py), clean.
+# emulator under ThreadSanitizer, tools/emulation_build.py), mutation (mutmut over the Python,
+# tools/mutation.py; MUTATION_ARGS="--groups conv2d --budget-minutes 10"),
+# kernel-mutations (tools/kernel_mutations.py: one-line C++/CUDA mutations
+# against the CPU and emulated CUDA tests; see docs/mutation.md), clean.
 # Build switches pass through the environment: HANDGRAD_CUDA=auto|1|0,
 # TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
 # HANDGRAD_CUDA_EMULATION=1 (the default here) also builds the CUDA emulation
@@ -28,7 +31,7 @@ SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.cuh
 TORCH_STAMP := $(VENV)/.torch-installed
 BUILD_STAMP := $(VENV)/.handgrad-built
 
-.PHONY: bench test install cmake-test gpu-check tsan clean
+.PHONY: bench test install cmake-test gpu-check tsan mutation kernel-mutations clean
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
@@ -82,6 +85,13 @@ tsan: $(BUILD_STAMP)
 		-q -p no:cacheprovider
 	HANDGRAD_TEST_DEVICES=cuda-emulated HANDGRAD_TEST_ONE_CASE=1 $(PY) tools/emulation_build.py \
 		test tsan $(TSAN_TESTS) -k "$(TSAN_SELECT)" -q -p no:cacheprovider
+
+mutation: $(BUILD_STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install mutmut
+	$(PY) tools/mutation.py $(MUTATION_ARGS)
+
+kernel-mutations: $(BUILD_STAMP)
+	$(PY) tools/kernel_mutations.py $(KERNEL_MUTATION_ARGS)
 
 clean:
 	rm -rf build cmake-build python/handgrad/*.so python/handgrad/_build_config.py *.egg-info \

@@ -5,6 +5,7 @@
 #include "common/cpu_gemm.h"
 #include "common/cpu_gemm_policy.h"
 #include "common/memory_tracker.h"
+#include "common/scratch_memory.h"
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -96,4 +97,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_memory_current", &mem::cpu_current_bytes);
   m.def("_cpu_memory_peak", &mem::cpu_peak_bytes);
   m.def("_reset_cpu_memory_peak", &mem::reset_cpu_peak);
+  m.def("_scratch_memory_current", &mem::scratch_current_bytes);
+  m.def("_scratch_memory_peak", &mem::scratch_peak_bytes);
+  m.def("_reset_scratch_memory_peak", &mem::reset_scratch_peak);
 }

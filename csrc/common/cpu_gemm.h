@@ -22,6 +22,8 @@
 // time step).
 #pragma once
 
+#include "common/scratch_memory.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -37,7 +39,7 @@ bool available();
 // B (K x N) rearranged into the layout the micro-kernel reads.
 struct PackedB {
   int64_t K = 0, N = 0;
-  std::vector<float> data;
+  memory::ScratchVector<float> data;  // counted as handgrad scratch
 };
 
 void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out);

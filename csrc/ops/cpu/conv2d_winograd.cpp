@@ -50,6 +50,7 @@
 
 #include "common/cpu_gemm.h"
 #include "common/cpu_gemm_policy.h"
+#include "common/scratch_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -623,7 +624,7 @@ HG_WINO_TARGET void store_grad_input_avx512(const float* dv, int64_t first, int6
                                             float* pad, const View4<float>& dx) {
   const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
   const int64_t blocks = (tiles + 15) / 16;
-  std::vector<int64_t> at_pad(blocks * 16, 0);
+  memory::ScratchVector<int64_t> at_pad(blocks * 16, 0);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t i = tile / t.per_image(), th = tile % t.per_image() / t.cols, tw = tile % t.cols;
     at_pad[tile] = i * plane + 2 * th * t.padded_w + 2 * tw;
@@ -738,7 +739,7 @@ bool forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
     const MagnitudeBits<T> magnitude =
@@ -781,7 +782,7 @@ bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
     const MagnitudeBits<T> magnitude =
@@ -838,7 +839,7 @@ bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   std::atomic<bool> unsafe{false};
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     cpu_gemm::PackedB packed;  // reused by the chunks
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
