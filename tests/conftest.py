@@ -116,9 +116,33 @@ def cuda_kernels():
     return found
 
 
+# Launch counts of the whole session: tests may reset the emulator's
+# statistics (to check what their own code launched), so they are moved here
+# around every test.
+_SESSION_LAUNCHES = {}
+
+
+def _absorb_launch_statistics():
+    if not cuda_emulation.available():
+        return
+    for name, counts in cuda_emulation.launch_statistics().items():
+        total = _SESSION_LAUNCHES.setdefault(name, [0, 0, 0])
+        for i, c in enumerate(counts):
+            total[i] += c
+    cuda_emulation.reset_launch_statistics()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _absorb_launch_statistics()
+    yield
+    _absorb_launch_statistics()
+
+
 def kernels_run():
-    """{(op, kernel)} the emulator launched in this process, with the totals."""
-    stats = cuda_emulation.launch_statistics() if cuda_emulation.available() else {}
+    """{(op, kernel)} the emulator launched in this session, with the totals."""
+    _absorb_launch_statistics()
+    stats = _SESSION_LAUNCHES
     ran = set()
     for name in stats:
         parts = name.split("<", 1)[0].split("::")

@@ -83,7 +83,11 @@ uint64_t bucket(int64_t x) {
   return std::min<uint64_t>(63, 64 - __builtin_clzll(static_cast<uint64_t>(x)));
 }
 
-uint64_t class_key(const Problem& p, int threads) {
+// The thread count is not part of the class: a class keeps the kernel it
+// was measured with at its first thread count, so within a process results
+// never depend on torch.set_num_threads (each kernel on its own is
+// thread-count independent; a per-thread-count choice would not be).
+uint64_t class_key(const Problem& p) {
   uint64_t key = bucket(p.m);
   key = key << 6 | bucket(p.n);
   key = key << 6 | bucket(p.k);
@@ -91,7 +95,6 @@ uint64_t class_key(const Problem& p, int threads) {
   key = key << 1 | p.b_transposed;
   key = key << 2 | static_cast<uint64_t>(p.site);
   key = key << 1 | p.calling_thread;
-  key = key << 16 | static_cast<uint64_t>(std::min(threads, 65535));
   return key;
 }
 
@@ -217,7 +220,7 @@ const char* site_name(Site s) {
 
 Kernel measured(const Problem& p) {
   const int threads = threads_of(p);
-  const uint64_t key = class_key(p, threads);
+  const uint64_t key = class_key(p);
   struct Cache {
     uint64_t generation = 0;
     std::unordered_map<uint64_t, Kernel> chosen;

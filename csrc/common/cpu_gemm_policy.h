@@ -10,8 +10,10 @@
 // time a problem class is seen (like cuDNN's benchmark mode), and cached.
 //
 // Problem class: log2 buckets of m, n, k; whether A and B are read
-// transposed; the call site's variant (see Site); the threads the product
-// runs on (the pool's count, or 1 on the calling thread); dtype is float32
+// transposed; the call site's variant (see Site); whether it runs on the
+// calling thread. The thread count is not part of it: a class is measured at
+// the thread count of its first use and keeps that kernel, so results in a
+// process do not depend on torch.set_num_threads. dtype is float32
 // (other dtypes have no own kernel and always use BLAS). The first problem of
 // a class is timed on synthetic operands of its exact shape: one warm-up and
 // up to 5 interleaved samples of each kernel (a sample repeats a small
