@@ -415,3 +415,53 @@ def test_layer_hidden_size_zero_packed_and_input_grad_off(device):
                                          w_ih.bfloat16(), w_hh.bfloat16(), None, None,
                                          batch_sizes=[3, 2, 1])
     assert half[0].shape == (6, 0) and half[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=dtype_id)
+def test_forward_ad_and_double_backward_in_float32_too(dtype):
+    # The Python-composed formulas (tangents, gradients of the backward) meet the
+    # float32 saved gates and run in float32 too. A tangent is rounded once
+    # (bound 2 eps relative to the scale: the rounding's eps/2 with a factor 4
+    # margin); a gradient of a gradient twice (the first-order gradient is
+    # returned rounded, then differentiated): 4 eps.
+    eps = torch.finfo(dtype).eps
+    x, h, w_ih, w_hh = (representable(s, dtype, 0.4) for s in [(3, 2, 4), (2, 5), (20, 4),
+                                                                 (20, 5)])
+
+    def tangent(t):
+        x_, h_, w_ih_, w_hh_ = (a.to(t) for a in (x, h, w_ih, w_hh))
+        return torch.func.jvp(lambda a, w: handgrad.ops.lstm_layer(a, h_, h_, w, w_hh_)[0],
+                              (x_, w_ih_), (torch.ones_like(x_), torch.ones_like(w_ih_)))[1]
+
+    def second_order(t):
+        x_ = x.to(t).requires_grad_()
+        w_ih_ = w_ih.to(t).requires_grad_()
+        h_, w_hh_ = h.to(t), w_hh.to(t)
+        out = handgrad.ops.lstm_layer(x_, h_, h_, w_ih_, w_hh_)[0]
+        g, = torch.autograd.grad(out.double().pow(2).sum(), w_ih_, create_graph=True)
+        return torch.autograd.grad(g.double().pow(2).sum(), x_)[0]
+
+    for fn, roundings in ((tangent, 1), (second_order, 2)):
+        mine, ref = fn(dtype), fn(torch.float64)
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.double(), ref, rtol=0,
+                                   atol=4 * roundings * eps / 2 * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=dtype_id)
+def test_torch_compile_fullgraph(dtype):
+    # The fake kernels give the float32 saved gates and cells, so the compiled
+    # graph is the eager computation: results equal exactly.
+    torch._dynamo.reset()
+    lstm = handgrad.nn.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3).to(dtype)
+    x = torch.randn(6, 3, 4, dtype=dtype, requires_grad=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        out, (h, c) = torch.compile(lstm, fullgraph=True)(x)
+    ref, (rh, rc) = lstm(x)
+    for a, b in [(out, ref), (h, rh), (c, rc)]:
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    g = torch.autograd.grad(out.sum() + c.sum(), [x, *lstm.parameters()])
+    rg = torch.autograd.grad(ref.sum() + rc.sum(), [x, *lstm.parameters()])
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
