@@ -70,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_same_device(input, cy, op, "input", "cy");
   // cy in float32: f cx + i g from the saved gates, as the forward computed it.
   at::Tensor cy32 = cy.to(at::kFloat);
-  if (gates.dim() == 2 && gates.size(1) % 4 == 0 && gates.sizes()[0] == cx.size(0) &&
-      cx.dim() == 2 && gates.size(1) == 4 * cx.size(1)) {
+  if (gates.dim() == 2 && cx.dim() == 2 && gates.size(0) == cx.size(0) &&
+      gates.size(1) == 4 * cx.size(1)) {
     const int64_t H = cx.size(1);
     cy32 = at::addcmul(at::mul(gates.narrow(1, H, H), cx32), gates.narrow(1, 0, H),
                        gates.narrow(1, 2 * H, H));
