@@ -62,8 +62,8 @@
 #include "ops/lstm.h"
 
 #include "common/cpu_gemm.h"
-#include "ops/lstm_float_compute.h"
 #include "ops/cpu/lstm_rows.h"
+#include "ops/lstm_float_compute.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
