@@ -7,7 +7,11 @@
 #
 # Other targets: install, cmake-test (C++ library + ctest), gpu-check (the
 # one-shot GPU check, tools/gpu_check.py: CUDA tests, GPU benchmarks and short
-# training runs, a report in gpu-report/), clean.
+# training runs, a report in gpu-report/), tsan (the CUDA kernels on the
+# emulator under ThreadSanitizer, tools/emulation_build.py), mutation (mutmut over the Python,
+# tools/mutation.py; MUTATION_ARGS="--groups conv2d --budget-minutes 10"),
+# kernel-mutations (tools/kernel_mutations.py: one-line C++/CUDA mutations
+# against the CPU and emulated CUDA tests; see docs/mutation.md), clean.
 # Build switches pass through the environment: HANDGRAD_CUDA=auto|1|0,
 # TORCH_CUDA_ARCH_LIST, HANDGRAD_CPU_ARCH, CUDA_HOME, MAX_JOBS (see setup.py).
 # HANDGRAD_CUDA_EMULATION=1 (the default here) also builds the CUDA emulation
@@ -27,7 +31,7 @@ SOURCES := $(shell find csrc pyext -name '*.cpp' -o -name '*.cu' -o -name '*.cuh
 TORCH_STAMP := $(VENV)/.torch-installed
 BUILD_STAMP := $(VENV)/.handgrad-built
 
-.PHONY: bench test install cmake-test gpu-check clean
+.PHONY: bench test install cmake-test gpu-check tsan mutation kernel-mutations clean
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
@@ -65,6 +69,29 @@ cmake-test: $(BUILD_STAMP)
 
 gpu-check: $(BUILD_STAMP)
 	$(PY) tools/gpu_check.py --out gpu-report $(GPU_CHECK_ARGS)
+
+# ThreadSanitizer: the emulation module rebuilt with -fsanitize=thread; first a
+# deliberately racy kernel must be reported, then the emulator's own tests and
+# the first case of each op test that compares a CUDA kernel family with native
+# (TSan slows the emulator about tenfold; a race shows at any size).
+TSAN_TESTS := tests/test_conv2d.py tests/test_conv2d_cuda_paths.py tests/test_max_pool2d.py \
+	tests/test_cross_entropy.py tests/test_lstm.py tests/test_attention.py tests/test_attention_cuda_paths.py
+TSAN_SELECT := (matches_native or match_float64 or depthwise or forward_and_input or dropout_pattern) \
+	and not gradcheck and not fuzz and not property and not split
+tsan: $(BUILD_STAMP)
+	$(PY) tools/emulation_build.py build tsan
+	$(PY) tools/emulation_build.py tsan-check
+	$(PY) tools/emulation_build.py test tsan tests/test_cuda_emulation.py tests/test_tensor_core.py \
+		-q -p no:cacheprovider
+	HANDGRAD_TEST_DEVICES=cuda-emulated HANDGRAD_TEST_ONE_CASE=1 $(PY) tools/emulation_build.py \
+		test tsan $(TSAN_TESTS) -k "$(TSAN_SELECT)" -q -p no:cacheprovider
+
+mutation: $(BUILD_STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install mutmut
+	$(PY) tools/mutation.py $(MUTATION_ARGS)
+
+kernel-mutations: $(BUILD_STAMP)
+	$(PY) tools/kernel_mutations.py $(KERNEL_MUTATION_ARGS)
 
 clean:
 	rm -rf build cmake-build python/handgrad/*.so python/handgrad/_build_config.py *.egg-info \

@@ -11,6 +11,7 @@ Method (the same for every op):
     handgrad time (above 1 means handgrad is faster);
   * peak memory of one forward+backward of each variant: CUDA from the
     caching allocator's statistics, CPU from handgrad's allocator wrapper
+    plus handgrad's own scratch buffers outside torch's allocator
     (handgrad.profiling), both counted above what was alive before the run;
   * CUDA timings synchronize the device around every run.
 

@@ -1014,6 +1014,31 @@ def test_weights_with_dropout_are_the_ones_that_made_the_output(device):
     torch.testing.assert_close(out, weights @ v)
 
 
+# The CPU forward visits keys in tiles of 512 (write_weights recomputes the
+# weights tile by tile): key counts on both sides of the tile boundaries, a
+# causal case whose last rows end inside the second tile.
+@pytest.mark.parametrize("S,causal", [(511, False), (512, False), (513, False), (1100, False),
+                                      (1030, True)], ids=str)
+def test_weights_across_key_tiles(device, S, causal):
+    L = 1030 if causal else 20
+    q, k, v = make_qkv(((1, 2, L, 4), (1, 2, S, 4), (1, 2, S, 3)), torch.float64, device)
+
+    def mine(q, k, v):
+        out, _, _, weights = torch.ops.handgrad.scaled_dot_product_attention(
+            q, k, v, None, 0.0, causal, None, False, True)
+        return out, weights
+
+    def reference(q, k, v):
+        scores = q @ k.transpose(-1, -2) / 2.0
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=device).triu(1),
+                                        float("-inf"))
+        weights = torch.softmax(scores, -1)
+        return weights @ v, weights
+
+    assert_matches_native(mine, reference, [q, k, v])
+
+
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_multihead_attention_long_sequences(device, need_weights):
     # Head size 64, S = 480: the weights used to come from an identity V
@@ -1032,3 +1057,92 @@ def test_multihead_attention_long_sequences(device, need_weights):
             assert b is None
         else:
             torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- MultiheadAttention's arguments
+# (mutation testing: the argument checks and the is_causal hint must behave as native's)
+
+def _mha_bad_calls():
+    """name: (args, kwargs, handgrad's exception type, its whole message)."""
+    L, S, N = 5, 6, 2
+    q, kv = torch.randn(L, N, 16, dtype=torch.float64), torch.randn(S, N, 16, dtype=torch.float64)
+    q12, kv12 = torch.randn(L, N, 12, dtype=torch.float64), torch.randn(S, N, 12, dtype=torch.float64)
+    bool_mask = lambda *shape: torch.zeros(*shape, dtype=torch.bool)  # noqa: E731
+    return {
+        "embed dim": ((q12, kv12, kv12), {}, RuntimeError,
+                      "was expecting embedding dimension of 16, but got 12"),
+        "key_padding_mask shape": ((q, kv, kv), dict(key_padding_mask=bool_mask(N, S + 1)),
+                                   RuntimeError,
+                                   "expecting key_padding_mask shape of (2, 6), but got (2, 7)"),
+        "key_padding_mask 3-D": ((q, kv, kv), dict(key_padding_mask=bool_mask(1, N, S)),
+                                 AssertionError, "For batched (3-D) `query`, expected "
+                                 "`key_padding_mask` to be `None` or 2-D but found 3-D tensor "
+                                 "instead"),
+        "attn_mask shape 3-D": ((q, kv, kv), dict(attn_mask=bool_mask(3, L, S)), RuntimeError,
+                                "The shape of the 3D attn_mask is (3, 5, 6), but should be "
+                                "(8, 5, 6)."),
+        "attn_mask 4-D": ((q, kv, kv), dict(attn_mask=bool_mask(1, 1, L, S)), AssertionError,
+                          "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or "
+                          "3-D but found 4-D tensor instead"),
+        "unbatched attn_mask heads": ((q[:, 0], kv[:, 0], kv[:, 0]),
+                                      dict(attn_mask=bool_mask(3, L, S)), AssertionError,
+                                      "Expected `attn_mask` shape to be (4, 5, 6) but got "
+                                      "torch.Size([3, 5, 6])"),
+        "causal hint without mask": ((q, kv, kv), dict(is_causal=True), RuntimeError,
+                                     "Need attn_mask if specifying the is_causal hint (as in "
+                                     "torch.nn.MultiheadAttention)"),
+        "integer key_padding_mask": ((q, kv, kv),
+                                     dict(key_padding_mask=torch.zeros(N, S, dtype=torch.int64)),
+                                     AssertionError,
+                                     "only bool and floating types of key_padding_mask are "
+                                     "supported"),
+        "integer attn_mask": ((q, kv, kv), dict(attn_mask=torch.zeros(L, S, dtype=torch.int64)),
+                              AssertionError,
+                              "only bool and floating types of attn_mask are supported"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mha_bad_calls()))
+def test_multihead_attention_bad_arguments_raise_a_clear_error(case):
+    # Native raises too (its messages differ where it uses bare asserts);
+    # handgrad's own checks raise RuntimeError, torch's shared helpers
+    # (_mha_shape_check, _canonical_mask) their AssertionError.
+    native, mine = _mha_pair("cpu")
+    args, kw, error, message = _mha_bad_calls()[case]
+    with pytest.raises((RuntimeError, AssertionError)):
+        native(*args, **kw)
+    with pytest.raises(error) as info:
+        mine(*args, **kw)
+    assert str(info.value) == message
+
+
+def test_multihead_attention_mismatched_mask_types_warn_like_native():
+    native, mine = _mha_pair("cpu")
+    x = torch.randn(5, 2, 16, dtype=torch.float64)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[:, -1] = True
+    attn = torch.zeros(5, 5, dtype=torch.float64)
+    messages = []
+    for module in (native, mine):
+        with pytest.warns(UserWarning) as record:
+            module(x, x, x, key_padding_mask=kpm, attn_mask=attn)
+        messages.append(sorted(str(w.message) for w in record if "mismatched" in str(w.message)))
+    assert messages[0] and messages[1] == messages[0]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("with_kpm", [False, True])
+def test_multihead_attention_causal_hint_uses_the_mask_when_native_does(need_weights, with_kpm):
+    # is_causal is a hint that attn_mask is causal. Native drops the mask for
+    # the hint only without key_padding_mask and need_weights; otherwise it
+    # uses the mask. A mask that is not causal shows which one was used.
+    native, mine = _mha_pair("cpu")
+    x = torch.randn(6, 2, 16, dtype=torch.float64)
+    not_causal = torch.ones(6, 6, dtype=torch.bool).tril(-2)  # hides the diagonal and one more
+    kpm = torch.zeros(2, 6, dtype=torch.bool) if with_kpm else None
+    kw = dict(attn_mask=not_causal, is_causal=True, need_weights=need_weights, key_padding_mask=kpm)
+    ref_out, ref_w = native(x, x, x, **kw)
+    out, w = mine(x, x, x, **kw)
+    torch.testing.assert_close(out, ref_out)
+    if need_weights:
+        torch.testing.assert_close(w, ref_w)

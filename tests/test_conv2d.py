@@ -974,3 +974,20 @@ def test_property_matches_native_large_channels(case):
     # Channel counts that reach the im2col + product and Winograd paths (CPU
     # only: the emulated CUDA kernels run the same tiling as above).
     _check_conv_case(case, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["input", "weight"])
+def test_gradient_penalty_with_one_argument_frozen_matches_native(which):
+    # Double backward where only one of input and weight requires grad: each
+    # backward op must return the gradient of exactly the arguments that need
+    # one (the first-order backward's needs_input_grad pattern differs).
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=which == "input")
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=which == "weight")
+    leaf = x if which == "input" else w
+    results = []
+    for conv in (handgrad.ops.conv2d, F.conv2d):
+        y = conv(x, w, None, 1, 1)
+        (g,) = torch.autograd.grad(y.square().sum(), leaf, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), leaf))
+    torch.testing.assert_close(results[0], results[1])

@@ -56,3 +56,19 @@ def test_a_failing_or_hanging_part_does_not_lose_the_others(tmp_path, monkeypatc
     assert parts["fails"]["status"] == "FAILED (exit 3)"
     assert parts["hangs"]["status"] == "FAILED (over its 1 s limit)"
     assert parts["works"]["status"] == "passed" and "fine" in parts["works"]["tail"]
+
+
+def test_gpu_narrowing_keeps_the_tests_that_need_a_gpu():
+    # gpu-check narrows the suite with HANDGRAD_TEST_DEVICES=cuda (it once
+    # used -k cuda, which silently dropped these); the tests that take no
+    # `device` but need a GPU carry the gpu mark and must stay selected.
+    files = ["tests/test_conv2d.py", "tests/test_lstm.py", "tests/test_max_pool2d.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *files], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=dict(os.environ, HANDGRAD_TEST_DEVICES="cuda"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = done.stdout.splitlines()
+    for f in files:
+        assert f + "::test_mixed_devices_raise" in collected, f
+    # and nothing runs on the CPU in a narrowed run
+    assert not any("[cpu" in line for line in collected)

@@ -57,6 +57,31 @@ def test_matches_native(device, cfg, layout, dtype):
     assert out.stride() == ref_out.stride() or out.numel() <= 1
 
 
+# The CPU channels_last backward gives each task a block of 64 channels (the
+# last block partial); the CUDA kernels cover channels with their thread grid.
+# Channel counts on both sides of each block boundary, overlapping windows
+# (stride < kernel) so that gradients add up.
+@pytest.mark.parametrize("channels", [63, 64, 65, 127, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_channels_last_backward_at_channel_block_boundaries(device, channels, dtype):
+    torch.manual_seed(channels)  # float32 is compared exactly: fixed values
+    x = torch.randn(2, channels, 7, 6, device=device).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, channels, 4, 3, device=device).to(dtype)
+    out, idx = handgrad.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    # Reference in float32 from the same values: handgrad accumulates each
+    # input's gradient in float32 and rounds once, so bfloat16 must be that
+    # sum rounded (native bfloat16 rounds after every addition instead).
+    x32 = x.detach().float().requires_grad_()
+    ref, ref_idx = F.max_pool2d(x32, 3, 2, 1, return_indices=True)
+    (ref_dx,) = torch.autograd.grad(ref, x32, grad.float())
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(out, ref.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(dx, ref_dx.to(dtype), atol=0, rtol=0)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[:8], ids=str)
 def test_ties_pick_the_same_index_as_native(device, cfg):
     # Small integers: most windows hold several equal maxima.
@@ -206,6 +231,48 @@ def test_module_is_a_drop_in(device):
     plain = handgrad.nn.MaxPool2d(2)
     assert plain.stride == 2
     torch.testing.assert_close(plain(x), torch.nn.MaxPool2d(2)(x))
+
+
+def test_module_passes_every_argument(device):
+    # dilation and ceil_mode changed from their defaults, so a module that
+    # dropped any of them would give another output shape or other values
+    kw = dict(stride=(2, 1), padding=(1, 2), dilation=(2, 3), ceil_mode=True, return_indices=True)
+    ref, mine = torch.nn.MaxPool2d((3, 4), **kw), handgrad.nn.MaxPool2d((3, 4), **kw)
+    x = torch.randn(2, 3, 11, 13, device=device, requires_grad=True)
+    assert_matches_native(mine, ref, [x])
+
+
+# The fake kernel's output size against native's for every ceil-mode
+# situation: without torch.compile (whose tests mutation testing cannot run),
+# directly under FakeTensorMode.
+@pytest.mark.parametrize("size", range(1, 12))
+def test_fake_kernel_output_size_matches_native(size):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [(k, s, p, d, ceil) for k in (1, 2, 3) for s in (1, 2, 3) for d in (1, 2)
+             for p in range(0, k // 2 + 1) for ceil in (False, True)
+             if d * (k - 1) + 1 <= size + 2 * p]
+    x = torch.randn(1, 2, size, size + 1)
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+        fake = [handgrad.ops.max_pool2d(fake_x, k, s, p, d, ceil).shape for k, s, p, d, ceil in cases]
+    for case, shape in zip(cases, fake):
+        assert shape == F.max_pool2d(x, *case).shape, case
+
+
+def test_forward_and_double_backward_of_unbatched_input_match_native():
+    # Both gather the tangent at the argmax of each plane (..., H, W): a 3-D
+    # input checks that the planes are the last two dimensions.
+    x, t = torch.randn(3, 7, 6, dtype=torch.float64), torch.randn(3, 7, 6, dtype=torch.float64)
+    mine, ref = (lambda x: handgrad.ops.max_pool2d(x, 3, 2, 1)), (lambda x: F.max_pool2d(x, 3, 2, 1))
+    torch.testing.assert_close(torch.func.jvp(mine, (x,), (t,)), torch.func.jvp(ref, (x,), (t,)))
+    for fn in (mine, ref):
+        xr = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xr).square().sum(), xr, create_graph=True)
+        (gg,) = torch.autograd.grad((g * t).sum(), xr)
+        if fn is mine:
+            mine_gg = gg
+    torch.testing.assert_close(mine_gg, gg)
 
 
 def test_tuple_arguments_of_length_one_are_accepted(device):

@@ -138,7 +138,10 @@ def test(variant, pytest_args):
     if variant == "coverage":  # counts start from zero for this run
         for stale in glob.glob(os.path.join(out_dir(variant), "*.gcda")):
             os.remove(stale)
-    command = [sys.executable, "-m", "pytest", *pytest_args]
+    # TSan ends the process at its first report (halt_on_error): with pytest's
+    # output capture on, the report would go down with the captured stderr.
+    capture = ["-s"] if variant == "tsan" else []
+    command = [sys.executable, "-m", "pytest", *capture, *pytest_args]
     return subprocess.run(command, env=environment(variant), cwd=ROOT).returncode
 
 

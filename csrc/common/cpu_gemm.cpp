@@ -346,7 +346,7 @@ void matmul(int64_t M, const float* A, int64_t rsa, int64_t csa, const PackedB& 
   if (empty_product(M, N, K, C, ldc, accumulate)) return;
   // Rows of A contiguous in k are read in place; otherwise (a transposed
   // view) each k-block is packed first.
-  std::vector<float> packed_a;
+  memory::ScratchVector<float> packed_a;
   const int64_t kb = k_block(K);
   if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
@@ -394,7 +394,7 @@ void matmul_direct_b(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs
     }
     return;
   }
-  std::vector<float> packed_a;
+  memory::ScratchVector<float> packed_a;
   if (csa != 1) packed_a.resize(static_cast<size_t>(ceil_div(M, kMr) * kMr * std::min(K, kb)));
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t kc = std::min(kb, K - k0);
@@ -426,6 +426,8 @@ void matmul_tile(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
   thread_local std::vector<float> a_panels, b_panels;
   if (a_panels.size() < static_cast<size_t>(mp * kMr * kc_max)) a_panels.resize(mp * kMr * kc_max);
   if (b_panels.size() < static_cast<size_t>(np * kNr * kc_max)) b_panels.resize(np * kNr * kc_max);
+  const memory::ScratchInUse in_use(
+      static_cast<int64_t>((a_panels.capacity() + b_panels.capacity()) * sizeof(float)));
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t kc = std::min(kb, K - k0);
     pack_a_panels(A, rsa, csa, M, k0, kc, alpha, a_panels.data(), 0, mp);

@@ -11,11 +11,18 @@
 // turns it off (and the LSTM's AVX-512 pointwise kernels), so the fallback
 // paths can be tested on an AVX-512 machine.
 //
+// Whether a given product runs this kernel or BLAS is decided per problem
+// class by common/cpu_gemm_policy.h (measured once per process, or forced
+// with HANDGRAD_CPU_GEMM=own|blas): on CPUs where MKL runs AVX-512 code
+// (Intel Xeon) BLAS wins many shapes.
+//
 // A and B are strided (any transposed view works: element (i, k) of A is at
 // A[i * rsa + k * csa]); C is row-major with leading dimension ldc. B can be
 // packed once and reused over many products (the recurrent weight of every
 // time step).
 #pragma once
+
+#include "common/scratch_memory.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -32,7 +39,7 @@ bool available();
 // B (K x N) rearranged into the layout the micro-kernel reads.
 struct PackedB {
   int64_t K = 0, N = 0;
-  std::vector<float> data;
+  memory::ScratchVector<float> data;  // counted as handgrad scratch
 };
 
 void pack_b(const float* B, int64_t rsb, int64_t csb, int64_t K, int64_t N, PackedB& out);

@@ -1,5 +1,7 @@
 #include "common/memory_tracker.h"
 
+#include "common/scratch_memory.h"
+
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
@@ -12,14 +14,18 @@ namespace memory {
 namespace {
 
 std::atomic<bool> g_enabled{false};
-std::atomic<int64_t> g_current{0};
-std::atomic<int64_t> g_peak{0};
+std::atomic<int64_t> g_current{0};  // tracked tensor bytes
+std::atomic<int64_t> g_peak{0};     // of tensor + scratch bytes
+std::atomic<int64_t> g_scratch_current{0};
+std::atomic<int64_t> g_scratch_peak{0};
 
-void raise_peak(int64_t value) {
-  int64_t peak = g_peak.load();
-  while (value > peak && !g_peak.compare_exchange_weak(peak, value)) {
+void raise(std::atomic<int64_t>& peak_of, int64_t value) {
+  int64_t peak = peak_of.load();
+  while (value > peak && !peak_of.compare_exchange_weak(peak, value)) {
   }
 }
+
+void raise_peak(int64_t value) { raise(g_peak, value); }
 
 // Sizes of the blocks allocated while tracking, by address. The wrapper's
 // DataPtrs keep the address as their context (as the default CPU allocator
@@ -66,7 +72,8 @@ class TrackingAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(g_blocks_mutex);
       tracked_blocks()[data] = static_cast<int64_t>(n);
     }
-    raise_peak(g_current.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n));
+    raise_peak(g_current.fetch_add(static_cast<int64_t>(n)) + static_cast<int64_t>(n) +
+               g_scratch_current.load());
     return {data, data, &free_tracked, device};
   }
 
@@ -99,9 +106,19 @@ void set_cpu_tracking(bool enabled) {
 }
 
 bool cpu_tracking() { return g_enabled.load(); }
-int64_t cpu_current_bytes() { return g_current.load(); }
+int64_t cpu_current_bytes() { return g_current.load() + g_scratch_current.load(); }
 int64_t cpu_peak_bytes() { return g_peak.load(); }
-void reset_cpu_peak() { g_peak.store(g_current.load()); }
+void reset_cpu_peak() { g_peak.store(cpu_current_bytes()); }
+
+void scratch_acquired(int64_t bytes) {
+  const int64_t scratch = g_scratch_current.fetch_add(bytes) + bytes;
+  raise(g_scratch_peak, scratch);
+  raise_peak(g_current.load() + scratch);
+}
+void scratch_released(int64_t bytes) { g_scratch_current.fetch_sub(bytes); }
+int64_t scratch_current_bytes() { return g_scratch_current.load(); }
+int64_t scratch_peak_bytes() { return g_scratch_peak.load(); }
+void reset_scratch_peak() { g_scratch_peak.store(g_scratch_current.load()); }
 
 }  // namespace memory
 }  // namespace handgrad

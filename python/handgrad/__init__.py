@@ -35,11 +35,16 @@ if _load_problem is not None:
     def __getattr__(name):
         raise ImportError(_load_problem)
 else:
-    from . import cuda_emulation, nn, ops
+    from . import cpu_gemm, cuda_emulation, nn, ops
     from ._info import info
     from .patch import patch, unpatch
+
+    def cpu_gemm_decisions():
+        """The measured CPU matrix-product decisions (see handgrad.cpu_gemm)."""
+        return cpu_gemm.decisions()
 
     __version__ = (_compat.build.version if _compat.build is not None
                    else _C.build_info()["version"])
 
-__all__ = ["cuda_emulation", "info", "nn", "ops", "patch", "unpatch", "__version__"]
+__all__ = ["cpu_gemm", "cpu_gemm_decisions", "cuda_emulation", "info", "nn", "ops", "patch",
+           "unpatch", "__version__"]

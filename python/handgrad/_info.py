@@ -35,7 +35,10 @@ def info() -> Dict[str, Any]:
     ``torch`` and ``torch_cuda`` (the torch running now), whether the CUDA
     kernels were compiled and for which ``cuda_archs``, the ``cuda_toolkit``,
     whether a GPU is usable and which, ``openmp``, ``threads``, the ``cpu_isa``
-    the CPU kernels were compiled for, ``machine`` and ``compiler``. When the
+    the CPU kernels were compiled for, ``machine`` and ``compiler``; and the CPU
+    kernels active now: ``cpu_kernels_isa`` (chosen at run time),
+    ``cpu_gemm_policy``, ``cpu_gemm_blas``, ``cpu_gemm_decisions`` (one line per
+    measured class) and ``cpu_gemm_tuning_ms`` (see :mod:`handgrad.cpu_gemm`). When the
     compiled module cannot load (another torch than the build's), ``problem``
     says why and the compiled-in facts are ``None``.
     """
@@ -66,6 +69,19 @@ def info() -> Dict[str, Any]:
         "machine": platform.machine(),
         "compiler": compiled["compiler"] if compiled else None,
     })
+    if problem is None:
+        kernels = _C.cpu_kernels()
+        decisions = _C.cpu_gemm_decisions()
+        facts.update({
+            "cpu_kernels_isa": kernels["isa"],
+            "cpu_gemm_policy": kernels["gemm_policy"],
+            "cpu_gemm_blas": kernels["blas"],
+            "cpu_gemm_decisions": ["%dx%dx%d%s%s %s t%d: %s" % (
+                d["m"], d["n"], d["k"], " A^T" if d["a_transposed"] else "",
+                " B^T" if d["b_transposed"] else "", d["site"], d["threads"], d["kernel"])
+                for d in decisions],
+            "cpu_gemm_tuning_ms": round(_C.cpu_gemm_tuning_seconds() * 1e3, 3),
+        })
     if problem is not None:
         facts["problem"] = problem
     return facts

@@ -5,7 +5,11 @@
     print(mem.peak_bytes)   # high-water mark above what was live on entry
 
 Counts the storage of tensors allocated through PyTorch's CPU allocator
-while the block runs; memory that libraries allocate on their own is not seen.
+while the block runs, plus handgrad's own scratch memory outside that
+allocator (the kernels' std::vector work buffers and the per-thread buffers
+they reuse between calls, csrc/common/scratch_memory.h), so a handgrad op's
+peak includes everything it holds. Memory that other libraries allocate on
+their own (e.g. oneDNN inside native ops) is not seen.
 """
 
 import contextlib

@@ -44,7 +44,9 @@
 // into per-thread scratch, the scale folded into the packing) when the CPU
 // has AVX-512: on the AMD EPYC benchmark machine MKL's sgemm runs its AVX2
 // path there, and native's CPU flash attention then ran exactly as fast as
-// ours. Elsewhere, and for float64, they are BLAS calls (the sgemm_/dgemm_
+// ours. Per tile shape the measured policy of common/cpu_gemm_policy.h
+// picks between that product and sgemm_ (MKL's AVX-512 code wins on Intel).
+// Elsewhere, and for float64, they are BLAS calls (the sgemm_/dgemm_
 // that libtorch_cpu exports, on raw pointers into per-thread scratch;
 // at::native::cpublas::gemm itself is not exported; a plain loop stands in if
 // a build of torch exports no BLAS, or for sizes BLAS's int arguments cannot
@@ -72,6 +74,7 @@
 #include "ops/attention.h"
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_policy.h"
 #include "common/cpu_simd.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -152,6 +155,22 @@ int64_t blas_ld(int64_t ld, int64_t rows, int64_t cols) {
   return ld >= std::max<int64_t>(1, rows) && ld <= INT_MAX ? ld : -1;
 }
 
+// Whether the own kernel runs this float32 tile product (the measured policy
+// of common/cpu_gemm_policy.h, on the calling thread), read row-major as
+// C^T (n x m) = op(B)^T op(A)^T.
+bool own_tile(bool na, bool nb, int64_t m, int64_t n, int64_t k) {
+  if (!cpu_gemm::available()) return false;
+  cpu_gemm::Problem p;
+  p.m = n;
+  p.n = m;
+  p.k = k;
+  p.a_transposed = !nb;
+  p.b_transposed = !na;
+  p.site = cpu_gemm::Site::tile;
+  p.calling_thread = true;
+  return cpu_gemm::choose(p) == cpu_gemm::Kernel::own;
+}
+
 template <typename T>
 void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T alpha,
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -164,7 +183,7 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, T
   }
   const bool na = ta == TransposeType::NoTranspose, nb = tb == TransposeType::NoTranspose;
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_gemm::available() && (beta == 0.0f || beta == 1.0f)) {
+    if ((beta == 0.0f || beta == 1.0f) && own_tile(na, nb, m, n, k)) {
       // The same product read row-major: C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
       cpu_gemm::matmul_tile(n, m, k, alpha, b, nb ? ldb : 1, nb ? 1 : ldb, a, na ? lda : 1,
                             na ? 1 : lda, c, ldc, beta != 0.0f);

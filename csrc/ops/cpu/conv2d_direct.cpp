@@ -50,6 +50,7 @@
 
 #include "common/checked_math.h"
 #include "common/cpu_gemm.h"
+#include "common/scratch_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -330,7 +331,7 @@ void forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t K = g.patch(), cout = g.out_per_group();
   at::parallel_for(0, g.batch, images_per_task(g.out_channels * K * length),
                    [&](int64_t n0, int64_t n1) {
-    std::vector<T> buf(buf_size), wide(cout * length);
+    memory::ScratchVector<T> buf(buf_size), wide(cout * length);
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(x, n, p, place, buf.data(), buf_size);
       for (int64_t group = 0; group < g.groups; ++group) {
@@ -352,7 +353,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t cin = g.in_per_group(), cout = g.out_per_group();
   const int64_t K = cout * KH * KW;
   // W'[group][ci][(co, kh', kw')] = W[group * cout + co][ci][KH-1-kh'][KW-1-kw']
-  std::vector<T> flipped(g.groups * cin * K);
+  memory::ScratchVector<T> flipped(g.groups * cin * K);
   const T* w = weight.const_data_ptr<T>();
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     for (int64_t ci = 0; ci < cin; ++ci) {
@@ -380,7 +381,7 @@ void grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   const int64_t buf_size = scratch_size({p.channels, p.channel_size()}) + length;
   at::parallel_for(0, g.batch, images_per_task(g.in_channels * K * length),
                    [&](int64_t n0, int64_t n1) {
-    std::vector<T> buf(buf_size), wide(cin * length);
+    memory::ScratchVector<T> buf(buf_size), wide(cin * length);
     for (int64_t n = n0; n < n1; ++n) {
       fill_planes(go, n, p, place, buf.data(), buf_size);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -415,9 +416,9 @@ void grad_weight_by_channels(const View4<T>& go, const View4<T>& x, at::Tensor& 
   }
   const int64_t weights = cout * cin * taps;
   const int64_t chunks = weight_chunks(g.batch, weights * g.h.out_size * g.w.out_size);
-  std::vector<T> partial(chunks * weights, T(0));
+  memory::ScratchVector<T> partial(chunks * weights, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> xt(rows * cols * cin, T(0)), gt(g.h.out_size * cols * cout);
+    memory::ScratchVector<T> xt(rows * cols * cin, T(0)), gt(g.h.out_size * cols * cout);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       T* dwt = partial.data() + chunk * weights;
       for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {
@@ -480,9 +481,9 @@ void grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   // (lanes per weight), then added lane by lane and chunk by chunk in order.
   const int64_t lanes = kern.lanes;
   const int64_t chunks = weight_chunks(g.batch, weights * length);
-  std::vector<T> partial(chunks * weights * lanes, T(0));
+  memory::ScratchVector<T> partial(chunks * weights * lanes, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> buf(buf_size), wide(g.out_channels * length, T(0));
+    memory::ScratchVector<T> buf(buf_size), wide(g.out_channels * length, T(0));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       T* dwl = partial.data() + chunk * weights * lanes;
       for (int64_t n = chunk * g.batch / chunks; n < (chunk + 1) * g.batch / chunks; ++n) {

@@ -58,6 +58,7 @@
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_policy.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -368,15 +369,10 @@ at::Tensor channel_matrix(const at::Tensor& t, const Chunk& chunk, int64_t first
   return t.select(0, chunk.first_image).narrow(0, first, channels).view({channels, pixels});
 }
 
-// out = a b, or out += a b (accumulate): the AVX-512 product for float32
-// when the CPU has it, else BLAS.
+// out = a b, or out += a b (accumulate): the own AVX-512 product or BLAS,
+// whichever common/cpu_gemm_policy.h measured faster for this class.
 void product(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (cpu_gemm::mm(out, a, b, accumulate)) return;
-  if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::mm_out(out, a, b);
-  }
+  cpu_gemm::gemm(out, a, b, accumulate);
 }
 
 // out[co][p] = bias[co] + (a b)[co][p]
@@ -472,6 +468,22 @@ bool transposed_weight_gradient(const at::Tensor& input, const Geometry& g) {
   return input.scalar_type() == at::kFloat && cpu_gemm::available() && padded * 16 <= n * 17;
 }
 
+// Whether the weight gradient's products run the own kernel (float32, and
+// common/cpu_gemm_policy.h chose it for this class: B is a transposed
+// matrix, the products run on one thread each when chunks are spread over
+// the pool's threads).
+bool own_weight_gradient(const at::Tensor& input, const Geometry& g, bool transposed,
+                         int64_t max_cols, int64_t slots) {
+  if (input.scalar_type() != at::kFloat || !cpu_gemm::available()) return false;
+  cpu_gemm::Problem p;
+  p.m = transposed ? g.patch() : g.out_per_group();
+  p.n = transposed ? g.out_per_group() : g.patch();
+  p.k = max_cols;
+  p.b_transposed = true;
+  p.calling_thread = slots > 1 && at::get_num_threads() > 1;
+  return cpu_gemm::choose(p) == cpu_gemm::Kernel::own;
+}
+
 void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                  const Geometry& g) {
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "handgrad::conv2d_grad_weight (gemm)", [&] {
@@ -481,8 +493,9 @@ void grad_weight(const at::Tensor& grad_output, const at::Tensor& input, at::Ten
     const int64_t max_cols = per_chunk * g.h.out_size * g.w.out_size;
     const int64_t chunks = chunk_count(g, per_chunk);
     const int64_t slots = std::min(kWeightSlots, chunks);
-    const bool transposed = transposed_weight_gradient(input, g);
-    const bool fast = input.scalar_type() == at::kFloat && cpu_gemm::available();
+    const bool fast = own_weight_gradient(input, g, transposed_weight_gradient(input, g),
+                                          max_cols, slots);
+    const bool transposed = fast && transposed_weight_gradient(input, g);
     // Slot s sums chunks s, s + slots, ... in order (its first chunk
     // overwrites it); slot 0 is grad_weight itself unless transposed.
     // Transposed, slot s is (groups, patch, out_per_group).

@@ -49,6 +49,8 @@
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_policy.h"
+#include "common/scratch_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -622,7 +624,7 @@ HG_WINO_TARGET void store_grad_input_avx512(const float* dv, int64_t first, int6
                                             float* pad, const View4<float>& dx) {
   const int64_t C = g.in_channels, plane = t.padded_h * t.padded_w;
   const int64_t blocks = (tiles + 15) / 16;
-  std::vector<int64_t> at_pad(blocks * 16, 0);
+  memory::ScratchVector<int64_t> at_pad(blocks * 16, 0);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t i = tile / t.per_image(), th = tile % t.per_image() / t.cols, tw = tile % t.cols;
     at_pad[tile] = i * plane + 2 * th * t.padded_w + 2 * tw;
@@ -684,7 +686,10 @@ bool fast_transforms() {
 // out[xi] = a[xi] b[xi], or out[xi] += a[xi] b[xi] (accumulate), for the 16
 // points: the AVX-512 product for float32 when the CPU has it, else BLAS.
 void products(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (out.scalar_type() != at::kFloat || !cpu_gemm::available()) {
+  // The 16 products share one class: choose once.
+  if (out.scalar_type() != at::kFloat || !cpu_gemm::available() ||
+      cpu_gemm::choose(cpu_gemm::problem_of(out[0], a[0], b[0], cpu_gemm::Site::tensor,
+                                            at::in_parallel_region())) != cpu_gemm::Kernel::own) {
     if (accumulate) {
       out.baddbmm_(a, b);
     } else {
@@ -734,7 +739,7 @@ bool forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::T
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor v = at::empty({kPoints, g.in_channels, tiles}, input.options());
     at::Tensor m = at::empty({kPoints, g.out_channels, tiles}, input.options());
     const MagnitudeBits<T> magnitude =
@@ -777,7 +782,7 @@ bool grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight,
   parallel_chunks(g, per_chunk, [&](int64_t first, int64_t images) {
     if (unsafe.load(std::memory_order_relaxed)) return;
     const int64_t tiles = images * t.per_image();
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     at::Tensor dm = at::empty({kPoints, g.out_channels, tiles}, grad_output.options());
     at::Tensor dv = at::empty({kPoints, g.in_channels, tiles}, grad_output.options());
     const MagnitudeBits<T> magnitude =
@@ -821,10 +826,20 @@ bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   const View4<T> go = view_of<T>(grad_output), x = view_of<T>(input);
   // dU[slot][xi][co][ci]: slot s sums chunks s, s + slots, ... in order.
   at::Tensor du = at::zeros({slots, kPoints, K, C}, input.options());
+  // The products below (dU[xi] += dM[xi] V[xi]^T) as the measured policy sees
+  // them: on one thread each when the slots spread over the pool.
+  cpu_gemm::Problem product;
+  product.m = K;
+  product.n = C;
+  product.k = per_chunk * t.per_image();
+  product.b_transposed = true;
+  product.calling_thread = slots > 1 && at::get_num_threads() > 1;
+  const bool own_products =
+      fast_transforms<T>() && cpu_gemm::choose(product) == cpu_gemm::Kernel::own;
   std::atomic<bool> unsafe{false};
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
     const at::AutoDispatchBelowADInplaceOrView below;  // per thread
-    std::vector<T> pad(per_chunk * t.padded_h * t.padded_w);
+    memory::ScratchVector<T> pad(per_chunk * t.padded_h * t.padded_w);
     cpu_gemm::PackedB packed;  // reused by the chunks
     for (int64_t s = s0; s < s1; ++s) {
       at::Tensor acc = du[s];
@@ -858,7 +873,7 @@ bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
           transform_input(x, first, images, g, t, pad.data(), v.mutable_data_ptr<T>(), tiles);
           transform_grad_output(go, first, images, g, t, dm.mutable_data_ptr<T>(), tiles);
         }
-        if (fast_transforms<T>()) {
+        if (own_products) {
           // B = V[xi]^T: V's rows packed by register transposes.
           for (int xi = 0; xi < kPoints; ++xi) {
             cpu_gemm::pack_b_transposed(v[xi].template const_data_ptr<float>(), tiles, tiles, C,

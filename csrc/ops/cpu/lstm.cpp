@@ -62,6 +62,7 @@
 #include "ops/lstm.h"
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_policy.h"
 #include "ops/cpu/lstm_rows.h"
 #include "ops/lstm_float_compute.h"
 
@@ -181,11 +182,29 @@ void column_sum_cpu_kernel(const at::Tensor& m, at::Tensor& out) {
   });
 }
 
+// Whether the own kernel runs c (+)= a w for a weight w packed once
+// (common/cpu_gemm_policy.h measures it against BLAS per class).
+bool own_packed(int64_t rows, const cpu_gemm::PackedB& w) {
+  cpu_gemm::Problem p;
+  p.m = rows;
+  p.n = w.N;
+  p.k = w.K;
+  p.site = cpu_gemm::Site::packed_b;
+  return cpu_gemm::choose(p) == cpu_gemm::Kernel::own;
+}
+
 // float32 products go to the AVX-512 kernel of common/cpu_gemm.cpp when the
-// CPU has AVX-512; everything else falls back to at::mm in the driver.
+// CPU has AVX-512 and the measured policy chose it; everything else falls
+// back to at::mm in the driver.
 bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const void* packed) {
   if (packed == nullptr) {
+    if (c.scalar_type() != at::kFloat || !cpu_gemm::available() || a.dim() != 2 ||
+        b.dim() != 2 ||
+        cpu_gemm::choose(cpu_gemm::problem_of(c, a, b, cpu_gemm::Site::tensor, false)) !=
+            cpu_gemm::Kernel::own) {
+      return false;
+    }
     // B used once and already row-major (the per-step gate gradient of the
     // layer's weight-gradient products, whose rows the driver pads): read in
     // place instead of packed, unless its rows are a multiple of 512 bytes
@@ -202,7 +221,8 @@ bool matmul_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool ac
     return cpu_gemm::mm(c, a, b, accumulate);
   }
   if (c.scalar_type() != at::kFloat || !cpu_gemm::available() || c.dim() != 2 ||
-      (c.stride(1) != 1 && c.size(1) > 1)) {
+      (c.stride(1) != 1 && c.size(1) > 1) ||
+      !own_packed(a.size(0), *static_cast<const cpu_gemm::PackedB*>(packed))) {
     return false;
   }
   cpu_gemm::matmul(a.size(0), a.data_ptr<float>(), a.stride(0), a.stride(1),
@@ -228,6 +248,7 @@ bool step_forward_cpu(at::Tensor& gates, const at::Tensor& a, const void* w_pack
   if (gates.scalar_type() != at::kFloat || w_packed == nullptr || a.stride(1) != 1) return false;
   const auto& w = *static_cast<const cpu_gemm::PackedB*>(w_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  if (!own_packed(B, w)) return false;
   float* g = gates.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const int64_t lda = a.stride(0);
@@ -264,6 +285,7 @@ bool step_backward_cpu(const at::Tensor& dh_a, const at::Tensor& dh_b, const at:
   const auto& w_hh = *static_cast<const cpu_gemm::PackedB*>(w_hh_packed);
   const auto* w_ih = static_cast<const cpu_gemm::PackedB*>(w_ih_packed);
   const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  if (!own_packed(B, w_hh) || (w_ih != nullptr && !own_packed(B, *w_ih))) return false;
   const float* pa = ptr_or_null<float>(dh_a);
   const float* pb = ptr_or_null<float>(dh_b);
   const float* pc = ptr_or_null<float>(dc);

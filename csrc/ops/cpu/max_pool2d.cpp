@@ -23,6 +23,7 @@
 #include "ops/max_pool2d.h"
 
 #include "common/checked_math.h"
+#include "common/scratch_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -243,7 +244,7 @@ class Accumulator {
  private:
   T* dst_ = nullptr;
   int64_t count_ = 0;
-  std::vector<Acc> scratch_;
+  memory::ScratchVector<Acc> scratch_;
 };
 
 // The outputs whose window reads no input (only padding): they have no
@@ -313,7 +314,7 @@ void backward_nhwc(const T* grad_out, const int64_t* idx, T* grad_in, const Geom
   const char* skip = empty.empty() ? nullptr : empty.data();
   std::atomic<int64_t> bad_index{-1};
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch;
+    memory::ScratchVector<Acc> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t c0 = (task % blocks) * kBlock, c1 = std::min(C, c0 + kBlock), width = c1 - c0;

@@ -379,7 +379,9 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
     });
     return;
   }
-  if (tensor_core::try_grad_input(grad_output, weight, grad_input, g, stream)) return;
+  // The tensor-core pass multiplies the zeros around dOut like the ordinary
+  // one; the exact pass below redoes either when a weight is not finite.
+  const bool tensor_cores = tensor_core::try_grad_input(grad_output, weight, grad_input, g, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "handgrad::conv2d_grad_input", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -397,7 +399,7 @@ void grad_input_kernel(const at::Tensor& grad_output, const at::Tensor& weight,
                                       g.in_per_group(),
                                       g.batch * g.h.in_size * g.w.in_size,
                                       g.out_per_group() * g.taps()};
-    launch<Acc>(p, g.groups, stream);
+    if (!tensor_cores) launch<Acc>(p, g.groups, stream);
     launch<Acc, decltype(p), /*kExact=*/true>(p, g.groups, stream);
   });
 }

@@ -15,7 +15,10 @@
 //   grad_weight  dw[co][kh][kw] = sum over pixels of dy[n,oh,ow,co] x[n,ih,iw,co/m]:
 //                one thread per (co, tap) and split of the pixels, partial sums
 //                added in a fixed order by conv2d.cu (deterministic, no atomics)
-// Accumulation in at::opmath_type (float for float16/bfloat16).
+// Accumulation in at::opmath_type (float for float16/bfloat16). Special
+// values follow native's reference rules: forward and grad_weight multiply
+// the padding's zeros, grad_input sums only the (output, tap) pairs that
+// read an input.
 #pragma once
 
 #include "common/cuda_launch.cuh"
@@ -56,14 +59,16 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
     const int64_t n = pixel / (s.out_w * s.out_h);
     const int64_t c = co / s.multiplier;
     Acc acc = bias != nullptr ? static_cast<Acc>(bias[co]) : Acc(0);
+    // Padding taps multiply their zero too (native's rule: a non-finite
+    // weight makes 0 * w = NaN there).
     for (int64_t kh = 0; kh < g.h.kernel; ++kh) {
       const int64_t ih = input_pos(g.h, oh, kh);
-      if (!inside(ih, s.in_h)) continue;
       for (int64_t kw = 0; kw < g.w.kernel; ++kw) {
         const int64_t iw = input_pos(g.w, ow, kw);
-        if (!inside(iw, s.in_w)) continue;
-        acc += static_cast<Acc>(x[((n * s.in_h + ih) * s.in_w + iw) * s.channels + c]) *
-               static_cast<Acc>(w[(co * g.h.kernel + kh) * g.w.kernel + kw]);
+        const Acc xv = inside(ih, s.in_h) && inside(iw, s.in_w)
+                           ? static_cast<Acc>(x[((n * s.in_h + ih) * s.in_w + iw) * s.channels + c])
+                           : Acc(0);
+        acc += xv * static_cast<Acc>(w[(co * g.h.kernel + kh) * g.w.kernel + kw]);
       }
     }
     y[e] = static_cast<T>(acc);
@@ -121,10 +126,10 @@ __global__ void grad_weight_kernel(const T* __restrict__ dy, const T* __restrict
     int64_t n = first / (s.out_w * s.out_h);
     for (int64_t pixel = first; pixel < last; ++pixel) {
       const int64_t ih = input_pos(g.h, oh, kh), iw = input_pos(g.w, ow, kw);
-      if (inside(ih, s.in_h) && inside(iw, s.in_w)) {
-        acc += static_cast<Acc>(dy[pixel * s.out_channels + co]) *
-               static_cast<Acc>(x[((n * s.in_h + ih) * s.in_w + iw) * s.channels + c]);
-      }
+      const Acc xv = inside(ih, s.in_h) && inside(iw, s.in_w)
+                         ? static_cast<Acc>(x[((n * s.in_h + ih) * s.in_w + iw) * s.channels + c])
+                         : Acc(0);  // padding: dy * 0, NaN for a non-finite dy as in native
+      acc += static_cast<Acc>(dy[pixel * s.out_channels + co]) * xv;
       if (++ow == s.out_w) {  // the next pixel, without dividing
         ow = 0;
         if (++oh == s.out_h) {
