@@ -37,6 +37,10 @@
 // next step's dz W_hh, h_n), dm_t = dh_t W_hr enters the pointwise backward
 // where dh_t does without a projection, and grad_W_hr = sum_t dh_t^T m_t,
 // m_t recomputed from the saved o_t and c_t.
+//
+// Hidden size 0 (allowed, as by native lstm_cell): every state, gate and
+// output is empty, nothing depends on the input, and backward returns zero
+// gradients shaped like the input and the (0, .) weights.
 #include "ops/lstm.h"
 
 #include "common/checks.h"
@@ -49,6 +53,7 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -92,8 +97,6 @@ Sizes check_parameters(const at::Tensor& input, const at::Tensor& w_ih, const at
     check_same_dtype(input, w_hr, op, "input", "w_hr");
     check_same_device(input, w_hr, op, "input", "w_hr");
   }
-  TORCH_CHECK(H > 0, op, ": the hidden size (w_hh.size(1)) must be positive, but w_hh has shape ",
-              w_hh.sizes());
   TORCH_CHECK(w_hh.size(0) == 4 * H && w_hh.size(1) == R, op,
               ": expected w_hh of shape (4*hidden_size, hidden_size) = (", 4 * H, ", ", H,
               "), but got ", w_hh.sizes());
@@ -154,6 +157,11 @@ at::Tensor mm(const Kernels& k, const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
+// A (B, 0) state or gradient: with hidden size 0 every state is empty.
+at::Tensor empty_state(const at::Tensor& input, int64_t B) {
+  return at::empty({B, 0}, input.options());
+}
+
 std::shared_ptr<const void> pack(const Kernels& k, const at::Tensor& b) {
   return k.pack ? k.pack(b) : nullptr;
 }
@@ -170,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
   const int64_t B = input.size(0);
   check_state(input, hx, B, H, op, "hx");
   check_state(input, cx, B, H, op, "cx");
+  if (H == 0) return {empty_state(input, B), empty_state(input, B), empty_state(input, B)};
 
   // One gate matrix from both products: x W_ih^T, then += h W_hh^T in place.
   at::Tensor gates = mm(k, input, w_ih.t());
@@ -197,6 +206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               ": expected gates of shape (", B, ", ", 4 * H, "), but got ", gates.sizes());
   check_like(grad_hy, cy, op, "grad_hy");
   check_like(grad_cy, cy, op, "grad_cy");
+  if (H == 0) {  // nothing depends on the input: a zero gradient of its shape
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous), empty_state(input, B),
+            empty_state(input, B), at::zeros(w_ih.sizes(), input.options()),
+            at::zeros(w_hh.sizes(), input.options()), at::zeros({0}, input.options())};
+  }
 
   at::Tensor dgates = at::empty({B, 4 * H}, input.options());
   at::Tensor grad_cx = at::empty({B, H}, input.options());
@@ -308,6 +322,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   check_state(input, h0, B, R, op, "h0", R < H ? "proj_size" : "hidden_size");
   check_state(input, c0, B, H, op, "c0");
   const bool proj = w_hr.defined();
+  if (H == 0) {  // no projection is possible (it needs 0 < proj_size < hidden_size)
+    const at::Tensor none = at::empty(step_shape(input, packed, 0), input.options());
+    return {none, empty_state(input, B), empty_state(input, B), none, none};
+  }
 
   const at::Tensor bih = defined_or_empty(b_ih), bhh = defined_or_empty(b_hh);
   at::Tensor output = at::empty(step_shape(input, packed, R), input.options());
@@ -454,6 +472,16 @@ layer_backward(const c10::optional<at::Tensor>& grad_output,
   check_like(grad_hT, h0, op, "grad_hT");
   check_like(grad_cT, c0, op, "grad_cT");
   const bool proj = w_hr.defined();
+  if (H == 0) {
+    return {input_grad ? at::zeros_like(input, at::MemoryFormat::Contiguous)
+                       : at::empty({0}, input.options()),
+            empty_state(input, B),
+            empty_state(input, B),
+            at::zeros(w_ih.sizes(), input.options()),
+            at::zeros(w_hh.sizes(), input.options()),
+            at::zeros({0}, input.options()),
+            at::empty({0}, input.options())};
+  }
   auto visited = [&](int64_t s) { return reverse ? T - 1 - s : s; };
 
   const at::Tensor go = defined_or_empty(grad_output);

@@ -25,7 +25,10 @@
 //
 // float32 rows run vectorized (lstm_rows.inc: AVX2, or AVX-512 when the CPU
 // has it; tanh and sigmoid through e^x); float64 and
-// the vector tails use the scalar unit helpers of ops/lstm.h. Inside the
+// the vector tails use the scalar unit helpers of ops/lstm.h.
+// float16 and bfloat16 run in float32 through these same float32 kernels,
+// the gates and cell states saved in float32 and each returned value rounded
+// once (ops/lstm_float_compute.h). Inside the
 // layer's time loop each step is one parallel region: every thread computes
 // the product and the pointwise pass of its own batch rows
 // (step_forward_cpu / step_backward_cpu); the weight-gradient product of a
@@ -61,6 +64,7 @@
 #include "common/cpu_gemm.h"
 #include "common/cpu_gemm_policy.h"
 #include "ops/cpu/lstm_rows.h"
+#include "ops/lstm_float_compute.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -310,10 +314,13 @@ const Kernels kCpuKernels{&forward_cpu_kernel, &backward_cpu_kernel, &column_sum
                           &matmul_cpu,         &pack_cpu,            &step_forward_cpu,
                           &step_backward_cpu};
 
+// float16 / bfloat16 run through the float32 kernels (ops/lstm_float_compute.h);
+// other floating types are named here, non-floating ones by the driver.
 void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                       !at::isFloatingType(t.scalar_type()),
-              op, ": the CPU kernels support float32 and float64, but got ", t.scalar_type());
+                       float_compute::applies(t) || !at::isFloatingType(t.scalar_type()),
+                   op, ": the CPU kernels support float32, float64, float16 and bfloat16, but got ",
+                   t.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
@@ -321,6 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh) {
   check_cpu(input, "handgrad::lstm_cell");
+  if (float_compute::applies(input)) {
+    return float_compute::cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, kCpuKernels);
+  }
   return cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, kCpuKernels);
 }
 
@@ -330,6 +340,10 @@ lstm_cell_backward_cpu(const c10::optional<at::Tensor>& grad_hy,
                        const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& input,
                        const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh) {
   check_cpu(input, "handgrad::lstm_cell_backward");
+  if (float_compute::applies(input)) {
+    return float_compute::cell_backward(grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w_hh,
+                                        kCpuKernels);
+  }
   return cell_backward(grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w_hh, kCpuKernels);
 }
 
@@ -339,6 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const c10::optional<at::Tensor>& b_hh, bool reverse, const c10::optional<at::Tensor>& w_hr,
     c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer");
+  if (float_compute::applies(input)) {
+    return float_compute::layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr,
+                                        batch_sizes, kCpuKernels);
+  }
   return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, w_hr, batch_sizes,
                        kCpuKernels);
 }
@@ -352,6 +370,11 @@ lstm_layer_backward_cpu(const c10::optional<at::Tensor>& grad_output,
                         const at::Tensor& cells, bool reverse, bool input_grad,
     const c10::optional<at::Tensor>& w_hr, c10::OptionalIntArrayRef batch_sizes) {
   check_cpu(input, "handgrad::lstm_layer_backward");
+  if (float_compute::applies(input)) {
+    return float_compute::layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih,
+                                         w_hh, output, gates, cells, reverse, input_grad, w_hr,
+                                         batch_sizes, kCpuKernels);
+  }
   return layer_backward(grad_output, grad_hT, grad_cT, input, h0, c0, w_ih, w_hh, output, gates,
                         cells, reverse, input_grad, w_hr, batch_sizes, kCpuKernels);
 }

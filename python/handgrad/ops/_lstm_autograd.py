@@ -32,6 +32,35 @@ import torch
 from ._autograd import OPS, register_autograd
 
 
+# ---- float16 / bfloat16 on the CPU ------------------------------------------------------------
+#
+# The CPU computes these dtypes in float32 and saves the gates and cells in
+# float32 (csrc/ops/lstm_float_compute.h), so the formulas below meet float32
+# gates next to half-precision weights. They then run in float32 as well: every
+# half-precision tensor argument is widened, and each result is rounded once
+# to the dtype of the tensor it is the gradient or tangent of.
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(result_likes):
+    """Decorator: result_likes(args) names, per result, the argument whose dtype it takes."""
+    def wrap(formula):
+        def widened(*args):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not (any(t.dtype in _HALF for t in tensors)
+                    and any(t.dtype == torch.float32 for t in tensors)):
+                return formula(*args)
+            results = formula(*[a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF
+                                else a for a in args])
+            return tuple(r if r is None or like is None else r.to(like.dtype)
+                         for r, like in zip(results, result_likes(args)))
+        widened.__name__ = formula.__name__
+        widened.__doc__ = formula.__doc__
+        return widened
+    return wrap
+
+
 def _sum(*terms):
     present = [t for t in terms if t is not None]
     return sum(present[1:], present[0]) if present else None
@@ -174,6 +203,7 @@ def _flat(t):
 #   t_z_t = t_x_t W_ih^T + x_t t_W_ih^T + h_{t-1} t_W_hh^T + t_b   (all steps at once)
 #         + t_h_{t-1} W_hh^T                                      (the recurrence)
 # followed by the pointwise tangent, step by step in the forward order.
+@_in_float32(lambda a: (a[5], a[5], a[5], a[6], a[7]))  # out, hT, cT like out; gates; cells
 def _sequence_tangent(x, h0, c0, w_ih, w_hh, out, gates, cells, reverse,
                       t_x, t_h0, t_c0, t_w_ih, t_w_hh, t_b):
     h_prev = _previous(_or_zeros(out, cells), h0, reverse)
@@ -225,6 +255,7 @@ def _through_time(grad_output, grad_hT, grad_cT, gates, c_prev, cells, w_hh, rev
 # Backward of the layer, with the linear parts over all steps at once:
 #   grad_x_t = dz_t W_ih;  grad_W_ih = sum_t dz_t^T x_t;  grad_W_hh = sum_t dz_t^T h_{t-1};
 #   grad_b = sum_t,rows dz_t;  and dh_{t-1} = dz_t W_hh inside _through_time.
+@_in_float32(lambda a: (a[5],) * 6)  # every gradient like x
 def _sequence_backward(grad_output, grad_hT, grad_cT, grad_gates, grad_cells, x, h0, c0, w_ih,
                        w_hh, out, gates, cells, reverse):
     h_prev = _previous(_or_zeros(out, cells), h0, reverse)
@@ -240,6 +271,7 @@ def _sequence_backward(grad_output, grad_hT, grad_cT, grad_gates, grad_cells, x,
 # differentiated one by one in the same order --
 #   t_dh_{t-1} = t_dz_t W_hh + dz_t t_W_hh, t_dc_{t-1} from the pointwise tangent --
 # then the linear parts' product rule (t_grad_x = t_dz W_ih + dz t_W_ih, ...).
+@_in_float32(lambda a: (a[3],) * 6)  # every tangent like x
 def _sequence_backward_tangent(grad_output, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, out, gates,
                                cells, reverse, t_go, t_ghT, t_gcT, t_x, t_h0, t_c0, t_w_ih,
                                t_w_hh, t_out, t_gates, t_cells):
@@ -282,6 +314,7 @@ def _flat_or_none(t):
 # forward in time -- carrying G_dh and G_dc through _pointwise_backward_adjoint:
 #   d grad_output_t = G_dh_t (dh_t = grad_output_t + dz_{t+1} W_hh)
 # and what is left at the last step reaches grad_hT and grad_cT.
+@_in_float32(lambda a: a[1:12])  # grad_output ... cells, each like itself
 def _sequence_backward_adjoint(needs, grad_output, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, out,
                                gates, cells, reverse, g_x, g_h0, g_c0, g_w_ih, g_w_hh, g_b):
     h_prev = _previous(_or_zeros(out, cells), h0, reverse)

@@ -40,13 +40,22 @@ def _check_same_device(op, tensors):
                  % (op, sorted(str(d) for d in devices)))
 
 
+def _saved_dtype(input):
+    """The dtype of the saved gates and cells: float32 for float16 / bfloat16
+    input on the CPU (computed in float32, saved unrounded; see
+    csrc/ops/lstm_float_compute.h), else the input's."""
+    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return input.dtype
+
+
 @torch.library.register_fake("handgrad::lstm_cell")
 def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     torch._check(input.dim() == 2, lambda: "handgrad::lstm_cell: expected 2-D input")
     _check_same_device("handgrad::lstm_cell", (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
     batch, hidden = input.shape[0], w_hh.shape[1]
     return (input.new_empty((batch, hidden)), input.new_empty((batch, hidden)),
-            input.new_empty((batch, 4 * hidden)))
+            input.new_empty((batch, 4 * hidden), dtype=_saved_dtype(input)))
 
 
 @torch.library.register_fake("handgrad::lstm_cell_backward")
@@ -69,8 +78,9 @@ def _lstm_layer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse=False, w_hr=
     steps = tuple(input.shape[:-1])  # (T, B) padded, (N,) packed
     batch = h0.shape[0]
     return (input.new_empty((*steps, state)), input.new_empty((batch, state)),
-            input.new_empty((batch, hidden)), input.new_empty((*steps, 4 * hidden)),
-            input.new_empty((*steps, hidden)))
+            input.new_empty((batch, hidden)),
+            input.new_empty((*steps, 4 * hidden), dtype=_saved_dtype(input)),
+            input.new_empty((*steps, hidden), dtype=_saved_dtype(input)))
 
 
 @torch.library.register_fake("handgrad::lstm_layer_backward")
@@ -99,9 +109,12 @@ def lstm_cell(input: torch.Tensor, hx: Tuple[torch.Tensor, torch.Tensor], w_ih: 
     Returns:
         ``(hy, cy)``, shaped like ``h`` and ``c``.
 
-    Dtypes and devices: float32 and float64 on the CPU; float32, float64,
-    float16 and bfloat16 on CUDA. Differentiable in every tensor; saved for
-    backward: the activated gates and the cell states.
+    Dtypes and devices: float32, float64, float16 and bfloat16 on the CPU and
+    on CUDA. On the CPU, float16 and bfloat16 are computed in float32 (the
+    float32 kernels) and each result is rounded once. Differentiable in every
+    tensor; saved for backward: the activated gates and the cell states (in
+    float32 for float16 / bfloat16 on the CPU). hidden_size may be 0 (empty
+    states, zero input gradient), as for native.
     """
     h, c = hx
     if input.dim() == 1:
