@@ -51,19 +51,22 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     # Narrowed to devices other than the CPU, the run keeps only the tests
     # about those devices: the device cases and the tests marked `gpu`.
-    if "cpu" in _selected_devices():
-        return
     # HANDGRAD_TEST_ONE_CASE=1 keeps the first case of each test function: the
     # ThreadSanitizer run in CI (every kernel family once; TSan slows the
-    # emulator about tenfold, and a race shows at any size).
+    # emulator about tenfold, and a race shows at any size) and the CI run of
+    # the installed CPU-only wheel (every test function once against that
+    # build; the kernels are the ones `make test` checked case by case).
+    narrowed = "cpu" not in _selected_devices()
     one_case = os.environ.get("HANDGRAD_TEST_ONE_CASE") == "1"
+    if not narrowed and not one_case:
+        return
     seen = set()
     kept, dropped = [], []
     for item in items:
         uses_device = "device" in getattr(item, "fixturenames", ())
-        wanted = uses_device or item.get_closest_marker("gpu")
+        wanted = uses_device or item.get_closest_marker("gpu") or not narrowed
         if wanted and one_case:
-            function = (item.nodeid.split("[")[0])
+            function = item.nodeid.split("[")[0]
             wanted = function not in seen
             seen.add(function)
         (kept if wanted else dropped).append(item)
