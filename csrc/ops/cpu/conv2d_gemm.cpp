@@ -480,7 +480,7 @@ bool own_weight_gradient(const at::Tensor& input, const Geometry& g, bool transp
   p.n = transposed ? g.out_per_group() : g.patch();
   p.k = max_cols;
   p.b_transposed = true;
-  p.calling_thread = slots > 1 && at::get_num_threads() > 1;
+  p.calling_thread = slots > 1;  // not the thread count: one class at any count
   return cpu_gemm::choose(p) == cpu_gemm::Kernel::own;
 }
 

@@ -833,7 +833,7 @@ bool grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& input,
   product.n = C;
   product.k = per_chunk * t.per_image();
   product.b_transposed = true;
-  product.calling_thread = slots > 1 && at::get_num_threads() > 1;
+  product.calling_thread = slots > 1;  // not the thread count: one class at any count
   const bool own_products =
       fast_transforms<T>() && cpu_gemm::choose(product) == cpu_gemm::Kernel::own;
   std::atomic<bool> unsafe{false};
