@@ -188,3 +188,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                 "emulated threads)" % (covered, total, launches, threads))
     if missing:
         terminalreporter.write_line("not run: " + ", ".join("%s.cu:%s" % m for m in missing))
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable test ids for dtypes and devices: float32, not dtype0."""
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    if isinstance(val, torch.device):
+        return str(val)
+    if (isinstance(val, (tuple, list)) and all(type(v) in (int, float) for v in val)
+            and len(val) <= 8):
+        return "x".join(str(v) for v in val)  # a shape: 2x3x9x9, not shape0
+    return None
