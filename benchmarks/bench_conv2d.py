@@ -70,7 +70,7 @@ def make_cases(device):
             handgrad=lambda x, w, b: handgrad.ops.conv2d(x, w, b, stride, padding),
             native=lambda x, w, b: F.conv2d(x, w, b, stride, padding))
 
-    return [
+    cases = [
         # the nine targets
         case((4, 3, 32, 32), 6, 5, first_layer=True, target=1.0),
         case((128, 3, 32, 32), 6, 5, first_layer=True, target=1.0),
@@ -91,6 +91,21 @@ def make_cases(device):
         case((128, 64, 32, 32), 64, 3, 1, stride=2),
         case((128, 40, 12, 12), 80, 5),  # the MNIST CNN's second layer
     ]
+    if device.type == "cuda":
+        # ResNet-50's 3x3 and 1x1 layers at batch 64, NHWC, on the tensor-core
+        # implicit GEMMs (conv2d_tensor_core.cuh): bfloat16, and float32 as
+        # TF32 (torch.backends.cudnn.allow_tf32, native's default for
+        # convolutions, which handgrad follows). Issue 14's target: >= 0.5x cuDNN.
+        resnet50 = [((64, 64, 56, 56), 64, 3, 1), ((64, 128, 28, 28), 128, 3, 1),
+                    ((64, 256, 14, 14), 256, 3, 1), ((64, 512, 7, 7), 512, 3, 1),
+                    ((64, 256, 56, 56), 64, 1, 0), ((64, 64, 56, 56), 256, 1, 0),
+                    ((64, 512, 28, 28), 128, 1, 0), ((64, 1024, 14, 14), 256, 1, 0),
+                    ((64, 2048, 7, 7), 512, 1, 0)]
+        for dtype in (torch.bfloat16, torch.float32):
+            for shape, out_channels, kernel, padding in resnet50:
+                cases.append(case(shape, out_channels, kernel, padding, channels_last=True,
+                                  dtype=dtype, target=0.5))
+    return cases
 
 
 if __name__ == "__main__":
