@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from handgrad import models
+from handgrad.training import distributed
 from handgrad.training.trainer import Run, TrainConfig
 
 
@@ -30,6 +31,14 @@ def without_dropout(module):
 
 
 def main():
+    try:
+        train(parse())
+        distributed.stop(finished=True)  # as `handgrad train` does, before interpreter shutdown
+    finally:
+        distributed.stop()
+
+
+def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--models", required=True)
     p.add_argument("--data-root", required=True)
@@ -38,7 +47,10 @@ def main():
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--no-dropout", action="store_true")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def train(args):
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -54,8 +66,6 @@ def main():
         if run.share.is_main:  # the weights before training, to measure how far they moved
             torch.save(run.model.state_dict(), os.path.join(config.out, "initial.pt"))
         run.fit()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -810,22 +810,27 @@ def test_special_values_follow_native_without_avx512():
                             timeout=600, HANDGRAD_CPU_AVX512="0")
 
 
-def test_winograd_huge_and_infinite_inputs_issue_example():
-    # Issue 16, item 9: 3x3, stride 1, >= 64 channels.
+@pytest.mark.parametrize("where", [(0, 0, 3, 3), (1, 63, 7, 7)], ids=["first", "last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_winograd_huge_and_infinite_inputs_issue_example(layout, where):
+    # Issue 16, item 9: 3x3, stride 1, >= 64 channels. channels_last runs the
+    # transforms in place (their magnitude scan reads the chunk as one run):
+    # the value must be found at either end of it.
     torch.manual_seed(0)
-    x = torch.randn(2, 64, 8, 8)
+    x = in_layout(torch.randn(2, 64, 8, 8), layout)
     w = torch.randn(64, 64, 3, 3) / 24
     for value in (8.5e37, 1e38, 3e38):
         xs = x.clone()
-        xs[0, 0, 3, 3] = value
+        xs[where] = value
         got, ref = handgrad.ops.conv2d(xs, w, padding=1), F.conv2d(xs.double(), w.double(), padding=1)
         assert bool(torch.isfinite(ref).all()) and bool(torch.isfinite(got).all())
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     xs = x.clone()
-    xs[0, 0, 3, 3] = float("inf")
+    xs[where] = float("inf")
     got, ref = handgrad.ops.conv2d(xs, w, padding=1), F.conv2d(xs.double(), w.double(), padding=1)
     assert_same_special_values(got, ref, atol=1e-4, rtol=1e-4, what="output")
-    assert int(torch.isnan(got).sum()) == 0 and int(torch.isinf(got).sum()) == 64 * 9
+    reach = 9 if where[2] == 3 else 4  # an interior pixel feeds 3x3 outputs, a corner 2x2
+    assert int(torch.isnan(got).sum()) == 0 and int(torch.isinf(got).sum()) == 64 * reach
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@
 //   (128,64,16,16)->128 k3p1 1.38x    (128,256,4,4)->512 k3p1 1.06x
 //   (128,1,28,28)->40 k5 first 1.20x  (128,1,28,28)->4 k3p1 first 1.70x
 //   (128,4,14,14)->8 k3p1 2.21x       (128,40,12,12)->80 k5 1.03x
-//   (128,64,32,32)->64 k3p1 s2 1.39x  (128,64,16,16)->128 channels_last 0.72x
+//   (128,64,32,32)->64 k3p1 s2 1.39x  (128,64,16,16)->128 channels_last 1.10x
 // Per part at 1 thread on the quiet machine (benchmarks/conv2d_parts.py): the
 // 16..64-channel 3x3 layers of the VAE/GAN at 14x14 run forward and
 // grad_input at 0.8-1.15x and their weight gradient, vectorized over input
@@ -45,7 +45,10 @@
 // computes 14 columns for every 10 outputs (the wide rows), 0.77x. Before the
 // AVX-512 GEMM and direct kernels (MKL's AVX2 code, AVX2 direct kernels) the
 // large-channel layers ran at 0.5-0.6x and LeNet's second layer at 0.74x.
-// channels_last is transposed to NCHW (native computes NHWC directly).
+// channels_last: Winograd layers run in place (their transforms gather and
+// scatter through stride tables: 0.72x with NCHW copies, 1.10x without,
+// `bench_conv2d.py --threads 2 --reps 15 --cases "(128, 64, 16, 16)"`);
+// the direct and im2col paths work on NCHW copies.
 #include "ops/cpu/conv2d_cpu.h"
 
 #include "common/cpu_gemm.h"
@@ -88,6 +91,15 @@ bool use_gemm_correlation(int64_t rows, int64_t depth, const Geometry& g) {
 bool rows_dense(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
 
 at::Tensor nchw(const at::Tensor& t) { return rows_dense(t) ? t : t.contiguous(); }
+
+// The Winograd transforms gather and scatter through per-chunk offset tables
+// built from the strides, so NCHW and channels_last (NHWC) activations run
+// in place; other strided views get an NCHW copy.
+bool winograd_dense(const at::Tensor& t) {
+  return rows_dense(t) || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor winograd_layout(const at::Tensor& t) { return winograd_dense(t) ? t : t.contiguous(); }
 
 template <typename F>
 void into(at::Tensor& result, F&& compute) {
@@ -134,11 +146,9 @@ void forward_float(const at::Tensor& input, const at::Tensor& weight, const at::
                    at::Tensor& output, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    into(output, [&](at::Tensor& y) {
-      if (!winograd::forward(nchw(input), weight, bias, y, g)) {
-        gemm::forward(nchw(input), weight, bias, y, g);
-      }
-    });
+    if (!winograd::forward(winograd_layout(input), weight, bias, output, g)) {
+      into(output, [&](at::Tensor& y) { gemm::forward(nchw(input), weight, bias, y, g); });
+    }
   } else if (use_gemm_correlation(g.out_per_group(), g.patch(), g)) {
     into(output, [&](at::Tensor& y) { gemm::forward(nchw(input), weight, bias, y, g); });
   } else {
@@ -150,11 +160,9 @@ void grad_input_float(const at::Tensor& grad_output, const at::Tensor& weight,
                       at::Tensor& grad_input, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    into(grad_input, [&](at::Tensor& dx) {
-      if (!winograd::grad_input(nchw(grad_output), weight, dx, g)) {
-        gemm::grad_input(nchw(grad_output), weight, dx, g);
-      }
-    });
+    if (!winograd::grad_input(winograd_layout(grad_output), weight, grad_input, g)) {
+      into(grad_input, [&](at::Tensor& dx) { gemm::grad_input(nchw(grad_output), weight, dx, g); });
+    }
   } else if (use_gemm_correlation(g.in_per_group(), g.out_per_group() * g.taps(), g) ||
              any_nonfinite(weight)) {
     into(grad_input, [&](at::Tensor& dx) { gemm::grad_input(nchw(grad_output), weight, dx, g); });
@@ -167,7 +175,8 @@ void grad_weight_float(const at::Tensor& grad_output, const at::Tensor& input,
                        at::Tensor& grad_weight, const Geometry& g) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (winograd::applies(g)) {
-    if (!winograd::grad_weight(nchw(grad_output), nchw(input), grad_weight, g)) {
+    if (!winograd::grad_weight(winograd_layout(grad_output), winograd_layout(input), grad_weight,
+                               g)) {
       gemm::grad_weight(nchw(grad_output), nchw(input), grad_weight, g);
     }
   } else if (!direct::by_channels(g) && use_gemm(g.out_per_group(), g.patch())) {

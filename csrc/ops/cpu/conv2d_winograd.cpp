@@ -141,6 +141,12 @@ template <typename T>
 MagnitudeBits<T> chunk_magnitude(const View4<T>& t, int64_t first, int64_t images,
                                  int64_t channels, int64_t rows, int64_t cols) {
   MagnitudeBits<T> m = 0;
+  if (t.sc == 1 && t.sw == channels && t.sh == cols * channels && t.sn == rows * t.sh) {
+    // channels_last: the chunk is one contiguous run
+    const T* run = t.plane(first, 0);
+    for (int64_t k = 0; k < images * t.sn; ++k) m = std::max(m, magnitude_bits(run[k]));
+    return m;
+  }
   for (int64_t i = first; i < first + images; ++i) {
     for (int64_t c = 0; c < channels; ++c) {
       const T* plane = t.plane(i, c);

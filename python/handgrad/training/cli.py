@@ -118,6 +118,7 @@ def run(args):
                              lr_schedule=args.lr_schedule, device=args.device, amp=args.amp,
                              progress=not args.no_progress)
         Run(config).fit()
+        distributed.stop(finished=True)
     except (ValueError, DataError, CheckpointError) as e:
         error("handgrad train: error: %s" % _one_line(e))
         return 2

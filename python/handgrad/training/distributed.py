@@ -37,6 +37,7 @@ so the GAN without dropout is (tests/test_distributed.py).
 
 import dataclasses
 import datetime
+import gc
 import os
 from typing import List, Sequence
 
@@ -133,8 +134,20 @@ def lost_a_process(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in LOST_PEER_MARKERS)
 
 
-def stop() -> None:
+def stop(finished: bool = False) -> None:
+    """Ends the process group in order, while the interpreter is fully alive.
+
+    A DistributedDataParallel left in an unreachable reference cycle keeps the
+    gloo group's work objects (tensors with Python references) alive until
+    interpreter shutdown, and destroying them then aborts the process
+    ("terminate called without an active exception", seen once in CI on rank 1
+    after every model had trained). So: collect such cycles first and, when
+    every process `finished` its work, let them all arrive before any of them
+    closes its connections (after an error, a peer may be gone: no barrier)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
