@@ -605,3 +605,40 @@ def test_cross_entropy_formula_terms_match_the_kernel(device, reduction, target_
             s = ce._per_row(ce._row_scale(g, x, w_t, reduction), x)
             p = ce._probabilities(x, lse)
             torch.testing.assert_close(kernel, s * (W.sum(1, keepdim=True) * p - W))
+
+
+# ---------------------------------------------------------------------------
+# The Autograd kernel records a node only when there is something to record:
+# with no input needing a gradient, or grad mode off (every first-order
+# backward), it goes straight to the kernel, as native ops do; raw calls that
+# leave trailing arguments at their defaults give the formulas every argument.
+
+def test_autograd_kernel_records_only_what_needs_recording():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out, _ = torch.ops.handgrad.max_pool2d(x, [2, 2])
+    assert out.grad_fn is None and not out.requires_grad
+    xg = x.clone().requires_grad_()
+    out, indices = torch.ops.handgrad.max_pool2d(xg, [2, 2])
+    assert type(out.grad_fn).__name__.startswith("handgrad_max_pool2d_autograd")
+    assert not indices.requires_grad
+    with torch.no_grad():
+        assert torch.ops.handgrad.max_pool2d(xg, [2, 2])[0].grad_fn is None
+    # A tangent without requires_grad still reaches the jvp formula.
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        tangent = fwAD.unpack_dual(torch.ops.handgrad.max_pool2d(dual, [2, 2])[0]).tangent
+    assert tangent is not None and bool((tangent == 1).all())
+
+
+def test_autograd_kernel_fills_the_defaults_the_dispatcher_drops():
+    # stride=[] (the kernel size), padding 0, dilation 1 left out, then given.
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    for args in ([[3, 3]], [[3, 3], [2, 2]], [[3, 3], [2, 2], [1, 1]],
+                 [[3, 3], [2, 2], [1, 1], [1, 1], True]):
+        out = torch.ops.handgrad.max_pool2d(x, *args)[0]
+        full = args + [[], [0, 0], [1, 1], False][len(args) - 1:]
+        ref = F.max_pool2d(x, full[0], full[1] or None, full[2], full[3], ceil_mode=full[4])
+        (got,) = torch.autograd.grad(out.sum(), x)
+        (want,) = torch.autograd.grad(ref.sum(), x)
+        assert out.shape == ref.shape, args
+        torch.testing.assert_close(got, want)

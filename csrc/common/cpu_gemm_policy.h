@@ -2,10 +2,13 @@
 // handgrad's own AVX-512 micro-kernel (common/cpu_gemm.h) or the BLAS behind
 // at::mm / at::addmm (MKL or OpenBLAS, whatever torch ships).
 //
-// Why measure: neither wins everywhere. On an AMD EPYC (Zen 5) MKL runs its
-// AVX2 code and the own kernel is ~2x faster; on an Intel Xeon with AVX-512
-// MKL runs its AVX-512 code and wins most shapes (issue 15: the own kernel
-// missed 10 of 23 op targets there). The right choice depends on the CPU, the
+// Why measure: neither wins everywhere. On an AMD EPYC Zen 5 MKL runs its
+// AVX2 code and the own kernel is ~2x faster; on an AMD EPYC Zen 4 (family
+// 25 model 17: AVX-512 on 256-bit units, so no faster than AVX2) they tie --
+// the LSTM cell's (128 x 2048 x 256 / 512) products at 1 thread: own 1420 /
+// 3101 us, MKL 1360 / 2801 us; on an Intel Xeon with AVX-512 MKL runs its
+// AVX-512 code and wins most shapes (issue 15: the own kernel missed 10 of
+// 23 op targets there). The right choice depends on the CPU, the
 // shape and the thread count, so it is measured once per process, the first
 // time a problem class is seen (like cuDNN's benchmark mode), and cached.
 //

@@ -4,8 +4,7 @@
 a backward formula only: forward-mode AD (``torch.func.jvp``, ``jacfwd``,
 ``torch.autograd.forward_ad``) then silently sees a zero or missing tangent.
 ``register_autograd`` here installs the same kind of kernel -- an
-``autograd.Function`` in the setup_context style, registered on the op's
-Autograd dispatch key, whose forward redispatches below autograd to the
+``autograd.Function`` registered on the op's Autograd dispatch key, whose forward redispatches below autograd to the
 CPU/CUDA kernel -- with the op's ``jvp`` formula beside its backward, so
 reverse mode, forward mode and the functorch transforms (grad, vjp, jacrev,
 jacfwd, jvp) all use handgrad's own kernels, and opcheck and torch.compile
@@ -52,37 +51,59 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
     below_autograd = torch._C._after_autograd_keyset
 
     # The dispatcher drops trailing arguments equal to their defaults; the
-    # formulas always see every argument.
+    # formulas always see every argument. (The defaults are read from the
+    # schema once: torch's fill_defaults per call cost ~5 us.)
+    arguments = op._schema.arguments
+    trailing_defaults = []
+    for argument in reversed(arguments):
+        if not argument.has_default_value() or argument.kwarg_only:
+            break
+        trailing_defaults.insert(0, argument.default_value)
+    first_default = len(arguments) - len(trailing_defaults)
+
     def all_arguments(args):
+        if len(args) == len(arguments):
+            return tuple(args)
+        if first_default <= len(args) < len(arguments):
+            return (*args, *trailing_defaults[len(args) - first_default:])
         filled, _ = torch._library.utils.fill_defaults(op._schema, args, {})
         return tuple(filled)
+
+    def run_op(args, keyset):
+        with torch._C._AutoDispatchBelowAutograd():
+            if keyset is None:  # applied by call(), not from the dispatcher
+                return op(*args)
+            return op.redispatch(keyset & below_autograd, *args)
+
+    def setup(ctx, args, output):
+        args = all_arguments(args)
+        setup_context(ctx, args, output)
+        if _forward_ad._current_level < 0:
+            return  # no forward-mode AD: jvp cannot be called for this output
+        ctx.jvp_arguments = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
+        # Tensors for jvp (the arguments and the outputs) are kept only
+        # while forward-mode AD needs them: autograd drops them once the
+        # output tangents are computed.
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)], *outputs)
+        # A jvp's None means a zero tangent; autograd wants None only for
+        # non-differentiable outputs (and fails on it for the others).
+        fixed = getattr(ctx, "non_differentiable", None) or ()
+        ctx.differentiable_outputs = [
+            o.is_floating_point() and not any(o is n for n in fixed) for o in outputs]
 
     class Formula(torch.autograd.Function):
         # The dispatch key set travels as the last input, so that argument i
         # of the op stays input i of the Function (needs_input_grad lines up).
+        # Forward takes ctx itself (the older Function style): apply then
+        # skips binding the arguments to forward's signature with inspect,
+        # which cost ~10 us a call (the kernels of small layers take ~5).
         @staticmethod
-        def forward(*inputs):
+        def forward(ctx, *inputs):
             *args, keyset = inputs
-            with torch._C._AutoDispatchBelowAutograd():
-                if keyset is None:  # applied by call(), not from the dispatcher
-                    return op(*args)
-                return op.redispatch(keyset & below_autograd, *args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            args = all_arguments(inputs[:-1])
-            setup_context(ctx, args, output)
-            ctx.jvp_arguments = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
-            # Tensors for jvp (the arguments and the outputs) are kept only
-            # while forward-mode AD needs them: autograd drops them once the
-            # output tangents are computed.
-            outputs = output if isinstance(output, tuple) else (output,)
-            ctx.save_for_forward(*[a for a in args if isinstance(a, torch.Tensor)], *outputs)
-            # A jvp's None means a zero tangent; autograd wants None only for
-            # non-differentiable outputs (and fails on it for the others).
-            fixed = getattr(ctx, "non_differentiable", None) or ()
-            ctx.differentiable_outputs = [
-                o.is_floating_point() and not any(o is n for n in fixed) for o in outputs]
+            output = run_op(args, keyset)
+            setup(ctx, args, output)
+            return output
 
         @staticmethod
         def backward(ctx, *grad_outputs):
@@ -108,7 +129,7 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
             return tuple(_zero_if_none(t, o, d)
                          for t, o, d in zip(result, ctx.outputs, ctx.differentiable_outputs))
 
-    Formula.__name__ = Formula.__qualname__ = "handgrad_%s_autograd" % name
+    Formula = _named("handgrad_%s_autograd" % name, Formula)
 
     # The same formulas for the torch.func transforms, applied above the
     # dispatcher by call() (an autograd.Function cannot run under functorch
@@ -123,7 +144,7 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            Formula.setup_context(ctx, (*_unwrap(inputs), None), output)
+            setup(ctx, _unwrap(inputs), output)
 
         @staticmethod
         def backward(ctx, *grad_outputs):
@@ -133,7 +154,7 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
         def jvp(ctx, *tangents):
             return Formula.jvp(ctx, *tangents)
 
-    Transformable.__name__ = Transformable.__qualname__ = "handgrad_%s_transformable" % name
+    Transformable = _named("handgrad_%s_transformable" % name, Transformable)
     _TRANSFORMABLE[qualname] = (op, Transformable, None if dispatcher else Formula)
     if not dispatcher:
         return
@@ -149,9 +170,25 @@ def register_autograd(qualname, backward, setup_context, jvp, dispatcher=True):
                 "%s was called through torch.ops under a torch.func transform; handgrad's "
                 "formulas reach the transforms through handgrad.ops (or "
                 "handgrad.ops._autograd.OPS.%s), not the raw operator" % (qualname, name))
+        if _forward_ad._current_level < 0 and not (
+                torch.is_grad_enabled()
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            # Nothing to record (no input needs a gradient, or grad mode is
+            # off, as in every first-order backward; no forward-mode AD):
+            # straight to the kernel, as native ops do.
+            return run_op(args, keyset)
         return apply(*args, keyset)
 
     _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _named(name, function):
+    """`function` created again under `name`: autograd names the backward
+    node class when the Function class is created, so renaming it afterwards
+    would leave grad_fn showing a generic name."""
+    members = {k: v for k, v in vars(function).items()
+               if k in ("forward", "setup_context", "backward", "jvp", "generate_vmap_rule")}
+    return type(name, (torch.autograd.Function,), members)
 
 
 def _zero_if_none(tangent, output, differentiable):
