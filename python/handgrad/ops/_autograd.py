@@ -218,10 +218,16 @@ def call(qualname, *args):
     if torch._C._are_functorch_transforms_active():
         return transformable.apply(*(a if isinstance(a, torch.Tensor) else _Static(a)
                                      for a in args))
-    if formula is not None and _forward_ad._current_level >= 0:
-        # An op whose Autograd kernel has no jvp (dispatcher=False), while
-        # forward-mode AD is on: the formulas, applied here.
-        return formula.apply(*args, None)
+    if _forward_ad._current_level >= 0:
+        if formula is not None:
+            # An op whose Autograd kernel has no jvp (dispatcher=False), while
+            # forward-mode AD is on: the formulas, applied here.
+            return formula.apply(*args, None)
+    elif not torch.is_grad_enabled():
+        # Nothing to record (a first-order backward calling a backward op):
+        # past the Autograd kernel straight to the device kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
     return op(*args)
 
 
