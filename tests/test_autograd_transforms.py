@@ -11,6 +11,7 @@ batching fallback.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -111,9 +112,11 @@ def _cross_entropy_index(reduction):
     return case
 
 
-def _cross_entropy_probabilities(reduction):
+def _cross_entropy_probabilities(reduction, weighted=False):
     def case(device):
         kw = dict(reduction=reduction, label_smoothing=0.1)
+        if weighted:  # class weights reach the target's gradient and the row scale of 'mean'
+            kw["weight"] = torch.rand(4, dtype=D, device=device) + 0.5
         target = torch.softmax(randn(2, 4, 3, device=device), 1)
         return (lambda x, y: HG.cross_entropy(x, y, **kw),
                 lambda x, y: F.cross_entropy(x, y, **kw), (randn(2, 4, 3, device=device), target))
@@ -178,6 +181,7 @@ CASES = {
     "cross_entropy_none": _cross_entropy_index("none"),
     "cross_entropy_probabilities_sum": _cross_entropy_probabilities("sum"),
     "cross_entropy_probabilities_none": _cross_entropy_probabilities("none"),
+    "cross_entropy_probabilities_mean_weighted": _cross_entropy_probabilities("mean", True),
     "cross_entropy_unbatched": _cross_entropy_unbatched,
     "attention": _attention((2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 3)),
     "attention_gqa": _attention((1, 4, 3, 4), (1, 2, 5, 4), (1, 2, 5, 2), enable_gqa=True),
@@ -572,11 +576,17 @@ def test_cross_entropy_weight_gets_no_silent_gradient():
     x = torch.randn(3, 4, dtype=D)
     t = torch.tensor([0, 3, 1])
     w = torch.rand(4, dtype=D) + 0.5
-    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+    reason = "handgrad::cross_entropy is not differentiable with respect to argument 'weight'"
+    with pytest.raises(RuntimeError, match="^" + re.escape(reason + ".") + "$"):
         func.grad(lambda w: HG.cross_entropy(x, t, weight=w))(w)
     with fwAD.dual_level():
-        with pytest.raises(NotImplementedError, match="'weight'"):
+        with pytest.raises(NotImplementedError,
+                           match="^" + re.escape(reason + " (forward-mode AD)") + "$"):
             HG.cross_entropy(x, t, weight=fwAD.make_dual(w, torch.ones_like(w)))
+    # The ordinary path (the op's C++ autograd kernel) refuses at once.
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            reason + ". This input cannot have requires_grad True.") + "$"):
+        HG.cross_entropy(x.requires_grad_(), t, weight=w.clone().requires_grad_())
 
 
 # ---- cross_entropy: the Python formulas' reading of the kernels -------------------------------
@@ -642,3 +652,30 @@ def test_autograd_kernel_fills_the_defaults_the_dispatcher_drops():
         (want,) = torch.autograd.grad(ref.sum(), x)
         assert out.shape == ref.shape, args
         torch.testing.assert_close(got, want)
+
+
+def test_conv2d_backward_ops_jvp_with_one_tangent():
+    # conv2d_grad_input / conv2d_grad_weight are bilinear and conv2d_grad_bias
+    # linear: a jvp with a tangent on only one tensor argument (the other
+    # held constant) is the op applied to that tangent. (Autograd hands the
+    # jvp formulas a zero tangent for the constant argument, not None, so
+    # their `is not None` guards only save work: mutation testing's
+    # "... or True" mutants of them are equivalent.)
+    ops = torch.ops.handgrad
+    window = ([2, 1], [1, 1, 0, 0], [1, 1], 1)  # padding: top, bottom, left, right
+    x = torch.randn(2, 3, 7, 6, dtype=D)
+    w = torch.randn(4, 3, 3, 2, dtype=D)
+    go = torch.randn(2, 4, 4, 5, dtype=D)
+    t_go, t_w, t_x = torch.randn_like(go), torch.randn_like(w), torch.randn_like(x)
+
+    def jvp(fn, primal, tangent):
+        return func.jvp(fn, (primal,), (tangent,))[1]
+
+    gi = lambda g, weight: OPS.conv2d_grad_input(g, weight, list(x.shape), *window)
+    gw = lambda g, inp: OPS.conv2d_grad_weight(g, inp, list(w.shape), *window)
+    torch.testing.assert_close(jvp(lambda g: gi(g, w), go, t_go), gi(t_go, w))
+    torch.testing.assert_close(jvp(lambda v: gi(go, v), w, t_w), gi(go, t_w))
+    torch.testing.assert_close(jvp(lambda g: gw(g, x), go, t_go), gw(t_go, x))
+    torch.testing.assert_close(jvp(lambda v: gw(go, v), x, t_x), gw(go, t_x))
+    torch.testing.assert_close(jvp(lambda g: OPS.conv2d_grad_bias(g), go, t_go),
+                               ops.conv2d_grad_bias(t_go))
