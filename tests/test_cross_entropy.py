@@ -107,11 +107,15 @@ def test_extreme_logits(device, kind, dtype, smoothing):
                               [x.requires_grad_(), t], rtol=1e-5, atol=1e-4)
 
 
-def test_probabilities_of_another_dtype_promote_like_native(device):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_probabilities_of_another_dtype_promote_like_native(device, weighted):
+    # The class weights are promoted with the rest (mutation testing: dropping
+    # them on this path went unnoticed without the weighted case).
     x = torch.randn(4, 5, device=device, requires_grad=True)
     p = torch.rand(4, 5, device=device, dtype=torch.float64, requires_grad=True)
-    (loss,), _ = assert_matches_native(ce(H, None, -100, "mean", 0.1),
-                                       ce(F.cross_entropy, None, -100, "mean", 0.1), [x, p])
+    w = torch.rand(5, device=device) + 0.5 if weighted else None
+    (loss,), _ = assert_matches_native(ce(H, w, -100, "mean", 0.1),
+                                       ce(F.cross_entropy, w, -100, "mean", 0.1), [x, p])
     assert loss.dtype == torch.float64
 
 
