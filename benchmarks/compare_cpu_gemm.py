@@ -99,8 +99,10 @@ def main():
                 name, case.name, native_ms, ratios["own"], ratios["blas"], ratios["auto"],
                 "%.2f" % case.target if case.target is not None else "-"), flush=True)
     decisions = handgrad.cpu_gemm.decisions()
-    print("\nauto: %d classes measured, %.1f ms tuning in all, %d chose own"
-          % (len(decisions), handgrad.cpu_gemm.tuning_seconds() * 1e3,
+    print("\nauto: %d classes decided (%d read from the decision file %s), %.1f ms tuning in "
+          "all, %d chose own"
+          % (len(decisions), sum(d["stored"] for d in decisions),
+             handgrad.cpu_gemm.decision_file(), handgrad.cpu_gemm.tuning_seconds() * 1e3,
              sum(d["kernel"] == "own" for d in decisions)))
 
 

@@ -2,7 +2,8 @@
 fresh process each, the seconds spent measuring (handgrad.cpu_gemm) during
 the first training steps, against the time of one epoch of training (the
 median step time x the steps of an epoch of 60,000 images at the case's
-batch size).
+batch size). The decision file is off in the children: this is the cost
+of the first process on a machine; later ones read the stored choices.
 
     python benchmarks/cpu_gemm_tuning_cost.py [--threads 1] [--only mnist_cnn]
 """
@@ -19,6 +20,7 @@ sys.path.insert(0, %(here)r)
 import handgrad, bench_models
 torch.set_num_threads(%(threads)d)
 handgrad.cpu_gemm.set_policy("auto")
+handgrad.cpu_gemm.set_decision_file(None)  # a first process: nothing stored yet, all measured
 case = [c for c in bench_models.make_cases(torch.device("cpu")) if c.name.startswith(%(name)r + " ")][0]
 x, y = case.make_inputs()
 times = []

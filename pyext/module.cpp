@@ -3,6 +3,7 @@
 // the module itself only exposes build information.
 #include "build_info.h"
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_decision_file.h"
 #include "common/cpu_gemm_policy.h"
 #include "common/memory_tracker.h"
 #include "common/scratch_memory.h"
@@ -69,6 +70,7 @@ PYBIND11_MODULE(_C, m) {
           e["own_us"] = d.own_seconds * 1e6;
           e["blas_us"] = d.blas_seconds * 1e6;
           e["kernel"] = d.kernel == gemm::Kernel::own ? "own" : "blas";
+          e["stored"] = d.stored;
           out.append(e);
         }
         return out;
@@ -77,7 +79,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_gemm_tuning_seconds", &gemm::tuning_seconds,
         "Seconds this process spent measuring CPU matrix-product kernels.");
   m.def("clear_cpu_gemm_decisions", &gemm::clear_decisions,
-        "Forgets the measured decisions (measured again when next needed).");
+        "Forgets this process's decisions (read from the decision file or measured again).");
+  m.def("cpu_gemm_decision_file", &gemm::decision_file::path,
+        "The file that stores the measured decisions ('' = none).");
+  m.def("set_cpu_gemm_decision_file", &gemm::decision_file::set_path,
+        "Stores and reads the measured decisions in this file from now on ('' = none).");
   m.def(
       "cpu_kernels",
       [] {

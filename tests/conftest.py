@@ -5,12 +5,21 @@ GPU the CUDA cases are skipped with the reason shown by `pytest -ra`."""
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-import handgrad  # noqa: F401  (registers torch.ops.handgrad)
+# The CPU GEMM policy's decisions go to a file of this test session (not the
+# user's ~/.cache): every process the tests start reads the same choices, so
+# runs compared bit for bit across processes (a killed and resumed training
+# run) see the same kernels, and no earlier run's decisions leak in.
+os.environ.setdefault("HANDGRAD_CPU_GEMM_CACHE",
+                      os.path.join(tempfile.mkdtemp(prefix="handgrad-tests-"),
+                                   "cpu_gemm_decisions.txt"))
+
+import handgrad  # noqa: E402,F401  (registers torch.ops.handgrad)
 from handgrad import cuda_emulation
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -118,7 +118,16 @@ def test_kernel_choice_is_independent_of_thread_count(name, policy):
         assert torch.equal(a, b)
 
 
-def test_auto_records_one_decision_per_class():
+@pytest.fixture
+def no_decision_file():
+    """Decisions measured in this process, not read from the session's file."""
+    path = cpu_gemm.decision_file()
+    cpu_gemm.set_decision_file(None)
+    yield
+    cpu_gemm.set_decision_file(path)
+
+
+def test_auto_records_one_decision_per_class(no_decision_file):
     cpu_gemm.set_policy("auto")
     cpu_gemm.clear_decisions()
     assert cpu_gemm.decisions() == [] and cpu_gemm.tuning_seconds() == 0
@@ -132,7 +141,7 @@ def test_auto_records_one_decision_per_class():
     assert {d["site"] for d in decisions} == {"tensor", "packed_b", "tile"}
     for d in decisions:
         faster = "own" if d["own_us"] <= d["blas_us"] else "blas"
-        assert d["kernel"] == faster and d["dtype"] == "float32"
+        assert d["kernel"] == faster and d["dtype"] == "float32" and not d["stored"]
         assert d["threads"] >= 1 and min(d["m"], d["n"], d["k"]) >= 1
     assert cpu_gemm.tuning_seconds() > 0
     # A class is measured once: running again adds no decision.
@@ -194,3 +203,92 @@ def test_verbose_prints_each_decision():
     assert out.stderr.count("handgrad cpu gemm:") == count
     if handgrad.cpu_gemm.kernels()["own_gemm_available"]:
         assert count >= 1
+
+
+# ---- the decision file: the same choices in every process ------------------------------------
+
+_CONV = ("import torch, handgrad, json\n"
+         "torch.set_num_threads(%d)\n"
+         "x = torch.randn(8, 32, 16, 16); w = torch.randn(64, 32, 3, 3)\n"
+         "handgrad.ops.conv2d(x, w, stride=2)\n"
+         "print(json.dumps([handgrad.cpu_gemm.decisions(), handgrad.cpu_gemm.tuning_seconds(),\n"
+         "                  handgrad.cpu_gemm.decision_file()]))\n")
+
+
+def _decide(path, threads=1, **env):
+    import json
+    out = _python(_CONV % threads, HANDGRAD_CPU_GEMM="auto", HANDGRAD_CPU_GEMM_CACHE=str(path),
+                  **env)
+    decisions, tuning, file = json.loads(out.stdout.strip().splitlines()[-1])
+    return decisions, tuning, file, out.stderr
+
+
+needs_own_kernel = pytest.mark.skipif(not cpu_gemm.kernels()["own_gemm_available"],
+                                      reason="without the own kernel there is nothing to decide")
+
+
+@needs_own_kernel
+def test_decision_file_gives_every_later_process_the_same_choices(tmp_path):
+    path = tmp_path / "sub" / "decisions.txt"  # the folder is made too
+    first, tuning, file, _ = _decide(path)
+    assert file == str(path) and first and tuning > 0
+    assert not any(d["stored"] for d in first)
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(first)
+    second, tuning, _, _ = _decide(path)
+    assert tuning == 0 and all(d["stored"] for d in second)
+    assert [d["kernel"] for d in second] == [d["kernel"] for d in first]
+    assert path.read_text().splitlines() == lines  # nothing measured, nothing added
+    # Another thread count is another key: measured, and appended.
+    third, tuning, _, _ = _decide(path, threads=2)
+    assert tuning > 0 and not any(d["stored"] for d in third)
+    assert len(path.read_text().splitlines()) == len(lines) + len(third)
+
+
+@needs_own_kernel
+def test_decision_file_is_authoritative_for_its_machine_only(tmp_path):
+    path = tmp_path / "decisions.txt"
+    first, _, _, _ = _decide(path)
+    fields = path.read_text().splitlines()[0].split()
+    flipped = "blas" if fields[4] == "own" else "own"
+    other_machine = fields[:1] + ["0" * 16] + fields[2:4] + [flipped] + fields[5:]
+    path.write_text("garbage that is not a decision\n"
+                    "v1 %s %s\n" % (fields[1], fields[2])  # truncated line
+                    + " ".join(other_machine) + "\n")
+    measured, tuning, _, _ = _decide(path)
+    assert tuning > 0 and not measured[0]["stored"]  # nothing usable: measured again
+    # This machine's line decides, even against the timing: it is what was stored.
+    path.write_text(" ".join(fields[:4] + [flipped] + fields[5:]) + "\n")
+    stored, tuning, _, _ = _decide(path)
+    assert stored[0]["stored"] and stored[0]["kernel"] == flipped
+
+
+def test_decision_file_off_keeps_decisions_in_the_process(tmp_path):
+    for off in ("off", "0", ""):
+        decisions, _, file, _ = _decide(off, HOME=str(tmp_path))
+        assert file is None
+        assert not any(d["stored"] for d in decisions)
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_unusable_decision_file_warns_once_and_still_decides(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    decisions, _, _, stderr = _decide(blocker / "decisions.txt")  # its folder is a file
+    if cpu_gemm.kernels()["own_gemm_available"]:
+        assert decisions and not any(d["stored"] for d in decisions)
+        assert stderr.count("cannot open or lock the CPU GEMM decision file") == 1
+        assert "HANDGRAD_CPU_GEMM_CACHE" in stderr
+
+
+def test_default_decision_file_is_in_the_users_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HANDGRAD_CPU_GEMM_CACHE"}
+    env.update(HOME=str(tmp_path), XDG_CACHE_HOME="")
+    code = "import handgrad; print(handgrad.cpu_gemm.decision_file())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()[-1]
+    assert out == str(tmp_path / ".cache" / "handgrad" / "cpu_gemm_decisions.txt")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()[-1]
+    assert out == str(tmp_path / "xdg" / "handgrad" / "cpu_gemm_decisions.txt")

@@ -82,13 +82,14 @@ def test_train_writes_metrics_checkpoint_and_plots(data_root, tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, schedule):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
     quick = [*QUICK, "--lr-schedule", schedule]
-    # Bitwise equality across three processes needs one CPU GEMM kernel in
-    # all of them: under the default "auto" each process times the two kernels
-    # itself, and where they are close (an AMD Zen 4, whose AVX-512 units are
-    # 256 bits wide) processes can pick differently and round differently
-    # (CI saw epoch 3's loss differ in the 8th digit). cpu_gemm.py documents
-    # forcing a policy for bitwise reproducibility; "own" is forced here.
-    same_kernels = {"HANDGRAD_CPU_GEMM": "own"}
+    # Bitwise equality across three processes under the default "auto" CPU
+    # GEMM policy: the first process measures each product class and stores
+    # its choice in the decision file, the other two read it. (Before the
+    # file, each process timed the kernels itself; on an AMD Zen 4, where the
+    # own kernel and MKL tie, they chose differently and CI saw epoch 3's loss
+    # differ in the 8th digit.)
+    same_kernels = {"HANDGRAD_CPU_GEMM": "auto",
+                    "HANDGRAD_CPU_GEMM_CACHE": str(tmp_path / "cpu_gemm_decisions.txt")}
     train("mnist_cnn", "--data-root", data_root, "--out", whole, *quick, env=same_kernels)
     # 192 images at batch 32 = 6 batches per epoch: die in the middle of epoch 2.
     proc = train("mnist_cnn", "--data-root", data_root, "--out", broken, *quick,

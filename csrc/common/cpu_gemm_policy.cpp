@@ -10,6 +10,7 @@
 #include "common/cpu_gemm_policy.h"
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_gemm_decision_file.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -241,22 +242,26 @@ Kernel measured(const Problem& p) {
   if (known != r.chosen.end()) {
     kernel = known->second;
   } else {
-    const auto t0 = std::chrono::steady_clock::now();
-    const Decision d = measure(p, threads);
-    r.tuning_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const Decision d = decision_file::find_or_measure(key, threads, [&] {
+      const auto t0 = std::chrono::steady_clock::now();
+      Decision measured_here = measure(p, threads);
+      r.tuning_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      return measured_here;
+    });
     r.chosen.emplace(key, d.kernel);
     r.decisions.push_back(d);
     kernel = d.kernel;
     if (verbose()) {
       std::fprintf(stderr,
                    "handgrad cpu gemm: m=%lld n=%lld k=%lld%s%s %s threads=%d: own %.1f us, "
-                   "blas %.1f us -> %s (tuning so far %.1f ms)\n",
+                   "blas %.1f us -> %s (%s; tuning so far %.1f ms)\n",
                    static_cast<long long>(p.m), static_cast<long long>(p.n),
                    static_cast<long long>(p.k), p.a_transposed ? " A^T" : "",
                    p.b_transposed ? " B^T" : "", site_name(p.site), threads,
                    d.own_seconds * 1e6, d.blas_seconds * 1e6,
-                   d.kernel == Kernel::own ? "own" : "blas", r.tuning_seconds * 1e3);
+                   d.kernel == Kernel::own ? "own" : "blas",
+                   d.stored ? "from the decision file" : "measured", r.tuning_seconds * 1e3);
     }
   }
   cache.chosen.emplace(key, kernel);

@@ -9,14 +9,16 @@
 // 3101 us, MKL 1360 / 2801 us; on an Intel Xeon with AVX-512 MKL runs its
 // AVX-512 code and wins most shapes (issue 15: the own kernel missed 10 of
 // 23 op targets there). The right choice depends on the CPU, the
-// shape and the thread count, so it is measured once per process, the first
-// time a problem class is seen (like cuDNN's benchmark mode), and cached.
+// shape and the thread count, so it is measured the first time a problem
+// class is seen (like cuDNN's benchmark mode), kept for the process and
+// stored for later processes on the same machine (the decision file).
 //
 // Problem class: log2 buckets of m, n, k; whether A and B are read
 // transposed; the call site's variant (see Site); whether it runs on the
 // calling thread. The thread count is not part of it: a class is measured at
 // the thread count of its first use and keeps that kernel, so results in a
-// process do not depend on torch.set_num_threads. dtype is float32
+// process do not depend on torch.set_num_threads (the decision file keys
+// its lines by the thread count a class was measured at). dtype is float32
 // (other dtypes have no own kernel and always use BLAS). The first problem of
 // a class is timed on synthetic operands of its exact shape: one warm-up and
 // up to 5 interleaved samples of each kernel (a sample repeats a small
@@ -29,9 +31,11 @@
 //
 // Determinism: each kernel gives results independent of the thread count
 // (the own kernel sums every element of C in one order; BLAS is called so
-// that it does not split k). Which kernel a class gets can differ between
-// processes under auto (it is a timing), so results can differ by rounding
-// from run to run; force own or blas for bitwise reproducibility.
+// that it does not split k). Which kernel a class gets is a timing, so it is
+// stored in a decision file (common/cpu_gemm_decision_file.h, per machine and
+// thread count) that every later process reads: runs repeat bit for bit, as
+// with a forced policy. With the file off (HANDGRAD_CPU_GEMM_CACHE=off), two
+// processes can choose differently and differ by rounding.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -93,12 +97,14 @@ struct Decision {
   double own_seconds = 0;  // fastest repetition of each kernel
   double blas_seconds = 0;
   Kernel kernel = Kernel::own;
+  bool stored = false;     // read from the decision file, not measured here
 };
 
 std::vector<Decision> decisions();
 // Seconds spent measuring so far (all threads).
 double tuning_seconds();
-// Forgets every decision (they are measured again when next seen).
+// Forgets this process's decisions: a class seen again is looked up in the
+// decision file, else measured.
 void clear_decisions();
 // The BLAS library torch calls ("mkl", "openblas", ...) as far as it is known.
 std::string blas_name();

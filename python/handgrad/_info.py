@@ -38,7 +38,9 @@ def info() -> Dict[str, Any]:
     the CPU kernels were compiled for, ``machine`` and ``compiler``; and the CPU
     kernels active now: ``cpu_kernels_isa`` (chosen at run time),
     ``cpu_gemm_policy``, ``cpu_gemm_blas``, ``cpu_gemm_decisions`` (one line per
-    measured class) and ``cpu_gemm_tuning_ms`` (see :mod:`handgrad.cpu_gemm`). When the
+    decided class, "(stored)" when read from the decision file),
+    ``cpu_gemm_decision_file`` and ``cpu_gemm_tuning_ms`` (see
+    :mod:`handgrad.cpu_gemm`). When the
     compiled module cannot load (another torch than the build's), ``problem``
     says why and the compiled-in facts are ``None``.
     """
@@ -76,10 +78,12 @@ def info() -> Dict[str, Any]:
             "cpu_kernels_isa": kernels["isa"],
             "cpu_gemm_policy": kernels["gemm_policy"],
             "cpu_gemm_blas": kernels["blas"],
-            "cpu_gemm_decisions": ["%dx%dx%d%s%s %s t%d: %s" % (
+            "cpu_gemm_decisions": ["%dx%dx%d%s%s %s t%d: %s%s" % (
                 d["m"], d["n"], d["k"], " A^T" if d["a_transposed"] else "",
-                " B^T" if d["b_transposed"] else "", d["site"], d["threads"], d["kernel"])
+                " B^T" if d["b_transposed"] else "", d["site"], d["threads"], d["kernel"],
+                " (stored)" if d["stored"] else "")
                 for d in decisions],
+            "cpu_gemm_decision_file": _C.cpu_gemm_decision_file() or None,
             "cpu_gemm_tuning_ms": round(_C.cpu_gemm_tuning_seconds() * 1e3, 3),
         })
     if problem is not None:
