@@ -61,9 +61,7 @@ PYBIND11_MODULE(_C, m) {
           e["k"] = d.problem.k;
           e["a_transposed"] = d.problem.a_transposed;
           e["b_transposed"] = d.problem.b_transposed;
-          e["site"] = d.problem.site == gemm::Site::tensor     ? "tensor"
-                      : d.problem.site == gemm::Site::packed_b ? "packed_b"
-                                                               : "tile";
+          e["site"] = gemm::site_name(d.problem.site);
           e["calling_thread"] = d.problem.calling_thread;
           e["threads"] = d.threads;
           e["dtype"] = "float32";

@@ -99,15 +99,6 @@ const std::string& machine() {
   return id;
 }
 
-const char* site_name(Site s) {
-  switch (s) {
-    case Site::tensor: return "tensor";
-    case Site::packed_b: return "packed_b";
-    case Site::tile: return "tile";
-  }
-  return "?";
-}
-
 bool site_of(const std::string& name, Site& out) {
   for (Site s : {Site::tensor, Site::packed_b, Site::tile}) {
     if (name == site_name(s)) {

@@ -210,15 +210,6 @@ Decision measure(const Problem& p, int threads) {
   return d;
 }
 
-const char* site_name(Site s) {
-  switch (s) {
-    case Site::tensor: return "tensor";
-    case Site::packed_b: return "packed_b";
-    case Site::tile: return "tile";
-  }
-  return "?";
-}
-
 Kernel measured(const Problem& p) {
   const int threads = threads_of(p);
   const uint64_t key = class_key(p);
@@ -269,6 +260,15 @@ Kernel measured(const Problem& p) {
 }
 
 }  // namespace
+
+const char* site_name(Site s) {
+  switch (s) {
+    case Site::tensor: return "tensor";
+    case Site::packed_b: return "packed_b";
+    case Site::tile: return "tile";
+  }
+  return "?";
+}
 
 Policy policy() { return static_cast<Policy>(policy_slot().load(std::memory_order_relaxed)); }
 

@@ -62,6 +62,9 @@ enum class Site : uint8_t {
   tile,
 };
 
+// "tensor", "packed_b", "tile".
+const char* site_name(Site s);
+
 // C (m x n) (+)= A (m x k) B (k x n), row-major reading. a_transposed: A is
 // stored as its transpose (element (i, l) at a[l * ld + i]); likewise B.
 // calling_thread: the product runs on one thread (inside a parallel region,
