@@ -1,5 +1,6 @@
 """`handgrad train` end to end on tiny synthetic data, as a user runs it."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,7 +20,6 @@ def train_here(*args):
     """`handgrad train ARGS` in this process (the error paths, which stop before any
     training: a subprocess would spend seconds importing torch for each); the
     exit status, stdout and stderr as from a subprocess."""
-    import contextlib
     import io
 
     from handgrad.__main__ import main
@@ -37,9 +37,38 @@ def train_here(*args):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+# Under mutation testing (tools/mutation.py sets HANDGRAD_TEST_TRAIN_IN_PROCESS=1)
+# train() runs `handgrad train` in the pytest process: mutmut switches its
+# mutants on, and records which tests reach which function, in that process
+# only -- a subprocess imports handgrad anew and would see neither, so every
+# mutant of the training loop would pass for untested.
+IN_PROCESS = os.environ.get("HANDGRAD_TEST_TRAIN_IN_PROCESS") == "1"
+needs_subprocess = pytest.mark.skipif(
+    IN_PROCESS, reason="kills its own process: cannot run inside pytest's")
+
+
+@contextlib.contextmanager
+def _environment(env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def train(*args, env=None, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if IN_PROCESS:
+        with _environment(env or {}):
+            proc = train_here(*args)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args],
+                              capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=600)
     if expect is not None:
         assert proc.returncode == expect, proc.stdout + proc.stderr
     return proc
@@ -78,6 +107,7 @@ def test_train_writes_metrics_checkpoint_and_plots(data_root, tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".")], "temporary files left behind"
 
 
+@needs_subprocess
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_killed_run_resumes_to_the_same_metrics(data_root, tmp_path, schedule):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")

@@ -125,8 +125,10 @@ def prepare(group):
 
 def _env():
     env = dict(os.environ)
+    # HANDGRAD_TEST_TRAIN_IN_PROCESS: test_train_cli.py trains in the pytest
+    # process, where mutants are switched on (not in `handgrad train` subprocesses).
     env.update(HANDGRAD_TEST_DEVICES="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONDONTWRITEBYTECODE="1")
+               PYTHONDONTWRITEBYTECODE="1", HANDGRAD_TEST_TRAIN_IN_PROCESS="1")
     env.pop("PYTHONPATH", None)  # the mutated copy in mutants/src must be the handgrad imported
     return env
 
