@@ -160,6 +160,24 @@ def test_lstm_bad_input_raises():
         lstm(torch.randn(3, 2, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("wrong", ["hx", "cx", "both"])
+def test_lstm_state_dims_are_checked_like_native(batched, wrong):
+    # Either state of the wrong rank is refused (not only both), with native's message.
+    native = nn.LSTM(4, 5)
+    mine = copy_module(native, handgrad.nn.LSTM)
+    x = torch.randn(3, 2, 4) if batched else torch.randn(3, 4)
+    good, bad = ((1, 2, 5), (2, 5)) if batched else ((1, 5), (1, 1, 5))
+    h = torch.zeros(bad if wrong in ("hx", "both") else good)
+    c = torch.zeros(bad if wrong in ("cx", "both") else good)
+    messages = []
+    for module in (native, mine):
+        with pytest.raises(RuntimeError) as error:
+            module(x, (h, c))
+        messages.append(str(error.value))
+    assert messages[1] == messages[0]
+
+
 def test_lstm_patch_swaps_module_and_matches():
     model = nn.Sequential(nn.LSTM(4, 5, batch_first=True))
     x = torch.randn(2, 3, 4)
@@ -256,6 +274,17 @@ def test_lstm_cell_state_dict_and_bad_input():
                                mine.weight_ih, torch.randn(16, 5))
 
 
+@pytest.mark.parametrize("wrong", [0, 1])
+def test_lstm_cell_state_of_another_rank_is_named(wrong):
+    cell = handgrad.nn.LSTMCell(3, 4)
+    state = [torch.zeros(2, 4), torch.zeros(2, 4)]
+    state[wrong] = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError) as error:
+        cell(torch.randn(2, 3), tuple(state))
+    assert str(error.value) == (f"LSTMCell: Expected hx[{wrong}] to be 2D like the input, "
+                                "got 3D instead")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is usable")
 def test_mixed_devices_raise():
@@ -313,6 +342,16 @@ def test_gradcheck_layer_op(device, reverse):
     assert torch.autograd.gradcheck(lambda *a: (fn(*a)[0], *fn(*a)[1]), ts)
     # Only the final cell state used: the other gradients arrive as None.
     assert torch.autograd.gradcheck(lambda *a: fn(*a)[1][1], ts)
+
+
+def test_layer_op_runs_forward_by_default_like_native_nn_lstm():
+    native = nn.LSTM(3, 5, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(1, 2, 5, dtype=torch.float64), torch.randn(1, 2, 5, dtype=torch.float64)
+    ref, (h_ref, c_ref) = native(x, (h0, c0))
+    out, (h, c) = handgrad.ops.lstm_layer(x, h0[0], c0[0], *native.parameters())
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((h, c), (h_ref[0], c_ref[0]), rtol=1e-12, atol=1e-12)
 
 
 def test_opcheck(device):
