@@ -461,6 +461,26 @@ def test_backward_ops_gradcheck_and_opcheck(device):
         assert torch.autograd.gradcheck(fn, [args[i] for i in tensors], check_forward_ad=True)
 
 
+def test_backward_ops_gradcheck_one_input_at_a_time(device):
+    # With every input requiring grad, a formula that reads the wrong entry
+    # of needs_input_grad (the gradient of input i computed when input j asks
+    # for one) goes unnoticed; with one input at a time it returns None where a
+    # gradient is due, or a gradient nobody asked for.
+    for op, args in _backward_op_cases(device):
+        tensors = [i for i, a in enumerate(args)
+                   if isinstance(a, torch.Tensor) and a.requires_grad]
+        for chosen in tensors:
+            full = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+
+            def fn(t, op=op, full=full, chosen=chosen):
+                call = list(full)
+                call[chosen] = t
+                return tuple(o for o in _as_tuple(op(*call)) if o.numel())
+
+            leaf = args[chosen].detach().requires_grad_()
+            assert torch.autograd.gradcheck(fn, [leaf]), (op, chosen)
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_attention_backward_op_gradcheck(device, need_weights):
     # out, lse (and weights) are inputs of the backward op but functions of

@@ -26,15 +26,18 @@ def _run(module, x, seed):
     return [out.detach(), h.detach(), c.detach(), *grads]
 
 
+# p = 0.3 besides 0.5: F.dropout's default probability is 0.5, so 0.5 alone
+# would not notice a dropout called without the module's own p.
+@pytest.mark.parametrize("p", [0.3, 0.5])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["unidirectional", "bidirectional"])
-def test_training_mode_dropout_matches_native(bidirectional):
+def test_training_mode_dropout_matches_native(bidirectional, p):
     # On the CPU native draws its masks with the same generator calls
     # (one bernoulli per layer boundary, same shape and order), so the
     # outputs and gradients agree to rounding. (On a GPU native's cuDNN
     # LSTM draws its own masks: test_single_layer_dropout_changes_nothing
     # covers every device.)
     torch.manual_seed(0)
-    native = nn.LSTM(4, 5, num_layers=3, dropout=0.5, bidirectional=bidirectional,
+    native = nn.LSTM(4, 5, num_layers=3, dropout=p, bidirectional=bidirectional,
                      dtype=torch.float64)
     mine = _copy_module(native)
     native.train(), mine.train()
