@@ -296,10 +296,42 @@ def test_mixed_devices_raise():
 def test_mixed_devices_raise_meta():
     # Without a GPU, a CPU weight next to a meta-device input exercises the same check.
     cell = handgrad.nn.LSTMCell(3, 4)
-    with pytest.raises(RuntimeError, match="device"):
-        torch.ops.handgrad.lstm_layer(torch.randn(2, 2, 3), torch.zeros(2, 4),
-                                      torch.zeros(2, 4, device="meta"), cell.weight_ih,
-                                      cell.weight_hh, None, None, False)
+    meta = torch.zeros(2, 4, device="meta")
+    message = "^handgrad::%s: expected all tensors to be on the same device, but got " \
+              r"\['cpu', 'meta'\]$"
+    with pytest.raises(RuntimeError, match=message % "lstm_layer"):
+        torch.ops.handgrad.lstm_layer(torch.randn(2, 2, 3), torch.zeros(2, 4), meta,
+                                      cell.weight_ih, cell.weight_hh, None, None, False)
+    with pytest.raises(RuntimeError, match=message % "lstm_cell"):
+        torch.ops.handgrad.lstm_cell(torch.randn(2, 3), torch.zeros(2, 4), meta, cell.weight_ih,
+                                     cell.weight_hh)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward sends no gradient on."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_cell_backward_reached_by_no_gradient_sends_none():
+    # Autograd still runs a node whose every incoming gradient is None; it
+    # must answer with one None per input, not fail.
+    x = torch.randn(2, 3, requires_grad=True)
+    w = [t.requires_grad_() for t in (torch.randn(8, 3), torch.randn(8, 2))]
+    hy, cy = handgrad.ops.lstm_cell(x, (torch.zeros(2, 2), torch.zeros(2, 2)), *w)
+    (_NoGradient.apply(hy).sum() + _NoGradient.apply(cy).sum() + x.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert w[0].grad is None and w[1].grad is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,6 +343,17 @@ def test_forward_ad_and_double_backward_raise_for_proj_and_packed():
             torch.func.jvp(lambda x: handgrad.ops.lstm_layer(
                 x, *args[1:], w_hr=w_hr, batch_sizes=sizes)[0], (args[0],),
                 (torch.ones_like(args[0]),))
+        # Forward-mode AD through the backward op (jvp of a vjp) is refused too.
+        from handgrad.ops._autograd import OPS
+        out, h, c, gates, cells = (t.detach() for t in torch.ops.handgrad.lstm_layer(
+            *args[:7], False, w_hr, sizes))
+        grads = (torch.ones_like(out), None, None, args[0].detach(), *(a.detach() for a in args[1:5]),
+                 out, gates, cells, False, True, w_hr, sizes)
+        with pytest.raises(NotImplementedError,
+                           match="^handgrad.ops.lstm_layer: forward-mode AD of the backward is "
+                                 "not implemented for LSTM layers with .*" + word):
+            torch.func.jvp(lambda w: OPS.lstm_layer_backward(
+                *grads[:6], w, *grads[7:])[3], (grads[6],), (torch.ones_like(grads[6]),))
         out, (h, c) = handgrad.ops.lstm_layer(*args, w_hr=w_hr, batch_sizes=sizes)
         (g,) = torch.autograd.grad(out.sum() + c.sum(), [args[3]], create_graph=True)
         with pytest.raises(NotImplementedError,

@@ -65,7 +65,7 @@ GROUPS = {
                   ["tests/test_attention.py", TRANSFORMS], None),
     "lstm": (["ops/lstm.py", "ops/_lstm_autograd.py", "nn/rnn.py"],
              ["tests/test_lstm.py", "tests/test_lstm_dropout.py", "tests/test_lstm_packed.py",
-              TRANSFORMS], None),
+              "tests/test_lstm_reduced_precision.py", TRANSFORMS], None),
     "autograd": (["ops/_autograd.py", "ops/_args.py", "ops/_autocast.py"],
                  ["tests/test_autocast.py", TRANSFORMS], None),
     "training": (["training/*.py"], ["tests/test_train_cli.py"], None),
