@@ -230,6 +230,22 @@ def test_gradgradcheck(case):
     assert torch.autograd.gradgradcheck(mine, inputs, check_fwd_over_rev=True)
 
 
+def test_one_input_at_a_time_gradcheck_and_gradgradcheck(case):
+    # With every input requiring grad, a formula that reads the wrong entry of
+    # needs_input_grad (b_ih's gradient computed only when b_hh asks for one,
+    # say) goes unnoticed: here each input asks alone, first and second order.
+    mine, _, inputs = case
+    for chosen in range(len(inputs)):
+        others = [t.detach() for t in inputs]
+
+        def fn(t, chosen=chosen, others=others):
+            return mine(*others[:chosen], t, *others[chosen + 1:])
+
+        leaf = inputs[chosen].detach().requires_grad_()
+        assert torch.autograd.gradcheck(fn, [leaf]), chosen
+        assert torch.autograd.gradgradcheck(fn, [leaf]), chosen
+
+
 # ---- against native ----------------------------------------------------------------------------
 
 def test_forward_ad_dual_tensors_match_native(case):
