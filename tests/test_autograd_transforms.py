@@ -381,9 +381,12 @@ def test_gradient_penalty_through_cross_entropy_matches_native(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradient_penalty_lstm_matches_native(device, dtype):
+@pytest.mark.parametrize("uses", ["output", "output_and_state"])
+def test_gradient_penalty_lstm_matches_native(device, dtype, uses):
     # Issue 16 item 4: the weights got grad None (float32) or an unrelated
-    # "mm(): out=" error (float64) before.
+    # "mm(): out=" error (float64) before. With the final state in the loss
+    # too, the layers' backward receives all five incoming gradients (output,
+    # h_T, c_T, gates, cells) at once.
     native = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
     native = native.to(device, dtype)
     mine = copy.deepcopy(native)
@@ -391,7 +394,11 @@ def test_gradient_penalty_lstm_matches_native(device, dtype):
     x = torch.randn(2, 5, 3, dtype=dtype, device=device)
 
     def loss_fn(out):
-        return out[0].pow(2).mean()
+        loss = out[0].pow(2).mean()
+        if uses == "output_and_state":
+            h, c = out[1]
+            loss = loss + h.sin().sum() + c.pow(2).sum()
+        return loss
     mine.load_state_dict(native.state_dict())
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}
     torch.testing.assert_close(_penalty_step(mine, x, loss_fn),
