@@ -4,6 +4,7 @@
     python tools/mutation.py                      # every group, 40 minutes in all
     python tools/mutation.py --groups max_pool2d conv2d --budget-minutes 20
     python tools/mutation.py --report             # print the scores of the last run
+    python tools/mutation.py --groups lstm --recheck  # survivors again, with the new tests
 
 mutmut copies the package into mutants/, rewrites every function into a
 trampoline that can switch on one mutant at a time, records which tests reach
@@ -95,7 +96,6 @@ def _toml_list(items):
 
 
 def prepare(group):
-    files, tests, keyword = GROUPS[group]
     work = WORK / group
     if (work / "mutants").exists():
         return work  # continue the earlier run: mutmut keeps its results there
@@ -104,6 +104,15 @@ def prepare(group):
     (work / "src").mkdir(parents=True)
     shutil.copytree(ROOT / "python" / "handgrad", work / "src" / "handgrad",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    write_tests_and_config(group)
+    return work
+
+
+def write_tests_and_config(group):
+    """The group's tests and their selection, as they are in the repository now."""
+    files, tests, keyword = GROUPS[group]
+    work = WORK / group
+    shutil.rmtree(work / "tests", ignore_errors=True)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     with open(work / "tests" / "conftest.py", "a") as conftest:
         conftest.write(SKIP_COMPILE_HOOK)
@@ -121,7 +130,6 @@ def prepare(group):
         "timeout_multiplier = 5.0\n"
         "[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n')
-    return work
 
 
 def _env():
@@ -134,10 +142,11 @@ def _env():
     return env
 
 
-def run_group(group, seconds, children):
+def run_group(group, seconds, children, names=()):
     work = prepare(group)
     log = open(work / "mutmut.log", "a")
-    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
+    # Named mutants are run again even when they have a result.
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
     proc = subprocess.Popen(cmd, cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -196,6 +205,10 @@ def main():
     parser.add_argument("--children", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results")
     parser.add_argument("--report", action="store_true", help="only print the last results")
+    parser.add_argument("--recheck", action="store_true",
+                        help="after writing tests: take the repository's tests and selection "
+                             "into the groups' earlier runs and run their survivors and "
+                             "untested mutants again")
     args = parser.parse_args()
     if not args.report:
         if not list((ROOT / "python" / "handgrad").glob("_C*.so")):
@@ -211,8 +224,19 @@ def main():
                 break
             # an even share of what is left, so one slow group cannot starve the rest
             share = left / (len(args.groups) - i)
+            names = ()
+            if args.recheck:
+                earlier = results(group)
+                if earlier is None:
+                    print(f"{group}: no earlier run to recheck")
+                    continue
+                names = earlier.get("survived", []) + earlier.get("no tests", [])
+                if not names:
+                    continue
+                write_tests_and_config(group)  # mutmut copies them into mutants/ each run
+                print(f"{group}: rechecking {len(names)} mutants", flush=True)
             print(f"{group}: up to {share / 60:.1f} min", flush=True)
-            run_group(group, share, args.children)
+            run_group(group, share, args.children, names)
     report(args.groups)
 
 
