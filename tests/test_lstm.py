@@ -323,6 +323,29 @@ class _NoGradient(torch.autograd.Function):
         return None
 
 
+def test_bias_gradients_do_not_share_storage():
+    # b_ih and b_hh get the same gradient values, in two tensors: scaling one
+    # in place (an optimizer, a clipping step) must not scale the other.
+    # (.backward() would copy an aliased pair into .grad; autograd.grad and
+    # torch.func.grad hand the formula's tensors over as they are.)
+    x, h, c = torch.randn(2, 3), torch.zeros(2, 4), torch.zeros(2, 4)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    b_ih, b_hh = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+
+    def loss(b_ih, b_hh):
+        return handgrad.ops.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)[0].sum()
+
+    layer_loss = lambda b_ih, b_hh: handgrad.ops.lstm_layer(  # noqa: E731
+        x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh)[0].sum()
+    for fn in (loss, layer_loss):
+        for g_ih, g_hh in (torch.autograd.grad(fn(b_ih, b_hh), [b_ih, b_hh]),
+                           torch.func.grad(fn, argnums=(0, 1))(b_ih.detach(), b_hh.detach())):
+            assert torch.equal(g_ih, g_hh)
+            assert g_ih.untyped_storage().data_ptr() != g_hh.untyped_storage().data_ptr()
+            g_ih.mul_(2)
+            assert torch.equal(g_hh * 2, g_ih)
+
+
 def test_cell_backward_reached_by_no_gradient_sends_none():
     # Autograd still runs a node whose every incoming gradient is None; it
     # must answer with one None per input, not fail.

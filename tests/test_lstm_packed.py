@@ -34,6 +34,10 @@ def packed_run(module, packed, hx, seed=0):
     out, (h, c) = module(packed, hx) if hx is not None else module(packed)
     assert isinstance(out, PackedSequence)
     assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    # The output keeps the input's order (pad_packed_sequence unsorts with it).
+    for name in ("sorted_indices", "unsorted_indices"):
+        given, kept = getattr(packed, name), getattr(out, name)
+        assert (kept is None) == (given is None) and (given is None or torch.equal(kept, given))
     gen = torch.Generator().manual_seed(seed)
     outs = [out.data, h, c]
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum()
@@ -191,6 +195,32 @@ def test_proj_padded_matches_native(device, layers, bidirectional, batch_first, 
         leaves = [x, *(hx or ())] + list(module.parameters())
         results.append([out, h, c, *torch.autograd.grad(loss, leaves)])
     assert_all_close([t.detach() for t in results[0]], [t.detach() for t in results[1]], **F64)
+
+
+def test_proj_size_one_matches_native(device):
+    # The smallest projection: each state is one number.
+    native, mine = pair(device, input_size=3, hidden_size=4, num_layers=2, proj_size=1)
+    x = torch.randn(5, 2, 3, device=device, dtype=torch.float64)
+    results = []
+    for module in (mine, native):
+        out, (h, c) = module(x)
+        grads = torch.autograd.grad(out.sum() + h.sin().sum() + c.sum(), list(module.parameters()))
+        results.append([out, h, c, *grads])
+    assert results[0][0].shape == (5, 2, 1) and results[0][1].shape == (2, 2, 1)
+    assert_all_close([t.detach() for t in results[0]], [t.detach() for t in results[1]], **F64)
+
+
+def test_gradient_through_the_raw_ops_gates_of_a_projected_layer_is_refused():
+    # torch.ops.handgrad.lstm_layer returns the saved gates and cells as
+    # outputs; gradients through them (what a double backward sends) are not
+    # composed for projected or packed layers, and say so.
+    args, w_hr, steps = layer_args("cpu", 2)
+    args[0] = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    out, h, c, gates, cells = torch.ops.handgrad.lstm_layer(*args, False, w_hr, None)
+    with pytest.raises(NotImplementedError,
+                       match="^handgrad.ops.lstm_layer: double backward is not implemented for "
+                             r"LSTM layers with a projection \(proj_size > 0\)"):
+        torch.autograd.grad(out.sum() + gates.sum(), [args[0]])
 
 
 def test_proj_unbatched_and_empty_batch(device):
