@@ -304,6 +304,40 @@ def test_memory_linear_in_length(device):
     assert not big, big
 
 
+# (query, key, value, enable_gqa): broadcast batch dimensions, operands of
+# different ranks, one key/value head shared by every query head, GQA, no batch.
+_FAKE_SHAPES = [
+    ((2, 3, 4), (2, 5, 4), (2, 5, 6), False),
+    ((2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8), True),
+    ((2, 4, 3, 8), (2, 1, 5, 8), (2, 1, 5, 8), False),
+    ((2, 1, 3, 8), (2, 4, 5, 8), (2, 4, 5, 8), False),
+    ((3, 1, 4, 3, 8), (1, 2, 4, 5, 8), (2, 4, 5, 8), False),
+    ((4, 3, 8), (2, 4, 5, 8), (1, 4, 5, 8), False),
+    ((2, 4, 3, 8), (2, 4, 5, 8), (2, 1, 5, 8), False),
+    ((2, 4, 3, 8), (2, 1, 5, 8), (2, 4, 5, 8), False),
+    ((3, 8), (5, 8), (5, 2), False),
+    ((2, 3, 4, 3, 8), (4, 5, 8), (4, 5, 6), False),
+    ((2, 1, 3, 8), (2, 4, 5, 8), (2, 1, 5, 8), False),
+    ((2, 1, 3, 8), (2, 1, 5, 8), (2, 4, 5, 8), False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("need_weights", [False, True], ids=["out", "weights"])
+@pytest.mark.parametrize("shapes", _FAKE_SHAPES, ids=lambda s: "%s-%s-%s-gqa%d" % s)
+def test_fake_kernel_output_shapes_and_dtypes_match_the_kernel(shapes, need_weights, dtype):
+    # What torch.compile and opcheck see of the op; opcheck alone ran few of these shapes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    *sizes, gqa = shapes
+    q, k, v = (torch.randn(size, dtype=dtype) for size in sizes)
+    flags = (None, 0.0, False, None, gqa, need_weights)
+    real = torch.ops.handgrad.scaled_dot_product_attention(q, k, v, *flags)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.handgrad.scaled_dot_product_attention(
+            *(mode.from_tensor(t) for t in (q, k, v)), *flags)
+    assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
+
+
 def test_opcheck(device):
     q, k, v = make_qkv(SHAPES[4], torch.float64, device)
     m = make_mask("bool_keys", q, k, device)
