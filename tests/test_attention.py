@@ -379,8 +379,9 @@ def _mha_pair(device, dtype=torch.float64, **kw):
     return native, mine
 
 
-MHA_OPTIONS = [{}, {"bias": False}, {"kdim": 5, "vdim": 6}, {"add_bias_kv": True},
-               {"add_zero_attn": True, "batch_first": True}, {"batch_first": True, "kdim": 7}]
+MHA_OPTIONS = [{}, {"bias": False}, {"kdim": 5, "vdim": 6}, {"bias": False, "kdim": 5, "vdim": 6},
+               {"add_bias_kv": True}, {"add_zero_attn": True, "batch_first": True},
+               {"batch_first": True, "kdim": 7}]
 
 
 @pytest.mark.parametrize("options", MHA_OPTIONS, ids=str)
@@ -456,8 +457,13 @@ def test_multihead_attention_dropout_and_patch(device):
     # the returned weights are the dropped-out ones that produced the output
     assert (w1 == 0).any()
     mha.eval()
-    o3, _ = mha(x, x, x)
+    o3, w3 = mha(x, x, x)
     assert not torch.allclose(o1, o3)
+    # In eval mode no dropout at all: native's eval output, whatever the RNG.
+    native = torch.nn.MultiheadAttention(16, 4, dropout=0.3, device=device).eval()
+    native.load_state_dict(mha.state_dict())
+    o4, w4 = native(x, x, x)
+    torch.testing.assert_close((o3, w3), (o4, w4), atol=1e-6, rtol=1e-5)
     assert set(mha.state_dict()) == set(torch.nn.MultiheadAttention(16, 4).state_dict())
 
 
@@ -1112,6 +1118,8 @@ def _mha_bad_calls():
                                  AssertionError, "For batched (3-D) `query`, expected "
                                  "`key_padding_mask` to be `None` or 2-D but found 3-D tensor "
                                  "instead"),
+        "attn_mask shape 2-D": ((q, kv, kv), dict(attn_mask=bool_mask(L, S + 1)), RuntimeError,
+                                "The shape of the 2D attn_mask is (5, 7), but should be (5, 6)."),
         "attn_mask shape 3-D": ((q, kv, kv), dict(attn_mask=bool_mask(3, L, S)), RuntimeError,
                                 "The shape of the 3D attn_mask is (3, 5, 6), but should be "
                                 "(8, 5, 6)."),
