@@ -242,8 +242,10 @@ def test_one_input_at_a_time_gradcheck_and_gradgradcheck(case):
             return mine(*others[:chosen], t, *others[chosen + 1:])
 
         leaf = inputs[chosen].detach().requires_grad_()
-        assert torch.autograd.gradcheck(fn, [leaf]), chosen
-        assert torch.autograd.gradgradcheck(fn, [leaf]), chosen
+        # Forward mode too: the jvp formulas then meet tangents that are None
+        # for every input but one.
+        assert torch.autograd.gradcheck(fn, [leaf], check_forward_ad=True), chosen
+        assert torch.autograd.gradgradcheck(fn, [leaf], check_fwd_over_rev=True), chosen
 
 
 # ---- against native ----------------------------------------------------------------------------
@@ -501,7 +503,7 @@ def test_backward_ops_gradcheck_one_input_at_a_time(device):
                 return tuple(o for o in _as_tuple(op(*call)) if o.numel())
 
             leaf = args[chosen].detach().requires_grad_()
-            assert torch.autograd.gradcheck(fn, [leaf]), (op, chosen)
+            assert torch.autograd.gradcheck(fn, [leaf], check_forward_ad=True), (op, chosen)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -695,6 +697,28 @@ def test_autograd_kernel_fills_the_defaults_the_dispatcher_drops():
         (want,) = torch.autograd.grad(ref.sum(), x)
         assert out.shape == ref.shape, args
         torch.testing.assert_close(got, want)
+
+
+def test_conv2d_forward_mode_with_only_the_bias_tangent_matches_native():
+    # The bias term of the tangent is broadcast to the output; alone it used
+    # to be returned as (C, 1, 1), which forward-mode AD refuses ("a forward
+    # gradient that has a different size"). Found by the one-input-at-a-time
+    # gradgradcheck (forward over reverse).
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = torch.randn(2, 3, 5, 6, dtype=D), torch.randn(4, 3, 3, 2, dtype=D), \
+        torch.randn(4, dtype=D)
+    t_b = torch.randn(4, dtype=D)
+    for conv in (HG.conv2d, F.conv2d):
+        with fwAD.dual_level():
+            out = conv(x, w, fwAD.make_dual(b, t_b), padding=1)
+            tangents = [fwAD.unpack_dual(out).tangent]
+        tangents.append(func.jvp(lambda bias: conv(x, w, bias, padding=1), (b,), (t_b,))[1])
+        tangents.append(func.jacfwd(lambda bias: conv(x, w, bias, padding=1))(b))
+        if conv is HG.conv2d:
+            mine = tangents
+    for a, r in zip(mine, tangents):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r)
 
 
 def test_conv2d_backward_ops_jvp_with_one_tangent():

@@ -105,10 +105,12 @@ def _backward(ctx, grad_output):
 #   d(conv2d(x, W, b)) = conv2d(dx, W) + conv2d(x, dW) + db.
 def _jvp(ctx, inputs, t_input, t_weight, t_bias, *_):
     input, weight, bias, *window = inputs
+    # db is broadcast to the output's shape: alone (only the bias has a
+    # tangent) a (C, 1, 1) tangent would not be the output's size.
     return _sum_terms(
         OPS.conv2d(t_input, weight, None, *window) if t_input is not None else None,
         OPS.conv2d(input, t_weight, None, *window) if t_weight is not None else None,
-        t_bias.reshape(-1, 1, 1) if t_bias is not None else None)
+        t_bias.reshape(-1, 1, 1).expand(ctx.outputs[0].shape) if t_bias is not None else None)
 
 
 def _sum_terms(*terms):
