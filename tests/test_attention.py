@@ -551,8 +551,13 @@ def test_mixed_devices_meta(devices):
     dq, dk, dv, dm = devices
     q, k, v = (t.to(d) for t, d in zip(make_qkv(SHAPES[0], torch.float32), (dq, dk, dv)))
     mask = None if dm is None else torch.ones(7, 9, dtype=torch.bool, device=dm)
-    with pytest.raises(RuntimeError, match="same device"):
+    name, other = next((n, d) for n, d in zip(("key", "value", "attn_mask"), (dk, dv, dm))
+                       if d is not None and d != dq)
+    with pytest.raises(RuntimeError) as error:
         sdpa(q, k, v, attn_mask=mask)
+    assert str(error.value) == (
+        "handgrad::scaled_dot_product_attention: expected query and %s to be on the same "
+        "device, but query is on %s and %s is on %s" % (name, dq, name, other))
 
 
 def test_mixed_devices_in_backward():
