@@ -190,6 +190,10 @@ CASES = {
     "attention_float_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="float"),
     "attention_bool_mask": _attention((2, 3, 4), (2, 5, 4), (2, 5, 2), mask="bool"),
     "attention_broadcast_batch": _attention((2, 1, 3, 4), (1, 2, 5, 4), (1, 2, 5, 2)),
+    # The query of a higher rank than key and value; one query head against
+    # two key heads and one value head; GQA on 3-D (heads, L, E) operands.
+    "attention_ranks_and_heads_broadcast": _attention((2, 1, 3, 4), (2, 5, 4), (1, 5, 2)),
+    "attention_gqa_3d": _attention((4, 3, 4), (2, 5, 4), (2, 5, 2), enable_gqa=True),
     "attention_learned_mask": _attention_learned_mask,
     "attention_weights": _attention_weights,
 }
@@ -527,6 +531,15 @@ def test_attention_backward_op_gradcheck(device, need_weights):
             [True, True, True, True])
     inputs = (grad_out, grad_weights, q, k, v, mask)
     assert torch.autograd.gradcheck(grads, inputs, check_forward_ad=True)
+    # One input at a time (see test_backward_ops_gradcheck_one_input_at_a_time).
+    for chosen in range(len(inputs)):
+        others = [t.detach() for t in inputs]
+
+        def one(t, chosen=chosen, others=others):
+            return grads(*others[:chosen], t, *others[chosen + 1:])
+
+        leaf = inputs[chosen].detach().requires_grad_()
+        assert torch.autograd.gradcheck(one, [leaf], check_forward_ad=True), chosen
     out, lse, rng, weights = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8,
                                                               True, need_weights)
     torch.library.opcheck(ops.scaled_dot_product_attention_backward.default,
