@@ -234,22 +234,29 @@ def test_gradgradcheck(case):
     assert torch.autograd.gradgradcheck(mine, inputs, check_fwd_over_rev=True)
 
 
+def _each_input_alone(fn, args, chosen):
+    """For each index in `chosen`: (index, fn of that argument alone -- every
+    other tensor argument detached -- and a fresh leaf for it).
+
+    With every input requiring grad, a formula that reads the wrong entry of
+    needs_input_grad (b_ih's gradient computed only when b_hh asks for one,
+    say) goes unnoticed; with one input at a time it returns None where a
+    gradient is due, or a gradient nobody asked for. Forward mode too: the
+    jvp formulas then meet tangents that are None for every input but one."""
+    fixed = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    for index in chosen:
+        def alone(t, index=index):
+            call = list(fixed)
+            call[index] = t
+            return fn(*call)
+        yield index, alone, args[index].detach().requires_grad_()
+
+
 def test_one_input_at_a_time_gradcheck_and_gradgradcheck(case):
-    # With every input requiring grad, a formula that reads the wrong entry of
-    # needs_input_grad (b_ih's gradient computed only when b_hh asks for one,
-    # say) goes unnoticed: here each input asks alone, first and second order.
     mine, _, inputs = case
-    for chosen in range(len(inputs)):
-        others = [t.detach() for t in inputs]
-
-        def fn(t, chosen=chosen, others=others):
-            return mine(*others[:chosen], t, *others[chosen + 1:])
-
-        leaf = inputs[chosen].detach().requires_grad_()
-        # Forward mode too: the jvp formulas then meet tangents that are None
-        # for every input but one.
-        assert torch.autograd.gradcheck(fn, [leaf], check_forward_ad=True), chosen
-        assert torch.autograd.gradgradcheck(fn, [leaf], check_fwd_over_rev=True), chosen
+    for index, alone, leaf in _each_input_alone(mine, inputs, range(len(inputs))):
+        assert torch.autograd.gradcheck(alone, [leaf], check_forward_ad=True), index
+        assert torch.autograd.gradgradcheck(alone, [leaf], check_fwd_over_rev=True), index
 
 
 # ---- against native ----------------------------------------------------------------------------
@@ -491,23 +498,15 @@ def test_backward_ops_gradcheck_and_opcheck(device):
 
 
 def test_backward_ops_gradcheck_one_input_at_a_time(device):
-    # With every input requiring grad, a formula that reads the wrong entry
-    # of needs_input_grad (the gradient of input i computed when input j asks
-    # for one) goes unnoticed; with one input at a time it returns None where a
-    # gradient is due, or a gradient nobody asked for.
+    # (See _each_input_alone.)
     for op, args in _backward_op_cases(device):
-        tensors = [i for i, a in enumerate(args)
-                   if isinstance(a, torch.Tensor) and a.requires_grad]
-        for chosen in tensors:
-            full = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        def outputs(*call, op=op):
+            return tuple(o for o in _as_tuple(op(*call)) if o.numel())
 
-            def fn(t, op=op, full=full, chosen=chosen):
-                call = list(full)
-                call[chosen] = t
-                return tuple(o for o in _as_tuple(op(*call)) if o.numel())
-
-            leaf = args[chosen].detach().requires_grad_()
-            assert torch.autograd.gradcheck(fn, [leaf], check_forward_ad=True), (op, chosen)
+        differentiable = [i for i, a in enumerate(args)
+                          if isinstance(a, torch.Tensor) and a.requires_grad]
+        for index, alone, leaf in _each_input_alone(outputs, args, differentiable):
+            assert torch.autograd.gradcheck(alone, [leaf], check_forward_ad=True), (op, index)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -531,15 +530,9 @@ def test_attention_backward_op_gradcheck(device, need_weights):
             [True, True, True, True])
     inputs = (grad_out, grad_weights, q, k, v, mask)
     assert torch.autograd.gradcheck(grads, inputs, check_forward_ad=True)
-    # One input at a time (see test_backward_ops_gradcheck_one_input_at_a_time).
-    for chosen in range(len(inputs)):
-        others = [t.detach() for t in inputs]
-
-        def one(t, chosen=chosen, others=others):
-            return grads(*others[:chosen], t, *others[chosen + 1:])
-
-        leaf = inputs[chosen].detach().requires_grad_()
-        assert torch.autograd.gradcheck(one, [leaf], check_forward_ad=True), chosen
+    # One input at a time (see _each_input_alone).
+    for index, alone, leaf in _each_input_alone(grads, inputs, range(len(inputs))):
+        assert torch.autograd.gradcheck(alone, [leaf], check_forward_ad=True), index
     out, lse, rng, weights = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.8,
                                                               True, need_weights)
     torch.library.opcheck(ops.scaled_dot_product_attention_backward.default,

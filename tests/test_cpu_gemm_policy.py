@@ -283,12 +283,13 @@ def test_unusable_decision_file_warns_once_and_still_decides(tmp_path):
 
 def test_default_decision_file_is_in_the_users_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HANDGRAD_CPU_GEMM_CACHE"}
-    env.update(HOME=str(tmp_path), XDG_CACHE_HOME="")
     code = "import handgrad; print(handgrad.cpu_gemm.decision_file())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True).stdout.split()[-1]
-    assert out == str(tmp_path / ".cache" / "handgrad" / "cpu_gemm_decisions.txt")
-    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True).stdout.split()[-1]
-    assert out == str(tmp_path / "xdg" / "handgrad" / "cpu_gemm_decisions.txt")
+
+    def default_file(xdg):
+        run_env = dict(env, HOME=str(tmp_path), XDG_CACHE_HOME=xdg)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=run_env, check=True).stdout.split()[-1]
+
+    assert default_file("") == str(tmp_path / ".cache" / "handgrad" / "cpu_gemm_decisions.txt")
+    assert default_file(str(tmp_path / "xdg")) == str(
+        tmp_path / "xdg" / "handgrad" / "cpu_gemm_decisions.txt")

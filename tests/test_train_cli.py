@@ -1,10 +1,10 @@
 """`handgrad train` end to end on tiny synthetic data, as a user runs it."""
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ def train_here(*args):
     """`handgrad train ARGS` in this process (the error paths, which stop before any
     training: a subprocess would spend seconds importing torch for each); the
     exit status, stdout and stderr as from a subprocess."""
+    import contextlib
     import io
 
     from handgrad.__main__ import main
@@ -47,23 +48,9 @@ needs_subprocess = pytest.mark.skipif(
     IN_PROCESS, reason="kills its own process: cannot run inside pytest's")
 
 
-@contextlib.contextmanager
-def _environment(env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def train(*args, env=None, expect=0):
     if IN_PROCESS:
-        with _environment(env or {}):
+        with mock.patch.dict(os.environ, env or {}):
             proc = train_here(*args)
     else:
         proc = subprocess.run([sys.executable, "-m", "handgrad", "train", *args],

@@ -101,11 +101,15 @@ def prepare(group):
         return work  # continue the earlier run: mutmut keeps its results there
     if work.exists():
         shutil.rmtree(work)
-    (work / "src").mkdir(parents=True)
-    shutil.copytree(ROOT / "python" / "handgrad", work / "src" / "handgrad",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    copy_package(group)
     write_tests_and_config(group)
     return work
+
+
+def copy_package(group):
+    """python/handgrad (the built extension included) as the group's source, as it is now."""
+    shutil.copytree(ROOT / "python" / "handgrad", WORK / group / "src" / "handgrad",
+                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
 
 
 def write_tests_and_config(group):
@@ -235,8 +239,7 @@ def main():
                     continue
                 # The package as it is now too: a test of this session may need a fix
                 # elsewhere in handgrad (mutmut re-mutates only files that changed).
-                shutil.copytree(ROOT / "python" / "handgrad", WORK / group / "src" / "handgrad",
-                                ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+                copy_package(group)
                 write_tests_and_config(group)  # mutmut copies them into mutants/ each run
                 print(f"{group}: rechecking {len(names)} mutants", flush=True)
             print(f"{group}: up to {share / 60:.1f} min", flush=True)

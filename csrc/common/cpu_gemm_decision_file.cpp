@@ -15,9 +15,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <sstream>
-#include <vector>
 
 namespace handgrad {
 namespace cpu_gemm {
@@ -65,24 +65,25 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
-// The lines of /proc/cpuinfo that name the processor model (the first core's).
+// The lines of /proc/cpuinfo that name the processor model: the first
+// core's block (up to the first blank line), in a fixed field order.
 std::string cpu_model() {
+  static constexpr const char* kFields[] = {"vendor_id", "cpu family", "model", "model name",
+                                            "stepping"};
+  std::string found[std::size(kFields)];
   std::ifstream in("/proc/cpuinfo");
-  std::string line, out;
-  for (const char* field : {"vendor_id", "cpu family", "model", "model name", "stepping"}) {
-    in.clear();
-    in.seekg(0);
-    while (std::getline(in, line)) {
-      const auto colon = line.find(':');
-      if (colon == std::string::npos) continue;
-      std::string name = line.substr(0, colon);
-      name.erase(name.find_last_not_of(" \t") + 1);
-      if (name == field) {
-        out += line + "\n";
-        break;
-      }
+  std::string line;
+  while (std::getline(in, line) && !line.empty()) {
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    std::string name = line.substr(0, colon);
+    name.erase(name.find_last_not_of(" \t") + 1);
+    for (size_t i = 0; i < std::size(kFields); ++i) {
+      if (name == kFields[i] && found[i].empty()) found[i] = line + "\n";
     }
   }
+  std::string out;
+  for (const std::string& f : found) out += f;
   return out.empty() ? "unknown cpu" : out;
 }
 

@@ -5,10 +5,10 @@ a backward formula only: forward-mode AD (``torch.func.jvp``, ``jacfwd``,
 ``torch.autograd.forward_ad``) then silently sees a zero or missing tangent.
 ``register_autograd`` here installs the same kind of kernel -- an
 ``autograd.Function`` registered on the op's Autograd dispatch key, whose
-forward redispatches below autograd to the CPU/CUDA kernel -- with the op's ``jvp`` formula beside its backward, so
-reverse mode, forward mode and the functorch transforms (grad, vjp, jacrev,
-jacfwd, jvp) all use handgrad's own kernels, and opcheck and torch.compile
-see an ordinary autograd registration.
+forward redispatches below autograd to the CPU/CUDA kernel -- with the op's
+``jvp`` formula beside its backward, so reverse mode, forward mode and the
+functorch transforms (grad, vjp, jacrev, jacfwd, jvp) all use handgrad's own
+kernels, and opcheck and torch.compile see an ordinary autograd registration.
 
 An op registered without a jvp raises a clear error under forward-mode AD
 instead of producing a zero tangent.
