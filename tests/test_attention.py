@@ -717,7 +717,9 @@ def test_dropout_gradients_match_explicit_reference(device, shapes):
         torch.manual_seed(11)
         return sdpa(q, k, v, dropout_p=p, enable_gqa=shapes[3])
 
-    assert_matches_native(mine, reference, [q, k, v])
+    # Near float64's rounding: a keep factor 1/(1 - p) rounded to float32 is
+    # off by 1e-8 relative at some p, inside assert_close's default (1e-7).
+    assert_matches_native(mine, reference, [q, k, v], atol=1e-12, rtol=1e-10)
 
 
 # ---------------------------------------------------------------- head sizes (issue 13)
@@ -888,6 +890,67 @@ def test_dropout_probability_one(device):
                                        call(F.scaled_dot_product_attention, dropout_p=1.0),
                                        [q, k, v])
     assert not out[0].any() and not any(g.any() for g in grads)
+    # p = 1 drops every probability whatever the seed, so the function is
+    # deterministic (zero) and its higher derivatives can be checked too: the
+    # double backward and forward-mode formulas recover the keep mask and its
+    # factor 1/(1 - p) separately at p = 1 (no division by zero, no keep mask
+    # of ones, nothing treated as "no dropout").
+    def dropped_everything(q, k, v):
+        return sdpa(q, k, v, dropout_p=1.0)
+    assert torch.autograd.gradcheck(dropped_everything, (q, k, v), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(dropped_everything, (q, k, v), check_fwd_over_rev=True)
+    _, tangent = torch.func.jvp(dropped_everything, (q, k, v), tuple(map(torch.ones_like,
+                                                                          (q, k, v))))
+    assert not tangent.any()
+    grads = torch.autograd.grad(dropped_everything(q, k, v).sum(), (q, k, v), create_graph=True)
+    assert not any(g.any() for g in torch.autograd.grad(sum(g.sum() for g in grads), (q, k, v),
+                                                        allow_unused=True) if g is not None)
+
+
+def test_dropout_second_order_and_forward_mode_match_explicit_reference(device):
+    # The double backward and jvp formulas rebuild the keep mask Z / (1 - p)
+    # from the kernel; compared with torch's autograd of the explicit
+    # softmax(...) o Z / (1 - p) @ V (Z exposed as in the test above) at a
+    # tolerance near float64's rounding. p = 0.3: 1/(1 - p) is not a float32
+    # number, so a keep factor held in float32 shows as a relative error of
+    # about 1e-8 -- far inside assert_close's float64 default (1e-7), hence the
+    # explicit tolerance.
+    p = 0.3
+    q, k, v = make_qkv(((1, 2, 9, 5), (1, 2, 13, 5), (1, 2, 13, 4)), torch.float64, device)
+    S = k.shape[-2]
+    torch.manual_seed(5)
+    eye = torch.eye(S, dtype=torch.float64, device=device).expand(1, 2, S, S)
+    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p) != 0
+    assert 0 < kept.sum() < kept.numel()
+
+    def reference(q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return (probs * kept / (1 - p)) @ v
+
+    def mine(q, k, v):
+        torch.manual_seed(5)
+        return sdpa(q, k, v, dropout_p=p)
+
+    tight = dict(atol=1e-12, rtol=1e-10)
+    weights = torch.randn(1, 2, 9, 4, dtype=torch.float64, device=device)
+    directions = [torch.randn_like(t) for t in (q, k, v)]
+    for fn_mine, fn_ref in ((mine, reference),):
+        got = [], []
+        for fn, into in ((fn_mine, got[0]), (fn_ref, got[1])):
+            grads = torch.autograd.grad((fn(q, k, v) * weights).sum(), (q, k, v),
+                                        create_graph=True)
+            into.extend(grads)
+            # Hessian-vector product (the double backward)
+            into.extend(torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, directions)),
+                                            (q, k, v)))
+            # forward mode, and forward over reverse
+            into.append(torch.func.jvp(fn, (q, k, v), tuple(directions))[1])
+            into.extend(torch.func.jvp(
+                lambda *a: torch.func.grad(lambda *b: (fn(*b) * weights).sum(),
+                                           argnums=(0, 1, 2))(*a),
+                (q.detach(), k.detach(), v.detach()), tuple(directions))[1])
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, **tight)
 
 
 # masks broadcastable to (2, 3, 7, 9) whose gradient is summed over the broadcast

@@ -152,7 +152,7 @@ Checked check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::T
   p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.E));
   p.causal = is_causal;
   p.has_mask = has_mask;
-  p.dropout = DropoutState{static_cast<float>(dropout_p), 0, 0};
+  p.dropout = DropoutState{static_cast<float>(dropout_p), keep_scale(dropout_p), 0, 0};
 
   if (has_mask) {
     const at::Tensor& m = *attn_mask;

@@ -347,7 +347,7 @@ inline void philox8_words(const DropoutState& d, int64_t bh, int64_t row, int64_
 template <typename T>
 void dropout_factors(const TileCtx<T>& c, T* z, int64_t ldz) {
   const DropoutState& d = c.p->dropout;
-  const T scale = static_cast<T>(keep_scale(d.p));
+  const T scale = static_cast<T>(d.keep_scale);
   for (int64_t i = 0; i < c.nq; ++i) {
     T* row = z + i * ldz;
     const int64_t r = c.q0 + i;

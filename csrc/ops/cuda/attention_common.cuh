@@ -81,7 +81,7 @@ __device__ __forceinline__ DropoutState dropout_state(const Problem& p, const in
 template <typename acc_t>
 __device__ __forceinline__ acc_t dropout_factor(const DropoutState& d, int64_t bh, int64_t i, int64_t j) {
   if (d.p <= 0.0f) return acc_t(1);
-  return keep(d, bh, i, j) ? static_cast<acc_t>(keep_scale(d.p)) : acc_t(0);
+  return keep(d, bh, i, j) ? static_cast<acc_t>(d.keep_scale) : acc_t(0);
 }
 
 // Read-only inputs of both backward kernels.

@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int64_t n_tiles = ceil_div(k_end, kKeys);
   const DropoutState drop = dropout_state(p, rng);
   const bool dropout = drop.p > 0.0f;
-  const float keep_factor = keep_scale(drop.p), scale = static_cast<float>(p.scale);
+  const float keep_factor = static_cast<float>(drop.keep_scale), scale = static_cast<float>(p.scale);
   uint8_t* bits = keep_s + warp * 16 * kGroups;
 
   auto stage_keys = [&](int64_t t) {
@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int64_t n_tiles = ceil_div(k_end, kKeys);
   const DropoutState drop = dropout_state(p, in.rng);
   const bool dropout = drop.p > 0.0f;
-  const float keep_factor = keep_scale(drop.p), scale = static_cast<float>(p.scale);
+  const float keep_factor = static_cast<float>(drop.keep_scale), scale = static_cast<float>(p.scale);
   uint8_t* bits = keep_s + warp * 16 * kGroups;
 
   auto stage_keys = [&](int64_t t) {
@@ -646,7 +646,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   const int64_t n_tiles = group * tiles_per_head;
   const DropoutState drop = dropout_state(p, in.rng);
   const bool dropout = drop.p > 0.0f;
-  const float keep_factor = keep_scale(drop.p), scale = static_cast<float>(p.scale);
+  const float keep_factor = static_cast<float>(drop.keep_scale), scale = static_cast<float>(p.scale);
   uint8_t* bits = keep_s + warp * kQueries * 4;
 
   auto tile_head = [&](int64_t t) { return hk * group + t / tiles_per_head; };
