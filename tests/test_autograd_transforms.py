@@ -610,17 +610,38 @@ def test_raw_op_under_vmap_alone_is_right():
         torch.testing.assert_close(func.vmap(raw)(xs), torch.stack([raw(x) for x in xs]))
 
 
-def test_raw_cross_entropy_with_a_dual_tensor_raises():
-    # Its Autograd kernel is C++ (for speed) and has no tangent formula: it
-    # refuses dual tensors; handgrad.ops.cross_entropy applies the formulas.
-    x = torch.randn(3, 4, dtype=D)
+def _dual_calls():
+    """(raw op call, public function call) of the ops whose Autograd kernel is
+    C++ (for speed) and has no tangent formula."""
     t = torch.tensor([0, 3, 1])
+    h = torch.randn(3, 2, dtype=D)
+    w_ih, w_hh = torch.randn(8, 4, dtype=D), torch.randn(8, 2, dtype=D)
+    return {
+        "cross_entropy": (lambda x: torch.ops.handgrad.cross_entropy(x, t, None, -100, "mean",
+                                                                     0.0)[0],
+                          lambda x: HG.cross_entropy(x, t),
+                          lambda x: F.cross_entropy(x, t)),
+        "lstm_cell": (lambda x: torch.ops.handgrad.lstm_cell(x, h, h, w_ih, w_hh)[1],
+                      lambda x: HG.lstm_cell(x, (h, h), w_ih, w_hh)[1],
+                      lambda x: torch.lstm_cell(x, (h, h), w_ih, w_hh)[1]),
+    }
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "lstm_cell"])
+def test_raw_op_with_a_dual_tensor_raises(name):
+    # The raw op refuses dual tensors (its C++ Autograd kernel would drop the
+    # tangent); the public function applies the formulas: native's tangent.
+    raw, public, native = _dual_calls()[name]
+    x = torch.randn(3, 4, dtype=D)
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
-        with pytest.raises(RuntimeError, match="forward-mode AD"):
-            torch.ops.handgrad.cross_entropy(dual, t, None, -100, "mean", 0.0)
-        tangent = fwAD.unpack_dual(HG.cross_entropy(dual, t)).tangent
-        assert tangent is not None and tangent != 0
+        with pytest.raises(RuntimeError, match="^handgrad::%s was called through torch.ops with "
+                                               "a forward-mode AD \\(dual\\) tensor" % name):
+            raw(dual)
+        tangent = fwAD.unpack_dual(public(dual)).tangent
+        expected = fwAD.unpack_dual(native(dual)).tangent
+    assert tangent is not None and tangent.abs().sum() > 0
+    torch.testing.assert_close(tangent, expected)
 
 
 def test_cross_entropy_weight_gets_no_silent_gradient():

@@ -214,6 +214,47 @@ def test_lstm_cell_matches_native(device, bias, batched, with_state):
     assert_all_close(collect(mine), collect(native), atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("given", ["b_ih", "b_hh", "both", "neither"])
+def test_raw_cell_op_with_either_bias_alone(device, given):
+    # The cell's Autograd kernel is C++ (csrc/ops/lstm_autograd.cpp), where an
+    # absent optional argument is no input edge: a b_hh passed without b_ih
+    # is the node's input 5, not 6. Each tensor alone requiring grad, then
+    # all of them: first and second order against finite differences, and
+    # the gradients against native's torch.lstm_cell (which takes one bias too).
+    ops = torch.ops.handgrad
+    B, I, H = 3, 4, 5
+    args = [torch.randn(s, dtype=torch.float64, device=device)
+            for s in [(B, I), (B, H), (B, H), (4 * H, I), (4 * H, H)]]
+    biases = [torch.randn(4 * H, dtype=torch.float64, device=device)
+              if given in (name, "both") else None for name in ("b_ih", "b_hh")]
+    args += biases
+    present = [k for k, a in enumerate(args) if a is not None]
+
+    def cell(*tensors):
+        call = list(args)
+        for k, t in zip(present, tensors):
+            call[k] = t
+        return ops.lstm_cell(*call)[:2]
+
+    for chosen in [[k] for k in present] + [present]:
+        leaves = [args[k].clone().requires_grad_(k in chosen) for k in present]
+        assert torch.autograd.gradcheck(cell, leaves, fast_mode=True), chosen
+        if len(chosen) == 1 and chosen[0] >= 5:  # the bias alone (the edge in question)
+            assert torch.autograd.gradgradcheck(cell, leaves, fast_mode=True), chosen
+        hy, cy = cell(*leaves)
+        wanted = [leaves[present.index(k)] for k in chosen]
+        mine = torch.autograd.grad((hy * hy).sum() + cy.sum(), wanted)
+        native_leaves = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+        call = list(args)
+        for k, t in zip(present, native_leaves):
+            call[k] = t
+        n_hy, n_cy = torch.lstm_cell(call[0], (call[1], call[2]), *call[3:])
+        native = torch.autograd.grad((n_hy * n_hy).sum() + n_cy.sum(),
+                                     [native_leaves[present.index(k)] for k in chosen])
+        for a, b in zip(mine, native):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("shape", [(64, 28, 128), (5, 3, 9), (0, 4, 6), (1, 1, 1)])
 def test_lstm_cell_float32_matches_native(device, shape):
     B, I, H = shape

@@ -69,8 +69,10 @@ GROUPS = {
               "tests/test_lstm_reduced_precision.py", TRANSFORMS], None),
     "autograd": (["ops/_autograd.py", "ops/_args.py", "ops/_autocast.py"],
                  ["tests/test_autocast.py", TRANSFORMS], None),
-    # epoch_times.py is a benchmark run as a script: its mutants are never switched on.
-    "training": (["training/*.py"], ["tests/test_train_cli.py"], "not epoch_times"),
+    # Scripts and torchrun runs (epoch_times.py, the 2-process trainings) are
+    # subprocesses, where mutants are never switched on: only in-process tests.
+    "training": (["training/*.py"], ["tests/test_train_cli.py", "tests/test_distributed.py"],
+                 "not epoch_times and not two_processes and not killed_process"),
 }
 
 # Appended to the scratch copy's conftest.py: tests that call torch.compile

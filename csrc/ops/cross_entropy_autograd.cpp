@@ -30,12 +30,13 @@
 //    grad mode on (create_graph=True) or a dual grad_loss -- and straight to
 //    the CPU/CUDA kernel otherwise, the per-call cost of plain training.
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
+
+#include "../common/autograd_kernel.h"
 
 namespace handgrad {
 namespace cross_entropy {
@@ -43,6 +44,8 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using autograd_kernel::has_forward_grad;
+using autograd_kernel::optional_of;
 
 std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& input, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
@@ -78,20 +81,6 @@ at::Tensor call_target_backward(const at::Tensor& grad_loss, const at::Tensor& i
                                          const std::optional<at::Tensor>&, c10::string_view,
                                          double, const at::Tensor&)>();
   return op.call(grad_loss, input, target, weight, reduction, label_smoothing, lse);
-}
-
-// Forward-mode AD has one level in PyTorch (level 0).
-bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
-
-// What torch._C._are_functorch_transforms_active() reads.
-bool functorch_transforms_active() {
-  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-}
-
-std::optional<at::Tensor> optional_of(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
@@ -144,16 +133,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& inpu
                                                           int64_t ignore_index,
                                                           c10::string_view reduction,
                                                           double label_smoothing) {
-  TORCH_CHECK(!functorch_transforms_active(),
-              "handgrad::cross_entropy was called through torch.ops under a torch.func "
-              "transform; handgrad's formulas reach the transforms through "
-              "handgrad.ops.cross_entropy (or handgrad.ops._autograd.OPS.cross_entropy), not the "
-              "raw operator");
-  TORCH_CHECK(!has_forward_grad(input) && !has_forward_grad(target) &&
-                  !(weight.has_value() && has_forward_grad(*weight)),
-              "handgrad::cross_entropy was called through torch.ops with a forward-mode AD (dual) "
-              "tensor; its forward-mode formulas are applied by handgrad.ops.cross_entropy (or "
-              "handgrad.ops._autograd.OPS.cross_entropy), not by the raw operator");
+  autograd_kernel::refuse_transforms_and_duals(
+      "handgrad::cross_entropy", "handgrad.ops.cross_entropy", "cross_entropy",
+      {has_forward_grad(input), has_forward_grad(target), has_forward_grad(weight)});
   TORCH_CHECK(!(weight.has_value() && weight->requires_grad() && at::GradMode::is_enabled()),
               "handgrad::cross_entropy is not differentiable with respect to argument 'weight'. "
               "This input cannot have requires_grad True.");

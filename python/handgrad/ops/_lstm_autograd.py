@@ -399,7 +399,11 @@ def _cell_jvp(ctx, inputs, t_x, t_h, t_c, t_w_ih, t_w_hh, t_b_ih, t_b_hh):
     return t_out[0], t_cy, t_gates[0]
 
 
-register_autograd("handgrad::lstm_cell", _cell_backward, _cell_setup_context, _cell_jvp)
+# The op's first-order Autograd kernel is C++ (csrc/ops/lstm_autograd.cpp: the
+# Python layer was a third of a small cell's step); these formulas serve
+# forward-mode AD and the torch.func transforms, through call().
+register_autograd("handgrad::lstm_cell", _cell_backward, _cell_setup_context, _cell_jvp,
+                  dispatcher=False)
 
 
 # lstm_cell_backward(grad_hy, grad_cy, gates, cx, cy, input, hx, w_ih, w_hh)
