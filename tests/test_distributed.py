@@ -79,7 +79,8 @@ def one_process_lenet(data_root, tmp_path_factory):
 
 # -- in one process: the data split and the synchronized batch norm alone ----------------------
 
-@pytest.mark.parametrize("n, world, batch", [(12, 2, 4), (10, 2, 4), (11, 2, 4), (9, 3, 6)])
+@pytest.mark.parametrize("n, world, batch", [(12, 2, 4), (10, 2, 4), (11, 2, 4), (9, 3, 6),
+                                             (5, 4, 4)])
 def test_the_shares_of_a_batch_are_the_batch_of_one_process(n, world, batch):
     data = ImageData(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
                      ["0"], "zeros")
@@ -88,7 +89,9 @@ def test_the_shares_of_a_batch_are_the_batch_of_one_process(n, world, batch):
               for r in range(world)]
     per_process = distributed.batch_share(batch, distributed.Share(0, world))
     assert sorted(i for s in shares for i in s) == sorted(whole + whole[:(-n) % world])
-    assert distributed.repeated_images(n, distributed.Share(0, world)) == (-n) % world
+    repeated = distributed.repeated_images(n, distributed.Share(0, world))
+    assert (n + repeated) % world == 0 and 0 <= repeated < world
+    assert len(shares[0]) * world == n + repeated
     if n % world == 0:  # every batch is the single process's batch, split
         for k in range(0, len(shares[0]), per_process):
             together = sorted(i for s in shares for i in s[k:k + per_process])
@@ -142,8 +145,69 @@ def test_synchronized_batch_norm_alone_is_batch_norm():
         plain.train(train)
         synced.train(train)
         torch.testing.assert_close(synced(x), plain(x))
-    with pytest.raises(ValueError, match="expected at least 2-D input"):
+    with pytest.raises(ValueError, match="^expected at least 2-D input \\(got 1-D\\)$"):
         synced[1](torch.randn(3))
+    # (N, C) is enough, as for BatchNorm1d
+    flat = distributed.synchronize_batch_norms(torch.nn.BatchNorm1d(3), torch.device("cpu"))
+    torch.testing.assert_close(flat(x[:, 0, 0, :3]), torch.nn.BatchNorm1d(3)(x[:, 0, 0, :3]))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(affine=False, track_running_stats=False),
+                                     dict(momentum=None, eps=1e-3), dict(affine=False)], ids=str)
+def test_synchronized_batch_norm_keeps_every_option(options):
+    plain = torch.nn.BatchNorm2d(3, **options)
+    synced = distributed.synchronize_batch_norms(plain, torch.device("cpu"))
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(synced, name) == getattr(plain, name), name
+    # On CUDA devices torch's own SyncBatchNorm (the conversion needs no GPU).
+    on_cuda = distributed.synchronize_batch_norms(
+        torch.nn.Sequential(torch.nn.BatchNorm2d(3, **options)), torch.device("cuda"))
+    assert type(on_cuda[0]) is torch.nn.SyncBatchNorm
+    assert on_cuda[0].affine == plain.affine
+
+
+@pytest.mark.parametrize("options", [dict(), dict(momentum=None), dict(affine=False),
+                                     dict(track_running_stats=False)], ids=str)
+def test_synchronized_batch_norm_over_two_identical_processes(monkeypatch, options):
+    # The synchronized path needs a process group of two or more, which only
+    # the torchrun tests below have (in subprocesses). In this process it runs
+    # against a stand-in: two processes holding the same batch, so every
+    # all_reduce(SUM) doubles its tensor. The result must be batch norm over
+    # the batch of both, [x; x] (statistics over 2N samples: the running
+    # variance's unbiased factor 2N/(2N-1), not N/(N-1)), and the input's
+    # gradient the one each process gets in that two-process run: the
+    # gradient with respect to its half of [x; x] of the loss over both halves.
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None, group=None: t.mul_(2))
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(3, dtype=torch.float64, **options)
+    if plain.affine:
+        with torch.no_grad():
+            plain.weight.uniform_(0.5, 2)
+            plain.bias.uniform_(-1, 1)
+    synced = distributed.synchronize_batch_norms(
+        torch.nn.BatchNorm2d(3, dtype=torch.float64, **options), torch.device("cpu"))
+    synced.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 5, 2, dtype=torch.float64) * 3 + 1
+    weights = torch.randn(4, 3, 5, 2, dtype=torch.float64)
+    for step in range(2):  # the running statistics of two steps (momentum None: their mean)
+        mine_x = x.clone().requires_grad_()
+        mine = synced(mine_x)
+        (mine * weights).sum().backward()
+        halves = [x.clone().requires_grad_() for _ in range(2)]
+        both = plain(torch.cat(halves))
+        ((both[:4] * weights).sum() + (both[4:] * weights).sum()).backward()
+        torch.testing.assert_close(mine, both[:4])
+        torch.testing.assert_close(mine_x.grad, halves[0].grad)
+        for name, buffer in plain.named_buffers():
+            torch.testing.assert_close(getattr(synced, name), buffer, msg=name)
+        x = x.flip(0) * 0.5 + 0.25
+    if plain.affine:
+        # Each process's parameter gradient is its own half's; DDP then
+        # averages the processes' gradients, which for twins is the same.
+        torch.testing.assert_close(synced.weight.grad, plain.weight.grad / 2)
+        torch.testing.assert_close(synced.bias.grad, plain.bias.grad / 2)
 
 
 # -- torchrun, 2 processes ---------------------------------------------------------------------

@@ -483,6 +483,103 @@ def test_decoded_cifar_is_cached_and_rebuilt_when_the_folder_changes(data_root, 
     assert len(os.listdir(tmp_path / "xdg" / "handgrad")) == 1
 
 
+def _tiny_cifar_tree(root, classes=("cat", "dog")):
+    """root/cifar10/test/<class>/0.png, one 32x32 RGB image per class."""
+    from PIL import Image
+
+    for k, name in enumerate(classes):
+        folder = os.path.join(root, "cifar10", "test", name)
+        os.makedirs(folder)
+        Image.new("RGB", (32, 32), (10 * k, 20, 30)).save(os.path.join(folder, "0.png"))
+    return os.path.join(root, "cifar10", "test")
+
+
+def test_cifar_tree_defects_are_named_exactly(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from handgrad.training import data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = str(tmp_path / "empty")
+    folder = os.path.join(root, "cifar10", "test")
+    os.makedirs(folder)
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(root, train=False, progress=False)
+    assert str(e.value) == ("%s holds no class folders (expected %s/<class>/*.jpg)"
+                            % (folder, folder))
+    os.makedirs(os.path.join(folder, "cat", "not-an-image.jpg"))  # a folder named like one
+    with open(os.path.join(folder, "cat", "notes.txt"), "w") as f:
+        f.write("not an image either")
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(root, train=False, progress=False)
+    assert str(e.value) == "no images under %s" % folder
+    # A grayscale (or palette, or RGBA) image is converted to RGB, like torchvision's loader.
+    Image.new("L", (32, 32), 77).save(os.path.join(folder, "cat", "gray.png"))
+    loaded = data.load_cifar10(root, train=False, progress=False)
+    assert loaded.images.shape == (1, 3, 32, 32) and bool((loaded.images == 77).all())
+    assert loaded.labels.dtype == torch.long and loaded.classes == ["cat"]
+    victim = os.path.join(folder, "cat", "small.png")
+    Image.new("RGB", (32, 31)).save(victim)
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(root, train=False, progress=False)
+    assert str(e.value) == "image %s is 32x31; CIFAR-10 images are 32x32" % victim
+    with open(victim, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(data.DataError) as e:
+        data.load_cifar10(root, train=False, progress=False)
+    assert str(e.value).startswith("cannot decode image %s: " % victim)
+
+
+def test_a_missing_optional_package_is_named_exactly():
+    from handgrad.training import data
+
+    with pytest.raises(data.DataError) as e:
+        data._optional("handgrad_no_such_package.submodule")
+    assert str(e.value) == ("reading this data needs the optional package "
+                            "handgrad_no_such_package: pip install handgrad[train]")
+
+
+def test_cifar_cache_default_location_is_the_users_cache_folder(tmp_path, monkeypatch):
+    import hashlib
+
+    from handgrad.training import data
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root = str(tmp_path / "data")
+    key = hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]
+    assert data._cache_paths(root, "test") == [
+        os.path.join(root, "cifar10", ".test.handgrad-cache.pt"),
+        os.path.join(str(tmp_path / "home"), ".cache", "handgrad", "cifar10-%s-test.pt" % key)]
+    # One key per data folder: two folders never share a cache file.
+    assert data._cache_paths(root + "2", "test")[1] != data._cache_paths(root, "test")[1]
+
+
+def test_a_cache_file_is_never_unpickled_as_code(tmp_path, monkeypatch):
+    # The cache beside the data is written by whoever can write there; loading
+    # it must not run code (weights_only). A file that would is skipped like a
+    # torn one, and the next place (the user's cache folder) is still read.
+    from handgrad.training import data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = str(tmp_path / "data")
+    _tiny_cifar_tree(root)
+    first = data.load_cifar10(root, train=False, progress=False)
+    beside, home = data._cache_paths(root, "test")
+    os.makedirs(os.path.dirname(home))
+    os.replace(beside, home)  # the valid cache now only in the user's folder
+    marker = str(tmp_path / "code-ran")
+    torch.save({"fingerprint": Exploit(marker)}, beside)
+
+    def no_decoding(path):
+        raise AssertionError("decoded %s although a valid cache exists" % path)
+
+    monkeypatch.setattr(data, "_decode", no_decoding)
+    again = data.load_cifar10(root, train=False, progress=False)
+    assert not os.path.exists(marker)
+    assert torch.equal(again.images, first.images) and again.classes == first.classes
+
+
 def test_progress_bars_for_decoding_training_and_evaluation(data_root, tmp_path):
     root = str(tmp_path / "data")
     copy_tree(os.path.join(data_root, "cifar10"), tmp_path / "data" / "cifar10")
