@@ -210,6 +210,85 @@ def test_synchronized_batch_norm_over_two_identical_processes(monkeypatch, optio
         torch.testing.assert_close(synced.bias.grad, plain.bias.grad / 2)
 
 
+def test_collective_timeout_from_the_environment(monkeypatch):
+    name = distributed.TIMEOUT_ENV
+    assert name == "HANDGRAD_DIST_TIMEOUT"
+    monkeypatch.delenv(name, raising=False)
+    assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT_S == 600
+    monkeypatch.setenv(name, "")
+    assert distributed.timeout_seconds() == 600
+    monkeypatch.setenv(name, "2.5")
+    assert distributed.timeout_seconds() == 2.5
+    monkeypatch.setenv(name, "soon")
+    with pytest.raises(ValueError) as e:
+        distributed.timeout_seconds()
+    assert str(e.value) == "HANDGRAD_DIST_TIMEOUT must be a number of seconds, not 'soon'"
+    for bad in ("0", "-3", "nan"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError) as e:
+            distributed.timeout_seconds()
+        assert str(e.value) == "HANDGRAD_DIST_TIMEOUT must be positive, got %g" % float(bad)
+
+
+def test_a_lost_process_is_recognised_only_in_a_group_of_several(monkeypatch):
+    gone = RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+    assert not distributed.lost_a_process(gone)  # no process group at all
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 1)
+    assert not distributed.lost_a_process(gone)  # alone: nobody to lose
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    for marker in distributed.LOST_PEER_MARKERS:
+        assert distributed.lost_a_process(RuntimeError("... %s ..." % marker)), marker
+    assert distributed.lost_a_process(distributed.dist.DistError("anything"))
+    assert not distributed.lost_a_process(RuntimeError("CUDA out of memory"))
+    assert not distributed.lost_a_process(ValueError("Connection reset by peer"))
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A real gloo process group of one process, in this process."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_collectives_in_a_group_of_one(group_of_one):
+    cpu = torch.device("cpu")
+    assert distributed.all_sum([1.5, -2.0], cpu) == [1.5, -2.0]
+    assert distributed.all_max(3.25, cpu) == 3.25
+    one = distributed.Share(0, 1)
+    assert distributed.broadcast({"a": 1}, one, cpu) == {"a": 1}
+    distributed.barrier(one, cpu)
+    model = distributed.wrapper(cpu)(torch.nn.Linear(3, 2))
+    assert type(model) is torch.nn.parallel.DistributedDataParallel
+    x = torch.randn(4, 3, requires_grad=True)
+    summed = distributed._SummedOverProcesses.apply(x)
+    assert torch.equal(summed, x) and summed is not x
+    summed.backward(torch.full_like(x, 2.0))
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    # alone in a group, the synchronized batch norm is batch norm
+    bn = torch.nn.BatchNorm2d(3)
+    synced = distributed.synchronize_batch_norms(torch.nn.BatchNorm2d(3), cpu)
+    images = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(synced(images), bn(images))
+    assert not distributed.lost_a_process(RuntimeError("Connection reset by peer"))
+    distributed.stop(finished=True)
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group(  # for the fixture's teardown
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def test_collectives_without_a_group_are_the_identity():
+    cpu = torch.device("cpu")
+    assert distributed.all_sum([1.0, 2.0], cpu) == [1.0, 2.0]
+    assert distributed.all_max(-1.0, cpu) == -1.0
+    assert distributed.broadcast([3], distributed.SINGLE, cpu) == [3]
+    assert not distributed.start(distributed.SINGLE, cpu)
+
+
 # -- torchrun, 2 processes ---------------------------------------------------------------------
 
 def test_two_processes_reach_the_weights_of_one_and_resume_with_one(data_root, one_process_lenet,

@@ -588,6 +588,101 @@ def test_progress_bars_for_decoding_training_and_evaluation(data_root, tmp_path)
         assert bar in proc.stderr, bar
 
 
+# -- handgrad compare ----------------------------------------------------------------------------
+
+def compare_here(*args):
+    """`handgrad compare ARGS` in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from handgrad.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["compare", *args])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _fake_run(folder, history):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump({"history": history}, f)
+    return str(folder)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = _fake_run(tmp_path / "fast", [{"epoch": 1, "train_loss": 2.0, "test_accuracy": 0.5},
+                                      {"epoch": 2, "train_loss": 1.0, "test_accuracy": 0.7}])
+    b = _fake_run(tmp_path / "slow", [{"epoch": 1, "train_loss": 2.5, "test_accuracy": 0.4},
+                                      {"epoch": 2, "train_loss": 1.5, "test_accuracy": 0.6},
+                                      {"epoch": 3, "train_loss": 1.2, "test_accuracy": 0.65}])
+    return a, b
+
+
+def test_compare_plots_one_curve_per_run(two_runs, tmp_path, monkeypatch):
+    from handgrad.training import plots
+
+    figures = []
+    real_save = plots._save
+
+    def keep(fig, out_dir, name):
+        ax = fig.axes[0]
+        figures.append({"curves": [(line.get_label(), list(line.get_xdata()),
+                                    list(line.get_ydata())) for line in ax.get_lines()],
+                        "title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                        "ylabel": ax.get_ylabel(), "legend": ax.get_legend() is not None,
+                        "where": (out_dir, name)})
+        return real_save(fig, out_dir, name)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    out = str(tmp_path / "plots" / "accuracy.png")
+    # (a folder given with a trailing separator is still labelled by its name)
+    code, stdout, stderr = compare_here(two_runs[0] + os.sep, two_runs[1], "--key",
+                                        "test_accuracy", "--out", out)
+    assert (code, stderr) == (0, "") and stdout == "wrote %s\n" % out
+    assert os.path.getsize(out) > 0
+    assert figures[-1] == {
+        "curves": [("fast", [1, 2], [0.5, 0.7]), ("slow", [1, 2, 3], [0.4, 0.6, 0.65])],
+        "title": "test accuracy", "xlabel": "epoch", "ylabel": "test accuracy", "legend": True,
+        "where": (str(tmp_path / "plots"), "accuracy.png")}
+    # defaults: train_loss; --labels and --title
+    code, _, _ = compare_here(*two_runs, "--out", out, "--labels", "A,B", "--title", "Loss!")
+    assert code == 0
+    assert [c[0] for c in figures[-1]["curves"]] == ["A", "B"]
+    assert figures[-1]["curves"][1][2] == [2.5, 1.5, 1.2]
+    assert figures[-1]["title"] == "Loss!" and figures[-1]["ylabel"] == "train loss"
+
+
+def test_compare_errors_are_one_line_and_exact(two_runs, tmp_path):
+    out = str(tmp_path / "c.png")
+    assert compare_here(*two_runs, "--out", out, "--labels", "only-one") == (
+        2, "", "handgrad compare: error: 1 labels for 2 runs\n")
+    missing = str(tmp_path / "nowhere")
+    code, _, err = compare_here(two_runs[0], missing, "--out", out)
+    path = os.path.join(missing, "metrics.json")
+    assert code == 2 and err.startswith("handgrad compare: error: cannot read %s: " % path)
+    assert err.count("\n") == 1
+    broken = _fake_run(tmp_path / "broken", [])
+    with open(os.path.join(broken, "metrics.json"), "w") as f:
+        f.write("{not json")
+    code, _, err = compare_here(broken, "--out", out)
+    assert code == 2 and err.startswith("handgrad compare: error: cannot read %s"
+                                        % os.path.join(broken, "metrics.json"))
+    assert compare_here(*two_runs, "--key", "lr", "--out", out) == (
+        2, "", "handgrad compare: error: %s has no 'lr' (it has epoch, test_accuracy, "
+               "train_loss)\n" % os.path.join(two_runs[0], "metrics.json"))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    code, _, err = compare_here(*two_runs, "--out", str(blocker / "c.png"))
+    assert code == 2 and err.startswith("handgrad compare: error: cannot write %s: "
+                                        % (blocker / "c.png"))
+    assert not os.path.exists(out)
+
+
 # -- the command itself --------------------------------------------------------------------------
 
 def handgrad_command(*args, **kwargs):
