@@ -530,6 +530,105 @@ def test_cifar_tree_defects_are_named_exactly(tmp_path, monkeypatch):
     assert str(e.value).startswith("cannot decode image %s: " % victim)
 
 
+def _torchvision_cifar(root, per_batch=2, test=3, extra_label=False, label=None):
+    """A tiny <root>/cifar-10-batches-py in torchvision's format (5 training
+    batches, a test batch, batches.meta); returns (train, test) as
+    (CHW images, labels)."""
+    import pickle
+
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    g = torch.Generator().manual_seed(3)
+    splits = {}
+    for split, names, n in (("train", ["data_batch_%d" % k for k in range(1, 6)], per_batch),
+                            ("test", ["test_batch"], test)):
+        images, labels = [], []
+        for name in names:
+            data = torch.randint(0, 256, (n, 3 * 32 * 32), dtype=torch.uint8, generator=g)
+            batch_labels = torch.randint(0, 10, (n,), generator=g).tolist()
+            if label is not None:
+                batch_labels[0] = label
+            if extra_label and split == "train":
+                batch_labels.append(1)
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump({"data": data.numpy(), "labels": batch_labels}, f)
+            images.append(data.view(n, 3, 32, 32))
+            labels += batch_labels
+        splits[split] = torch.cat(images), torch.tensor(labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["class%d" % k for k in range(10)]}, f)
+    return splits
+
+
+def test_torchvision_cifar10_files_are_read(tmp_path, monkeypatch):
+    # torchvision checks its files' MD5 sums; these tiny files cannot match,
+    # so the check is switched off here -- and left on for the corrupt case.
+    import torchvision.datasets.cifar as tv_cifar
+
+    from handgrad.training import data
+
+    root = str(tmp_path / "data")
+    expected = _torchvision_cifar(root)
+    batches = os.path.join(root, "cifar-10-batches-py")
+    with pytest.raises(data.DataError) as e:  # the MD5 check fails: named, one line
+        data.load_cifar10(root, train=True, progress=False)
+    assert str(e.value).startswith("CIFAR-10 could not be read from %s: " % batches)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    for train, split in ((True, "train"), (False, "test")):
+        loaded = data.load_cifar10(root, train=train, progress=False)
+        images, labels = expected[split]
+        assert loaded.images.shape == images.shape and loaded.images.is_contiguous()
+        assert torch.equal(loaded.images, images)  # CHW, as torchvision's bytes are laid out
+        assert torch.equal(loaded.labels, labels) and loaded.labels.dtype == torch.long
+        assert loaded.classes == ["class%d" % k for k in range(10)]
+        assert loaded.source == "CIFAR10(%s)" % root
+    for options, message in (
+            (dict(extra_label=True), "%s holds 15 labels for 10 images" % batches),
+            (dict(label=12), "%s holds label 12, outside 0..9 for its 10 classes" % batches)):
+        other = str(tmp_path / str(len(message)))
+        _torchvision_cifar(other, **options)
+        with pytest.raises(data.DataError) as e:
+            data.load_cifar10(other, train=True, progress=False)
+        assert str(e.value) == message.replace(root, other)
+
+
+def test_missing_cifar10_names_both_places_searched(tmp_path):
+    from handgrad.training import data
+
+    root = str(tmp_path)
+    with pytest.raises(data.DataNotFound) as e:
+        data.load_cifar10(root, train=False, progress=False)
+    assert str(e.value) == (
+        "CIFAR-10 not found: searched %s (an ImageFolder tree) and %s (torchvision's CIFAR-10 "
+        "files); point --data-root at the folder that contains one of them (or pass --download)"
+        % (os.path.join(root, "cifar10", "test"), os.path.join(root, "cifar-10-batches-py")))
+    with pytest.raises(data.DataNotFound, match="^data root %s does not exist"
+                       % os.path.join(root, "absent")):
+        data.load_cifar10(os.path.join(root, "absent"), train=False, progress=False)
+
+
+def test_embedding_scatter_plots_each_point_in_its_labels_colour(tmp_path, monkeypatch):
+    from handgrad.training import plots
+
+    seen = {}
+
+    def keep(fig, out_dir, name):
+        ax = fig.axes[0]
+        (points,) = ax.collections
+        seen.update(offsets=points.get_offsets().tolist(), colours=points.get_array().tolist(),
+                    cmap=points.get_cmap().name, title=ax.get_title(),
+                    axes=(ax.get_xlabel(), ax.get_ylabel()), colorbar=len(fig.axes) == 2)
+        return name
+
+    monkeypatch.setattr(plots, "_save", keep)
+    z = torch.tensor([[0.5, -1.0], [2.0, 3.0], [-4.0, 0.25]])
+    assert plots.embedding_scatter(z, torch.tensor([3, 0, 9]), str(tmp_path), "z.png",
+                                   "latent") == "z.png"
+    assert seen == {"offsets": z.tolist(), "colours": [3, 0, 9], "cmap": "tab10",
+                    "title": "latent", "axes": ("z1", "z2"), "colorbar": True}
+
+
 def test_a_missing_optional_package_is_named_exactly():
     from handgrad.training import data
 
