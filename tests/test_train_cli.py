@@ -160,6 +160,30 @@ def test_flip_and_crop_flip_move_pixels_only_as_named():
     assert not torch.equal(cropped, x)
 
 
+def test_float16_loss_scale_is_saved_and_restored():
+    from handgrad.training.recipe import Precision
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fp16 = Precision("cpu", "fp16")
+    start = fp16.state_dict()["scale"]
+    # An overflowing gradient: the step is skipped and the scale halves.
+    fp16.step(model(torch.full((2, 3), float("inf"))).sum(), optimizer)
+    state = fp16.state_dict()
+    assert state["scale"] == start / 2
+    resumed = Precision("cpu", "fp16")
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    # A checkpoint of a run without fp16 carries no scaler state: a fresh scale.
+    fresh = Precision("cpu", "fp16")
+    fresh.load_state_dict({})
+    assert fresh.state_dict()["scale"] == start
+    # and a run without fp16 has no scaler to restore
+    plain = Precision("cpu")
+    plain.load_state_dict(state)
+    assert plain.state_dict() == {} and plain.scaler is None
+
+
 def test_schedule_factor():
     assert schedule_factor("constant", 0.0) == schedule_factor("constant", 0.9) == 1.0
     assert schedule_factor("cosine", 0.0) == 1.0
