@@ -125,8 +125,16 @@ def test_resume_with_different_settings_is_refused(data_root, tmp_path):
     train("mnist_cnn", "--data-root", data_root, "--out", out, "--epochs", "1", "--batch-size",
           "64", "--no-progress")
     proc = train("mnist_cnn", "--data-root", data_root, "--out", out, "--resume", "--epochs", "2",
-                 "--batch-size", "32", "--no-progress", expect=2)
-    assert "batch_size=64 (now 32)" in proc.stderr
+                 "--batch-size", "32", "--seed", "5", "--no-progress", expect=2)
+    assert proc.stderr.strip() == ("handgrad train: error: the checkpoint in %s was made with "
+                                   "different settings: batch_size=64 (now 32), seed=0 (now 5)"
+                                   % out)
+    # --resume without a checkpoint starts afresh, and says so
+    fresh = str(tmp_path / "fresh")
+    proc = train_here("mnist_cnn", "--data-root", data_root, "--out", fresh, "--resume",
+                      "--epochs", "1", "--batch-size", "64", "--limit", "64", "--no-progress")
+    assert proc.returncode == 0
+    assert "no checkpoint in %s; starting from epoch 1\n" % fresh in proc.stdout + proc.stderr
 
 
 def test_augment_changes_training_and_must_match_on_resume(data_root, tmp_path):
@@ -182,6 +190,44 @@ def test_float16_loss_scale_is_saved_and_restored():
     plain = Precision("cpu")
     plain.load_state_dict(state)
     assert plain.state_dict() == {} and plain.scaler is None
+
+
+def test_augmentation_draws_only_from_its_generator():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = random_crop_flip(x, torch.Generator().manual_seed(7), padding=2)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator untouched
+    torch.manual_seed(123)
+    b = random_crop_flip(x, torch.Generator().manual_seed(7), padding=2)
+    assert torch.equal(a, b)
+    c = random_crop_flip(x, torch.Generator().manual_seed(8), padding=2)
+    assert not torch.equal(a, c)
+
+
+def test_limit_subset_is_pinned_and_independent_of_the_global_seed():
+    from handgrad.training.data import ImageData
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    data = ImageData(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), labels,
+                     ["a", "b", "c"], "toy")
+    assert data.subset(10, seed=1) is data and data.subset(11, seed=1) is data
+    torch.manual_seed(0)
+    first = data.subset(4, seed=3)
+    torch.manual_seed(99)
+    again = data.subset(4, seed=3)
+    assert torch.equal(first.images, again.images) and first.source == "toy[4 class-balanced, seed 3]"
+    # one of each class first, in class order, then the second round starts with class 0
+    assert first.labels.tolist() == sorted(first.labels.tolist())
+    assert sorted(first.labels.tolist()) == [0, 0, 1, 2]
+    assert sorted(data.subset(2, seed=3).labels.tolist()) == [0, 1]
+
+
+def test_one_line_error_text():
+    from handgrad.training.cli import _one_line
+
+    assert _one_line(ValueError("two\n   lines  here")) == "two lines here"
+    assert _one_line(KeyError()) == "KeyError"
 
 
 def test_schedule_factor():
@@ -869,6 +915,23 @@ def test_amp_trains_end_to_end_on_the_cpu(data_root, tmp_path, amp):
     proc = train("mnist_ae", "--data-root", data_root, "--out", out, "--resume", "--epochs", "1",
                  "--limit", "64", "--no-progress", expect=2)
     assert "amp='%s' (now None)" % amp in proc.stderr
+
+
+def test_float16_resume_continues_from_the_saved_loss_scale(data_root, tmp_path):
+    # A short run never changes GradScaler's scale (it grows after 2,000 clean
+    # steps), so the checkpoint is given another scale: the resumed run must
+    # start from it, not from a fresh scaler's.
+    out = str(tmp_path / "run")
+    args = ["mnist_ae", "--data-root", data_root, "--out", out, "--limit", "64", "--amp", "fp16",
+            "--no-progress"]
+    train(*args, "--epochs", "1")
+    path = os.path.join(out, "checkpoint.pt")
+    saved = torch.load(path, weights_only=True)
+    assert saved["grad_scaler"]["scale"] == 65536.0
+    saved["grad_scaler"]["scale"] = 1024.0
+    torch.save(saved, path)
+    train(*args, "--epochs", "2", "--resume")
+    assert torch.load(path, weights_only=True)["grad_scaler"]["scale"] == 1024.0
 
 
 def test_amp_on_a_model_of_handgrad_ops_trains_or_names_the_missing_dtype(data_root, tmp_path):
