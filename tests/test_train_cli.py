@@ -445,8 +445,17 @@ def test_broken_checkpoints_give_a_one_line_error(data_root, finished_run, tmp_p
     else:
         saved["history"] = Exploit(marker)
         torch.save(saved, path)
-    assert_one_line_error(resume_here(data_root, out), path, message)
+    proc = resume_here(data_root, out)
+    assert_one_line_error(proc, path, message)
     assert not os.path.exists(marker), "--resume ran code stored in the checkpoint"
+    # every message ends with the same fix, in these words
+    assert proc.stderr.strip().endswith(
+        "; delete it to start over, or choose another --out"), proc.stderr
+    if damage == "empty":
+        assert proc.stderr.strip() == ("handgrad train: error: checkpoint %s is empty; delete it "
+                                       "to start over, or choose another --out" % path)
+    if damage == "other model":  # the reason: the first line of load_state_dict's error
+        assert "does not fit model mnist_cnn (Error(s) in loading state_dict for " in proc.stderr
 
 
 def test_output_folder_that_cannot_be_written_is_refused_before_training(data_root, tmp_path):
@@ -930,7 +939,8 @@ def test_float16_resume_continues_from_the_saved_loss_scale(data_root, tmp_path)
     assert saved["grad_scaler"]["scale"] == 65536.0
     saved["grad_scaler"]["scale"] = 1024.0
     torch.save(saved, path)
-    train(*args, "--epochs", "2", "--resume")
+    proc = train(*args, "--epochs", "2", "--resume")
+    assert "resumed from %s after epoch 1\n" % out in proc.stdout
     assert torch.load(path, weights_only=True)["grad_scaler"]["scale"] == 1024.0
 
 
