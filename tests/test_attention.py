@@ -692,31 +692,36 @@ def test_cuda_dropout_uses_the_cuda_generator_and_graph_capture():
     torch.testing.assert_close(out, (probs * keep / 0.7) @ v, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shapes", [((1, 2, 150, 8), (1, 2, 700, 8), (1, 2, 700, 6), False),
-                                    ((2, 4, 70, 8), (2, 2, 300, 8), (2, 2, 300, 6), True)],
-                         ids=str)
-def test_dropout_gradients_match_explicit_reference(device, shapes):
-    # The keep pattern depends on (seed, head, row, column) only, so a call
-    # with value = I under the same seed exposes it; the reference then
-    # differentiates softmax(...) o Z / (1 - p) @ V with torch's autograd.
-    p = 0.25
-    q, k, v = make_qkv(shapes, torch.float64, device)
+def _with_explicit_dropout(q, k, p, seed, enable_gqa=False):
+    """(handgrad's sdpa with dropout under `seed`, the same function written out,
+    the keep mask). The keep pattern depends on (seed, head, row, column) only,
+    so a call with value = I under the same seed exposes it; the reference
+    then differentiates softmax(...) o Z / (1 - p) @ V with torch's autograd."""
     S = k.shape[-2]
-    group = q.shape[1] // k.shape[1]
-    torch.manual_seed(11)
-    eye = torch.eye(S, dtype=torch.float64, device=device).expand(*k.shape[:2], S, S)
-    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p, enable_gqa=shapes[3]) != 0
+    group = q.shape[-3] // k.shape[-3]
+    torch.manual_seed(seed)
+    eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(*k.shape[:-2], S, S)
+    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p, enable_gqa=enable_gqa) != 0
 
     def reference(q, k, v):
-        kk = k.repeat_interleave(group, dim=1)
-        vv = v.repeat_interleave(group, dim=1)
+        kk = k.repeat_interleave(group, dim=-3)
+        vv = v.repeat_interleave(group, dim=-3)
         probs = torch.softmax(q @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
         return (probs * kept / (1 - p)) @ vv
 
     def mine(q, k, v):
-        torch.manual_seed(11)
-        return sdpa(q, k, v, dropout_p=p, enable_gqa=shapes[3])
+        torch.manual_seed(seed)
+        return sdpa(q, k, v, dropout_p=p, enable_gqa=enable_gqa)
 
+    return mine, reference, kept
+
+
+@pytest.mark.parametrize("shapes", [((1, 2, 150, 8), (1, 2, 700, 8), (1, 2, 700, 6), False),
+                                    ((2, 4, 70, 8), (2, 2, 300, 8), (2, 2, 300, 6), True)],
+                         ids=str)
+def test_dropout_gradients_match_explicit_reference(device, shapes):
+    q, k, v = make_qkv(shapes, torch.float64, device)
+    mine, reference, _ = _with_explicit_dropout(q, k, 0.25, seed=11, enable_gqa=shapes[3])
     # Near float64's rounding: a keep factor 1/(1 - p) rounded to float32 is
     # off by 1e-8 relative at some p, inside assert_close's default (1e-7).
     assert_matches_native(mine, reference, [q, k, v], atol=1e-12, rtol=1e-10)
@@ -792,18 +797,7 @@ def test_dropout_gradients_with_large_value_dim_and_head_sizes(device):
     q, k = make_qkv(((1, 2, 40, 192), (1, 2, S, 192), (1, 2, S, 4), False), torch.float64,
                     device)[:2]
     v = torch.randn(1, 2, S, 256, dtype=torch.float64, device=device, requires_grad=True)
-    torch.manual_seed(11)
-    eye = torch.eye(S, dtype=torch.float64, device=device).expand(1, 2, S, S)
-    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p) != 0
-
-    def reference(q, k, v):
-        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-        return (probs * kept / (1 - p)) @ v
-
-    def mine(q, k, v):
-        torch.manual_seed(11)
-        return sdpa(q, k, v, dropout_p=p)
-
+    mine, reference, _ = _with_explicit_dropout(q, k, p, seed=11)
     assert_matches_native(mine, reference, [q, k, v])
 
 
@@ -917,40 +911,26 @@ def test_dropout_second_order_and_forward_mode_match_explicit_reference(device):
     # explicit tolerance.
     p = 0.3
     q, k, v = make_qkv(((1, 2, 9, 5), (1, 2, 13, 5), (1, 2, 13, 4)), torch.float64, device)
-    S = k.shape[-2]
-    torch.manual_seed(5)
-    eye = torch.eye(S, dtype=torch.float64, device=device).expand(1, 2, S, S)
-    kept = sdpa(q.detach(), k.detach(), eye, dropout_p=p) != 0
+    mine, reference, kept = _with_explicit_dropout(q, k, p, seed=5)
     assert 0 < kept.sum() < kept.numel()
-
-    def reference(q, k, v):
-        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-        return (probs * kept / (1 - p)) @ v
-
-    def mine(q, k, v):
-        torch.manual_seed(5)
-        return sdpa(q, k, v, dropout_p=p)
-
-    tight = dict(atol=1e-12, rtol=1e-10)
     weights = torch.randn(1, 2, 9, 4, dtype=torch.float64, device=device)
     directions = [torch.randn_like(t) for t in (q, k, v)]
-    for fn_mine, fn_ref in ((mine, reference),):
-        got = [], []
-        for fn, into in ((fn_mine, got[0]), (fn_ref, got[1])):
-            grads = torch.autograd.grad((fn(q, k, v) * weights).sum(), (q, k, v),
-                                        create_graph=True)
-            into.extend(grads)
-            # Hessian-vector product (the double backward)
-            into.extend(torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, directions)),
-                                            (q, k, v)))
-            # forward mode, and forward over reverse
-            into.append(torch.func.jvp(fn, (q, k, v), tuple(directions))[1])
-            into.extend(torch.func.jvp(
-                lambda *a: torch.func.grad(lambda *b: (fn(*b) * weights).sum(),
-                                           argnums=(0, 1, 2))(*a),
-                (q.detach(), k.detach(), v.detach()), tuple(directions))[1])
-        for a, b in zip(*got):
-            torch.testing.assert_close(a, b, **tight)
+
+    def derivatives(fn):
+        grads = torch.autograd.grad((fn(q, k, v) * weights).sum(), (q, k, v), create_graph=True)
+        # Hessian-vector product (the double backward)
+        hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, directions)),
+                                  (q, k, v))
+        # forward mode, and forward over reverse
+        jvp = torch.func.jvp(fn, (q, k, v), tuple(directions))[1]
+        fwd_over_rev = torch.func.jvp(
+            lambda *a: torch.func.grad(lambda *b: (fn(*b) * weights).sum(),
+                                       argnums=(0, 1, 2))(*a),
+            (q.detach(), k.detach(), v.detach()), tuple(directions))[1]
+        return (*grads, *hvp, jvp, *fwd_over_rev)
+
+    for a, b in zip(derivatives(mine), derivatives(reference), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 # masks broadcastable to (2, 3, 7, 9) whose gradient is summed over the broadcast

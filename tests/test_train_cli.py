@@ -16,10 +16,10 @@ from synthetic_data import write_cifar10_tree, write_mnist
 QUICK = ["--epochs", "3", "--batch-size", "32", "--threads", "1", "--no-progress"]
 
 
-def train_here(*args):
-    """`handgrad train ARGS` in this process (the error paths, which stop before any
-    training: a subprocess would spend seconds importing torch for each); the
-    exit status, stdout and stderr as from a subprocess."""
+def command_here(command, *args):
+    """`handgrad COMMAND ARGS` in this process (the error paths, which stop before
+    any training: a subprocess would spend seconds importing torch for each);
+    the exit status, stdout and stderr as from a subprocess."""
     import contextlib
     import io
 
@@ -30,12 +30,16 @@ def train_here(*args):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(["train", *args])
+                code = main([command, *args])
             except SystemExit as e:  # argparse
                 code = e.code
     finally:
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def train_here(*args):
+    return command_here("train", *args)
 
 
 # Under mutation testing (tools/mutation.py sets HANDGRAD_TEST_TRAIN_IN_PROCESS=1)
@@ -770,18 +774,8 @@ def test_progress_bars_for_decoding_training_and_evaluation(data_root, tmp_path)
 
 def compare_here(*args):
     """`handgrad compare ARGS` in this process: (exit status, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from handgrad.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["compare", *args])
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    proc = command_here("compare", *args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _fake_run(folder, history):
