@@ -36,6 +36,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -86,8 +87,9 @@ at::Tensor slopes(const at::Tensor& gates) {
 // The gradients a gradient G of the gates sends to input, hx, w_ih, w_hh
 // and the bias (see the top of the file), in the gates' dtype: float32 for
 // float16 / bfloat16 input on the CPU, which computes those in float32.
-Six through_gates(const at::Tensor& grad_gates, const at::Tensor& gates, const at::Tensor& input,
-                  const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh) {
+std::array<at::Tensor, 6> through_gates(const at::Tensor& grad_gates, const at::Tensor& gates,
+                                        const at::Tensor& input, const at::Tensor& hx,
+                                        const at::Tensor& w_ih, const at::Tensor& w_hh) {
   const auto wide = [&](const at::Tensor& t) { return t.to(gates.scalar_type()); };
   const at::Tensor dz = wide(grad_gates) * slopes(gates);
   const at::Tensor dz_t = dz.t();
@@ -141,11 +143,10 @@ class LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
     }
     if (grad_gates.defined()) {
       // Only a second differentiation reaches the gates.
-      const Six extra = through_gates(grad_gates, gates, input, hx, w_ih, w_hh);
+      const std::array<at::Tensor, 6> extra =
+          through_gates(grad_gates, gates, input, hx, w_ih, w_hh);
       const at::Tensor* likes[6] = {&input, &hx, &cx, &w_ih, &w_hh, &input};
-      const at::Tensor extras[6] = {std::get<0>(extra), std::get<1>(extra), std::get<2>(extra),
-                                    std::get<3>(extra), std::get<4>(extra), std::get<5>(extra)};
-      for (int k = 0; k < 6; ++k) g[k] = add_like(g[k], extras[k], *likes[k]);
+      for (int k = 0; k < 6; ++k) g[k] = add_like(g[k], extra[k], *likes[k]);
     }
     for (int k = 0; k < 5; ++k) {
       if (ctx->needs_input_grad(k)) result[k] = g[k];
